@@ -1,0 +1,1 @@
+"""Reward functions and reward heads: outcome verifiers, user functions, process rewards."""

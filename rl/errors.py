@@ -1,0 +1,20 @@
+"""User-facing errors. Each carries a one-line cause that names the bad key, row or function.
+
+The launcher prints `error: <message>` for these instead of a stack trace.
+"""
+
+
+class UserError(Exception):
+    """An error caused by the user's input (config, data, plug-in code), not by a bug."""
+
+
+class ConfigError(UserError):
+    """A config key or value is invalid; the message names the key."""
+
+
+class DataError(UserError):
+    """A data source or row is invalid; the message names the source, row and column."""
+
+
+class RewardError(UserError):
+    """A reward function failed or returned bad values; the message names the function."""
