@@ -1,0 +1,188 @@
+"""Outcome reward functions: registry, resolution, and validated, weighted scoring.
+
+A reward function has TRL's signature:
+
+    fn(prompts: list[str], completions: list[str], **columns) -> list[float]
+
+where `columns` are the dataset's columns as lists aligned with the completions (e.g.
+`answer=[...]`). It must return one finite number per completion. `None` ("not applicable"
+in TRL) is *not* accepted here: return 0.0 (or another neutral value) instead, so that every
+completion has a well-defined, finite reward.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rl.errors import ConfigError, RewardError
+from rl.registry import Registry
+
+RewardFn = Callable[..., Sequence[float]]
+
+REWARD_FUNCTIONS: Registry[RewardFn] = Registry("reward function")
+
+# Keyword names the call itself uses; dataset columns with these names are not passed on.
+_RESERVED = ("prompts", "completions")
+
+
+@dataclass
+class RewardSpec:
+    """One configured reward: a registered name or `package.module:function`, its weight in the
+    total, and extra keyword arguments bound with `functools.partial`."""
+
+    fn: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_reward_fn(spec: str) -> RewardFn:
+    """The function for a registered name (e.g. "math_verify") or a `package.module:function`."""
+    import rewards.verifiers  # noqa: F401  (registers the built-in verifiers)
+
+    if ":" not in spec:
+        try:
+            return REWARD_FUNCTIONS.get(spec)
+        except ConfigError as e:
+            hint = "; for your own function use 'package.module:function'" if "." in spec else ""
+            raise ConfigError(f"{e}{hint}") from None
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise RewardError(f"reward function {spec!r}: expected 'package.module:function'")
+    module = _import_module(spec, module_name)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RewardError(
+                f"reward function {spec!r}: module {module_name!r} has no attribute {attr!r}"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise RewardError(f"reward function {spec!r} is not callable ({type(obj).__name__})")
+    fn: RewardFn = obj
+    return fn
+
+
+def _import_module(spec: str, module_name: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise RewardError(
+                f"reward function {spec!r}: no module named {module_name!r} "
+                "(is it installed or on PYTHONPATH?)"
+            ) from e
+        raise RewardError(f"reward function {spec!r}: importing it failed: {_one_line(e)}") from e
+    except Exception as e:  # the module itself raised while importing
+        raise RewardError(f"reward function {spec!r}: importing it failed: {_one_line(e)}") from e
+
+
+def build_reward_fns(specs: Sequence[RewardSpec]) -> list[tuple[RewardSpec, RewardFn]]:
+    """Resolve each spec and bind its kwargs: the input `score_outcomes` expects."""
+    out: list[tuple[RewardSpec, RewardFn]] = []
+    for spec in specs:
+        fn = resolve_reward_fn(spec.fn)
+        out.append((spec, functools.partial(fn, **spec.kwargs) if spec.kwargs else fn))
+    return out
+
+
+def score_outcomes(
+    specs_and_fns: Sequence[tuple[RewardSpec, RewardFn]],
+    prompts: list[str],
+    completions: list[str],
+    columns: Mapping[str, list[Any]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Call every reward function on the N completions and combine them.
+
+    prompts, completions: [N]; columns: {name: [N]}. Returns (weighted total `[N]` float32,
+    {spec.fn: rewards `[N]` float32}). A function listed twice gets keys `fn`, `fn#2`, ...
+    Any failure or bad return value is a one-line RewardError naming the function.
+    """
+    n = len(completions)
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompts for {n} completions")
+    kwargs = {k: v for k, v in columns.items() if k not in _RESERVED}
+    for k, v in kwargs.items():
+        if len(v) != n:
+            raise ValueError(f"column {k!r} has {len(v)} values for {n} completions")
+    total = torch.zeros(n, dtype=torch.float64)
+    per_fn: dict[str, torch.Tensor] = {}
+    for spec, fn in specs_and_fns:
+        values = _call(spec.fn, fn, prompts, completions, kwargs)
+        rewards = torch.tensor(values, dtype=torch.float64)
+        total += spec.weight * rewards
+        per_fn[_unique_key(per_fn, spec.fn)] = rewards.float()
+    return total.float(), per_fn
+
+
+def _call(
+    name: str,
+    fn: RewardFn,
+    prompts: list[str],
+    completions: list[str],
+    kwargs: Mapping[str, list[Any]],
+) -> list[float]:
+    try:
+        out = fn(list(prompts), list(completions), **kwargs)
+    except Exception as e:
+        raise RewardError(f"reward function {name!r} raised {_one_line(e)}") from e
+    return _validate(name, out, len(completions))
+
+
+def _validate(name: str, out: Any, n: int) -> list[float]:
+    """The function's output as N finite floats, or a RewardError naming the first bad index."""
+    if isinstance(out, torch.Tensor):
+        out = out.detach().cpu().tolist() if out.dim() == 1 else out
+    elif hasattr(out, "tolist") and getattr(out, "ndim", None) == 1:  # numpy array
+        out = out.tolist()
+    if isinstance(out, (str, bytes, Mapping)) or not isinstance(out, Sequence):
+        raise RewardError(
+            f"reward function {name!r} returned {type(out).__name__}, expected a list of {n} floats"
+        )
+    if len(out) != n:
+        raise RewardError(
+            f"reward function {name!r} returned {len(out)} values for {n} completions"
+        )
+    values: list[float] = []
+    for i, v in enumerate(out):
+        if v is None:
+            raise RewardError(
+                f"reward function {name!r} returned None at index {i} "
+                "(None rewards are not supported; return 0.0 instead)"
+            )
+        if not isinstance(v, numbers.Real):
+            raise RewardError(
+                f"reward function {name!r} returned a non-number at index {i}: "
+                f"{type(v).__name__} {_short(v)}"
+            )
+        f = float(v)
+        if not math.isfinite(f):
+            raise RewardError(f"reward function {name!r} returned {f} at index {i}")
+        values.append(f)
+    return values
+
+
+def _unique_key(existing: Mapping[str, Any], name: str) -> str:
+    key, k = name, 1
+    while key in existing:
+        k += 1
+        key = f"{name}#{k}"
+    return key
+
+
+def _short(v: Any, limit: int = 40) -> str:
+    s = repr(v).replace("\n", " ")
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    msg = lines[0] if lines else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__

@@ -1,0 +1,293 @@
+"""Typed run configuration: dataclasses are the single source of truth, YAML only overrides.
+
+`load_config(path, overrides)` reads a YAML file, applies dotted command-line overrides
+(`trainer.max_steps=20 deepspeed.zero_stage=3`), and builds frozen dataclasses. An unknown
+key is a ConfigError naming the key and the closest valid one; nothing mutates the config
+after loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "builtin:arith-tiny"
+    """Policy to start from: a Hugging Face hub name or local path, or `builtin:arith-tiny`
+    (built locally from the built-in task: tokenizer + small Llama + SFT, cached)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Training dtype: auto = bf16 on GPUs that support it, fp32 on CPU."""
+    cache_dir: str = ".cache/start_models"
+    """Where builtin start checkpoints are built and reused."""
+    tiny: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `rl.start_model.TinyModelConfig` fields for the builtin model."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "builtin:arith"
+    """Training prompts: `builtin:NAME`, a .jsonl path, or a `datasets.load_dataset` source."""
+    eval: str = "builtin:arith"
+    """Held-out evaluation prompts (same kinds of source). Never used for training."""
+    train_split: str = "train"
+    """Split name for the training source (builtin tasks: train / validation / eval)."""
+    eval_split: str = "eval"
+    """Split name for the evaluation source."""
+    train_size: int | None = None
+    """Cap on training rows (None = all; builtin tasks need a number, default 20000)."""
+    eval_size: int = 256
+    """Number of evaluation prompts."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt (a string, or a list of chat messages)."""
+    answer_column: str | None = "answer"
+    """Column holding the reference answer (None if the reward functions need none)."""
+    apply_chat_template: bool | Literal["auto"] = "auto"
+    """Wrap prompts with the tokenizer's chat template (auto: when the tokenizer has one)."""
+    max_prompt_tokens: int = 256
+    """Prompts longer than this are skipped and counted (`data/skipped_long_prompts`)."""
+    task: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for a builtin task (e.g. n_steps, operand_max, modulus)."""
+
+
+@dataclass(frozen=True)
+class RewardFunctionConfig:
+    fn: str = "arith"
+    """Registered name (arith, exact_match, math_verify) or `package.module:function` with
+    TRL's signature: fn(prompts, completions, **dataset_columns) -> list[float]."""
+    weight: float = 1.0
+    """Weight of this function in the outcome reward."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments bound to the function."""
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    functions: list[RewardFunctionConfig] = field(default_factory=lambda: [RewardFunctionConfig()])
+    """Outcome reward = weighted sum of these functions."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    backend: Literal["transformers"] = "transformers"
+    """Generation backend (vLLM comes behind the same interface)."""
+    prompts_per_step: int = 16
+    """Prompts per training step over all ranks (must divide by the number of ranks)."""
+    group_size: int = 8
+    """Samples per prompt (K)."""
+    max_new_tokens: int = 32
+    """Maximum response length in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature for training rollouts (evaluation is greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling for training rollouts."""
+    generation_batch_size: int = 64
+    """Sequences generated at once per rank (memory knob)."""
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    advantage: str = "grpo"
+    """Advantage estimator by registered name: grpo, dr_grpo, rloo."""
+    clip_low: float = 0.2
+    """Lower clip range: ratio clipped at 1 - clip_low."""
+    clip_high: float = 0.28
+    """Upper clip range: ratio clipped at 1 + clip_high (DAPO's clip-higher)."""
+    loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
+    """Aggregation over the global batch: token mean or mean of per-sequence means."""
+    kl_coef: float = 0.0
+    """Weight of the k3 KL to the frozen reference (0 = no reference model)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (entropy is logged either way)."""
+    epochs: int = 1
+    """Passes over each batch of rollouts."""
+    mini_batches: int = 1
+    """Optimizer steps per pass (the rollout batch is split into this many)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warm-up in optimizer steps, then constant."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 = off)."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    max_steps: int = 50
+    """Training steps (one step = one batch of rollouts)."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass per rank."""
+    eval_every: int = 0
+    """Evaluate every N steps (0 = only at step 0 and at the end)."""
+    save_every: int = 0
+    """Write a DeepSpeed checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """How many complete checkpoints to keep."""
+    resume: str = "none"
+    """`none`, `auto` (newest complete checkpoint in output_dir, if any) or a checkpoint dir."""
+    save_final_model: bool = True
+    """Write the final policy in Hugging Face format to `<output_dir>/final`."""
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    config: str = "configs/deepspeed/zero2.json"
+    """DeepSpeed JSON; batch sizes and optimizer are filled in by the trainer."""
+    zero_stage: int | None = None
+    """Overrides the JSON's zero_optimization.stage (0, 2 or 3)."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    wandb: bool = True
+    """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
+    project: str = "dense-rl"
+    """wandb project name."""
+    run_name: str | None = None
+    """wandb run name (default: output_dir's name)."""
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    output_dir: str = "runs/default"
+    """metrics.jsonl, checkpoints/, final/ and wandb files go here."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Config from a YAML file plus dotted `key=value` overrides (values parsed as YAML)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides or []:
+        apply_override(raw, item)
+    cfg = build_dataclass(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in the nested dict `raw` (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    dotted, value_text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(value_text)
+
+
+def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+    """Instantiate dataclass `cls` from mapping `raw`; unknown keys raise naming the key."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {key: convert(hints[key], value, f"{prefix}{key}") for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def convert(hint: Any, value: Any, key: str) -> Any:
+    """Check/convert one value against its type hint; errors name the dotted key."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, prefix=f"{key}.")  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return convert(option, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_hint,) = typing.get_args(hint)
+        return [convert(item_hint, v, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(convert(h, v, key) for h, v in zip(typing.get_args(hint), value, strict=True))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is not hint:
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single type hint cannot express."""
+    if cfg.rollout.group_size < 2:
+        raise ConfigError("rollout.group_size: must be at least 2 for group baselines")
+    if cfg.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} is not 0-3")
+    if cfg.algo.epochs < 1 or cfg.algo.mini_batches < 1:
+        raise ConfigError("algo.epochs and algo.mini_batches must be at least 1")
+    if cfg.trainer.resume not in ("none", "auto") and not Path(cfg.trainer.resume).exists():
+        raise ConfigError(f"trainer.resume: checkpoint {cfg.trainer.resume!r} does not exist")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of the config (for logging and saving with checkpoints)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,189 @@
+"""The only module that touches DeepSpeed and torch.distributed.
+
+Initialises the process group (gloo on CPU, NCCL on GPUs, as DeepSpeed's accelerator
+picks), wraps the policy with `deepspeed.initialize` (ZeRO 0/1/2/3, gradient
+accumulation, bf16 where the hardware has it), holds the frozen reference model, and
+offers the few collectives the trainer needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_distributed() -> DistInfo:
+    """Join the job's process group; a plain `python` run becomes a world of one."""
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:  # plain `python launch/train_rl.py`
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed()
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def device() -> torch.device:
+    """The accelerator device of this rank (CPU here)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def use_bf16(dtype: str) -> bool:
+    """bf16 for `auto` on GPUs that support it; fp32 on CPU."""
+    if dtype == "bfloat16":
+        return True
+    if dtype == "float32":
+        return False
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def build_ds_config(
+    path: str,
+    *,
+    zero_stage: int | None,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    world_size: int,
+    max_grad_norm: float,
+    bf16: bool,
+) -> dict[str, Any]:
+    """DeepSpeed config from the JSON at `path`, with batch sizes filled in by the trainer."""
+    json_path = Path(path)
+    if not json_path.is_file():
+        raise ConfigError(f"deepspeed.config: file not found: {path}")
+    ds: dict[str, Any] = json.loads(json_path.read_text())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "optimizer"):
+        if key in ds:
+            raise ConfigError(
+                f"{path}: remove {key!r}; batch sizes come from trainer/rollout settings and the "
+                "optimizer from the `optim` section"
+            )
+    zero = dict(ds.get("zero_optimization", {}))
+    if zero_stage is not None:
+        zero["stage"] = zero_stage
+    ds["zero_optimization"] = zero
+    ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+    ds["gradient_accumulation_steps"] = grad_accum_steps
+    ds["train_batch_size"] = micro_batch_size * grad_accum_steps * world_size
+    ds["gradient_clipping"] = max_grad_norm
+    ds["bf16"] = {"enabled": bf16}
+    # A torch optimizer is passed in (no fused-Adam build on CPU), which ZeRO calls untested.
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def zero_stage_of(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def create_policy_engine(
+    model: torch.nn.Module,
+    ds_config: dict[str, Any],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    warmup_steps: int,
+) -> Any:
+    """Wrap `model` in a DeepSpeed engine with AdamW and a linear warm-up, constant schedule."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine
+
+
+def create_reference(model: torch.nn.Module, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """Frozen reference: partitioned by a ZeRO-3 inference engine under ZeRO-3, else a copy."""
+    model.eval()
+    model.requires_grad_(False)
+    if zero_stage_of(ds_config) != 3:
+        return model
+    import deepspeed
+
+    ref_config: dict[str, Any] = {
+        key: ds_config[key]
+        for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "bf16")
+        if key in ds_config
+    }
+    ref_config["gradient_accumulation_steps"] = ds_config["gradient_accumulation_steps"]
+    ref_config["zero_optimization"] = {"stage": 3}
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ref_config)
+    engine.eval()
+    return engine.module
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks (returns a new tensor; float64 kept as given)."""
+    out = values.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The policy's full weights on rank 0 (None elsewhere); gathered layer by layer under ZeRO-3.
+
+    Must be called on every rank.
+    """
+    if engine.zero_optimization_partition_weights():
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return dict(state) if state is not None else None
+    if dist.get_rank() != 0:
+        return None
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def save_hf_model(engine: Any, tokenizer: Any, out_dir: Path) -> None:
+    """Write the policy in Hugging Face format (model + tokenizer) to `out_dir` from rank 0."""
+    state = full_state_dict(engine)
+    if state is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        engine.module.save_pretrained(out_dir, state_dict=state)
+        tokenizer.save_pretrained(out_dir)
+    barrier()

@@ -1,0 +1,63 @@
+"""Loading the policy (and reference) by hub name, local path, or the builtin tiny model."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rl.config import Config
+from rl.engine import DistInfo, barrier
+from rl.errors import ConfigError
+
+BUILTIN_TINY = "builtin:arith-tiny"
+
+
+def builtin_start_model(cfg: Config, dist: DistInfo) -> Path:
+    """Path of the cached SFT start model; local rank 0 builds it, the others wait."""
+    from rl.start_model import TinyModelConfig, ensure_start_model
+    from rl.tasks.arith import ArithConfig
+
+    valid = {f.name for f in fields(TinyModelConfig)} - {"task"}
+    unknown = sorted(set(cfg.model.tiny) - valid)
+    if unknown:
+        raise ConfigError(f"unknown config key 'model.tiny.{unknown[0]}'; valid: {sorted(valid)}")
+    try:
+        task = ArithConfig(**cfg.data.task)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"data.task: {err}") from err
+    tiny = TinyModelConfig(**cfg.model.tiny, task=task)
+    if dist.local_rank == 0:
+        path = ensure_start_model(Path(cfg.model.cache_dir), tiny, show_progress=dist.is_main)
+    barrier()
+    if dist.local_rank != 0:
+        path = ensure_start_model(Path(cfg.model.cache_dir), tiny, show_progress=False)
+    return path
+
+
+def load_policy(
+    cfg: Config, dist: DistInfo, path: str | Path | None = None
+) -> tuple[Any, Any, str]:
+    """(model, tokenizer, resolved path) for `model.path` (or `path`), in fp32 for training."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path is None:
+        path = cfg.model.path
+        if path == BUILTIN_TINY:
+            path = builtin_start_model(cfg, dist)
+        elif path.startswith("builtin:"):
+            raise ConfigError(f"model.path: unknown builtin model {path!r}; valid: {BUILTIN_TINY}")
+    path = str(path)
+    local = Path(path)
+    if (local.is_absolute() or path.startswith(".")) and not local.exists():
+        raise ConfigError(f"model.path: {path} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except OSError as err:
+        raise ConfigError(f"model.path: cannot load {path!r}: {str(err).splitlines()[0]}") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, path

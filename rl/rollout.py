@@ -1,0 +1,141 @@
+"""Rollouts: prompts -> generations -> `RolloutBatch`.
+
+Backend `transformers` runs `generate` on the DeepSpeed engine's module (with
+`synced_gpus=True` under ZeRO-3 so ranks that finish early keep joining the parameter
+gathers). vLLM plugs in behind the same `generate_tokens` interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from rl.types import RolloutBatch
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample; the same settings drive every backend."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    greedy: bool = False
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ([N, T] ids, [N, T] mask), padded on the left to the longest."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def response_mask_until_eos(responses: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """[N, Tr] 1 on response tokens up to and including the first EOS, 0 after it.
+
+    A response with no EOS (cut at max_new_tokens) keeps all its tokens.
+    """
+    is_eos = torch.isin(responses, torch.tensor(eos_ids, dtype=responses.dtype))  # [N, Tr]
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS strictly before t
+    return (eos_before == 0).long()
+
+
+class TransformersRollout:
+    """Generates with `model.generate` in chunks of `batch_size` sequences."""
+
+    def __init__(self, tokenizer: Any, batch_size: int, synced_gpus: bool) -> None:
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.synced_gpus = synced_gpus
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        eos = tokenizer.eos_token_id
+        self.eos_ids: list[int] = list(eos) if isinstance(eos, list) else [eos]
+
+    def generation_config(self, sampling: SamplingSettings) -> GenerationConfig:
+        if sampling.greedy:
+            extra: dict[str, Any] = {"do_sample": False}
+        else:
+            extra = {
+                "do_sample": True,
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "top_k": 0,  # transformers' default top_k=50 would truncate the distribution
+            }
+        return GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
+            **extra,
+        )
+
+    @torch.no_grad()
+    def generate_tokens(
+        self, model: Any, prompt_ids: list[list[int]], sampling: SamplingSettings
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Token lists -> (input_ids [N, Tp+Tr], attention_mask, response_mask [N, Tr], Tp)."""
+        ids, mask = left_pad(prompt_ids, self.pad_id)  # [N, Tp]
+        prompt_len = ids.shape[1]
+        config = self.generation_config(sampling)
+        was_training = model.training
+        model.eval()
+        chunks = []
+        for start in range(0, len(prompt_ids), self.batch_size):
+            out = model.generate(
+                input_ids=ids[start : start + self.batch_size],
+                attention_mask=mask[start : start + self.batch_size],
+                generation_config=config,
+                synced_gpus=self.synced_gpus,
+            )
+            chunks.append(out[:, prompt_len:])  # [n, tr] responses of this chunk
+        model.train(was_training)
+        width = max(c.shape[1] for c in chunks)
+        responses = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
+        row = 0
+        for chunk in chunks:
+            responses[row : row + chunk.shape[0], : chunk.shape[1]] = chunk
+            row += chunk.shape[0]
+        # a chunk shorter than `width` ended with EOS everywhere, so its padding is masked
+        response_mask = response_mask_until_eos(responses, self.eos_ids)  # [N, Tr]
+        input_ids = torch.cat([ids, responses], dim=1)
+        attention_mask = torch.cat([mask, response_mask], dim=1)
+        return input_ids, attention_mask, response_mask, prompt_len
+
+    def rollout(
+        self,
+        model: Any,
+        prompt_ids: list[list[int]],
+        prompts: list[str],
+        columns: dict[str, list[Any]],
+        sampling: SamplingSettings,
+        group_size: int,
+    ) -> RolloutBatch:
+        """K samples for each prompt, grouped contiguously (rows p*K .. p*K+K-1)."""
+        repeated_ids = [ids for ids in prompt_ids for _ in range(group_size)]
+        input_ids, attention_mask, response_mask, prompt_len = self.generate_tokens(
+            model, repeated_ids, sampling
+        )
+        responses = input_ids[:, prompt_len:]  # [B, Tr]
+        texts = self.tokenizer.batch_decode(
+            [r[m.bool()].tolist() for r, m in zip(responses, response_mask, strict=True)],
+            skip_special_tokens=True,
+        )
+        return RolloutBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            response_mask=response_mask.float(),
+            prompt_length=prompt_len,
+            prompts=[p for p in prompts for _ in range(group_size)],
+            completions=list(texts),
+            columns={
+                k: [v for v in vals for _ in range(group_size)] for k, vals in columns.items()
+            },
+            group_size=group_size,
+        )

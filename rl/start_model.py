@@ -1,0 +1,258 @@
+"""The tiny starting policy for the built-in arithmetic task, built locally (no hub).
+
+`ensure_start_model` returns a saved Hugging Face checkpoint directory (model + tokenizer,
+loadable with AutoTokenizer / AutoModelForCausalLM):
+
+- tokenizer: character level over printable ASCII and "\\n" (made with the `tokenizers`
+  library), with <pad>/<bos>/<eos> and a chat template that renders a user message as
+  "<bos>{content}\\n" and an assistant message as "{content}<eos>";
+  `add_generation_prompt` adds nothing.
+- model: a random-init LlamaConfig decoder (tied embeddings), warmed up by supervised
+  fine-tuning on `rl.tasks.arith.demonstration` responses to TRAIN-split prompts, with
+  `demo_error_rate` > 0 so the start policy makes step errors that RL can fix. The loss is
+  the mean cross-entropy over response tokens (the <eos> included), prompt tokens masked.
+
+The checkpoint is cached under `cache_root` by a hash of the configs, built once under a
+file lock (concurrent processes wait for the first) into a temp dir renamed into place.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import string
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rl.tasks.arith import ArithConfig, demonstration, sample_problems
+
+BUILD_VERSION = 1
+"""Bumped when the build procedure changes, so old cached checkpoints are not reused."""
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ bos_token + message['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}"
+)
+"""User (or system) turn: "<bos>{content}\\n"; assistant turn: "{content}<eos>"."""
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Size and warm-up (SFT) recipe of the tiny starting policy."""
+
+    hidden_size: int = 128
+    """Model width."""
+    num_layers: int = 3
+    """Decoder layers."""
+    num_heads: int = 4
+    """Attention heads (no grouped-query attention: as many key/value heads)."""
+    intermediate_size: int = 512
+    """MLP hidden width."""
+    max_position_embeddings: int = 128
+    """Longest prompt + response, in tokens (characters)."""
+    sft_steps: int = 600
+    """Supervised fine-tuning steps (one fresh batch of train-split demonstrations each)."""
+    sft_batch_size: int = 64
+    """Demonstrations per SFT step."""
+    sft_lr: float = 3e-3
+    """Peak AdamW learning rate (linear warm-up over 5% of the steps, then cosine to 10%)."""
+    demo_error_rate: float = 0.2
+    """Probability that a demonstration carries one wrong step (see `demonstration`)."""
+    seed: int = 0
+    """Seeds the model init, the demonstration problems and their errors."""
+    task: ArithConfig = field(default_factory=ArithConfig)
+    """The task the model is warmed up on."""
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: one token per printable ASCII character or "\\n".
+
+    Ids: 0 <pad>, 1 <bos>, 2 <eos>, then the characters. No special tokens are added by
+    `tok(text)`; the chat template adds <bos>/<eos>.
+    """
+    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS] + chars)}
+    # BPE without merges splits a string into its characters (no pre-tokenizer needed).
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        padding_side="left",
+        model_max_length=TinyModelConfig.max_position_embeddings,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_model(cfg: TinyModelConfig, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """A random-init Llama decoder sized by `cfg`, with tied input/output embeddings."""
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def prompt_text(tok: PreTrainedTokenizerFast, prompt: str) -> str:
+    """The prompt as the policy sees it: the chat template over one user message."""
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    assert isinstance(text, str)
+    return text
+
+
+def sft_batch(
+    tok: PreTrainedTokenizerFast, prompts: list[str], responses: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, labels), each [B, T]; labels -100 off-response.
+
+    Each sequence is the chat-template prompt, then the response and <eos>.
+    """
+    seqs: list[list[int]] = []
+    n_prompt: list[int] = []
+    for p, r in zip(prompts, responses, strict=True):
+        p_ids = tok(prompt_text(tok, p), add_special_tokens=False).input_ids
+        r_ids = tok(r, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        seqs.append(p_ids + r_ids)
+        n_prompt.append(len(p_ids))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, T]
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)  # [B, T]
+    for i, (s, k) in enumerate(zip(seqs, n_prompt, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        labels[i, k : len(s)] = torch.tensor(s[k:])
+    return ids, mask, labels
+
+
+def _lr_factor(step: int, total: int) -> float:
+    """Linear warm-up over 5% of `total`, then cosine decay to 10% of the peak."""
+    warm = max(1, total // 20)
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def sft(
+    model: LlamaForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    cfg: TinyModelConfig,
+    show_progress: bool = True,
+) -> list[float]:
+    """Warm `model` up on train-split demonstrations in place; returns the per-step losses."""
+    rng = random.Random(f"sft/{cfg.seed}")
+    problems = sample_problems("train", cfg.sft_steps * cfg.sft_batch_size, cfg.task, cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.01)
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(cfg.sft_steps), desc="SFT start model", disable=not show_progress)
+    for step in bar:
+        batch = problems[step * cfg.sft_batch_size : (step + 1) * cfg.sft_batch_size]
+        responses = [demonstration(p, rng, cfg.demo_error_rate) for p in batch]
+        ids, mask, labels = sft_batch(tok, [p.prompt for p in batch], responses)
+        for group in opt.param_groups:
+            group["lr"] = cfg.sft_lr * _lr_factor(step, cfg.sft_steps)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def cache_key(cfg: TinyModelConfig) -> str:
+    """A short hash of the configs and the build version: the checkpoint's cache name."""
+    blob = json.dumps({"version": BUILD_VERSION, "cfg": asdict(cfg)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def ensure_start_model(
+    cache_root: Path, cfg: TinyModelConfig | None = None, show_progress: bool = True
+) -> Path:
+    """The directory of the SFT start checkpoint for `cfg`, built on first use.
+
+    The build runs under an exclusive `fcntl` lock on `<cache_root>/<key>.lock`, into a temp
+    dir that is renamed into place, so concurrent callers build once and never see a
+    partial checkpoint. Uses 2 torch threads while building.
+    """
+    cfg = cfg or TinyModelConfig()
+    cache_root = Path(cache_root)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    final = cache_root / f"arith-tiny-{cache_key(cfg)}"
+    if (final / "build_info.json").exists():
+        return final
+    with open(cache_root / f"{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "build_info.json").exists():  # another process built it meanwhile
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_root))
+        try:
+            _build(tmp, cfg, show_progress)
+            if final.exists():  # a stale partial dir (no build_info.json): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    return final
+
+
+def _build(out: Path, cfg: TinyModelConfig, show_progress: bool) -> None:
+    """Build tokenizer + model, run SFT and save both (and build_info.json) into `out`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        t0 = time.time()
+        tok = build_tokenizer()
+        model = build_model(cfg, tok)
+        losses = sft(model, tok, cfg, show_progress)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        info = {
+            "config": asdict(cfg),
+            "build_version": BUILD_VERSION,
+            "sft_seconds": round(time.time() - t0, 1),
+            "final_sft_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        }
+        (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    finally:
+        torch.set_num_threads(threads)

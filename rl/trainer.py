@@ -1,0 +1,470 @@
+"""The training loop: collect -> score -> credit -> update, one short function per phase.
+
+One step: every rank takes its contiguous share of `rollout.prompts_per_step` prompts,
+samples `rollout.group_size` responses for each, scores them with the outcome reward
+functions, turns group-relative rewards into advantages (the registered estimator), and
+runs `algo.epochs` x `algo.mini_batches` optimizer steps of the clipped surrogate. Losses
+are token means over the *global* mini-batch (all ranks), so the update does not depend
+on how the batch is split across ranks or micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rewards.base import RewardSpec, build_reward_fns, score_outcomes
+from rl import checkpoint as ckpt
+from rl import engine as eng
+from rl.advantages import ADVANTAGE_ESTIMATORS, group_rewards, token_advantages
+from rl.config import Config, to_dict
+from rl.data import PromptRow, PromptSampler, batch_columns, load_rows, prepare_prompts, shard
+from rl.errors import ConfigError, RewardError
+from rl.losses import aggregate_loss, engine_loss_scale, policy_loss, token_entropy, token_logprobs
+from rl.metrics import MetricsLogger, truncate_after
+from rl.models import load_policy
+from rl.rollout import SamplingSettings, TransformersRollout
+from rl.types import RolloutBatch, position_ids_from_mask
+
+BUILTIN_TRAIN_ROWS = 20000
+"""Training rows drawn from a builtin task when `data.train_size` is not set."""
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs besides model, optimizer and RNG."""
+
+    step: int = 0
+    samples: int = 0
+    sampler: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one step's rollouts are split on this rank."""
+
+    local_prompts: int
+    local_seqs: int
+    mini_batch_seqs: int
+    micro_batch_size: int
+    grad_accum_steps: int
+
+
+def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
+    """Per-rank sizes; ConfigError naming the keys when the numbers do not divide."""
+    prompts = cfg.rollout.prompts_per_step
+    if prompts % world_size:
+        raise ConfigError(
+            f"rollout.prompts_per_step={prompts} must be a multiple of the {world_size} ranks"
+        )
+    local_seqs = prompts // world_size * cfg.rollout.group_size
+    if local_seqs % cfg.algo.mini_batches:
+        raise ConfigError(
+            f"algo.mini_batches={cfg.algo.mini_batches} must divide the {local_seqs} "
+            "sequences each rank generates per step"
+        )
+    mini = local_seqs // cfg.algo.mini_batches
+    micro = min(cfg.trainer.micro_batch_size, mini)
+    if mini % micro:
+        raise ConfigError(
+            f"trainer.micro_batch_size={micro} must divide the {mini} sequences per rank "
+            "in each mini-batch"
+        )
+    return BatchPlan(prompts // world_size, local_seqs, mini, micro, mini // micro)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def response_logits(model: Any, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+    """Logits `[b, Tr, V]` (divided by the sampling temperature) predicting the responses."""
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids_from_mask(batch.attention_mask),
+        use_cache=False,
+    ).logits  # [b, Tp + Tr, V]
+    return logits[:, batch.prompt_length - 1 : -1].float() / temperature  # [b, Tr, V]
+
+
+def simulate_crash_if_asked(step: int) -> None:
+    """Fault injection for resume tests: `DENSE_RL_KILL_AFTER_STEP=k` SIGKILLs every rank
+    right after step k is logged (and saved, if it is a save step), like a machine loss."""
+    if os.environ.get("DENSE_RL_KILL_AFTER_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def chunks(n: int, size: int) -> list[list[int]]:
+    return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+
+
+class Trainer:
+    """Builds the run from a `Config` and runs it; every rank constructs one."""
+
+    def __init__(self, cfg: Config, dist: eng.DistInfo) -> None:
+        self.cfg = cfg
+        self.dist = dist
+        self.output_dir = Path(cfg.output_dir)
+        self.plan = plan_batches(cfg, dist.world_size)
+        seed_everything(cfg.seed)
+        self.reward_fns = build_reward_fns(
+            [RewardSpec(f.fn, f.weight, dict(f.kwargs)) for f in cfg.reward.functions]
+        )
+        self.estimator = ADVANTAGE_ESTIMATORS.get(cfg.algo.advantage)
+        policy, self.tokenizer, model_path = load_policy(cfg, dist)
+        self.train_rows, self.eval_rows, self.skipped_prompts = self._load_data()
+        self.sampler = PromptSampler(len(self.train_rows), cfg.seed)
+        ds_config = eng.build_ds_config(
+            cfg.deepspeed.config,
+            zero_stage=cfg.deepspeed.zero_stage,
+            micro_batch_size=self.plan.micro_batch_size,
+            grad_accum_steps=self.plan.grad_accum_steps,
+            world_size=dist.world_size,
+            max_grad_norm=cfg.optim.max_grad_norm,
+            bf16=eng.use_bf16(cfg.model.dtype),
+        )
+        self.zero_stage = eng.zero_stage_of(ds_config)
+        self.engine = eng.create_policy_engine(
+            policy,
+            ds_config,
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
+            weight_decay=cfg.optim.weight_decay,
+            warmup_steps=cfg.optim.warmup_steps,
+        )
+        self.reference = None
+        if cfg.algo.kl_coef > 0:
+            reference, _, _ = load_policy(cfg, dist, path=model_path)
+            self.reference = eng.create_reference(reference, ds_config)
+        self.rollout = TransformersRollout(
+            self.tokenizer, cfg.rollout.generation_batch_size, synced_gpus=self.zero_stage == 3
+        )
+        self.state = TrainState()
+        self.checkpoint_root = self.output_dir / "checkpoints"
+        self.metrics: MetricsLogger | None = None
+        # each rank samples differently; reseeded after model building consumed RNG
+        seed_everything(cfg.seed * 1000 + dist.rank)
+
+    # ------------------------------------------------------------------ setup
+    def _load_data(self) -> tuple[list[PromptRow], list[PromptRow], int]:
+        cfg = self.cfg.data
+        train_n = cfg.train_size
+        if train_n is None and cfg.train.startswith("builtin:"):
+            train_n = BUILTIN_TRAIN_ROWS
+        prepared = []
+        skipped = 0
+        for source, split, n in (
+            (cfg.train, cfg.train_split, train_n),
+            (cfg.eval, cfg.eval_split, cfg.eval_size),
+        ):
+            rows = load_rows(source, split=split, n=n, seed=self.cfg.seed, task_kwargs=cfg.task)
+            kept, dropped = prepare_prompts(
+                rows,
+                self.tokenizer,
+                source=source,
+                prompt_column=cfg.prompt_column,
+                answer_column=cfg.answer_column,
+                max_prompt_tokens=cfg.max_prompt_tokens,
+                apply_chat_template=cfg.apply_chat_template,
+            )
+            prepared.append(kept)
+            skipped += dropped
+        return prepared[0], prepared[1], skipped
+
+    def _resume_path(self) -> Path | None:
+        resume = self.cfg.trainer.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.checkpoint_root)
+        return Path(resume)
+
+    def _restore(self) -> None:
+        path = self._resume_path()
+        if path is None:
+            return
+        state = ckpt.load_checkpoint(self.engine, path, self.dist.rank)
+        self.state = TrainState(
+            step=int(state["step"]), samples=int(state["samples"]), sampler=state["sampler"]
+        )
+        self.sampler.load_state_dict(state["sampler"])
+        if self.dist.is_main:
+            truncate_after(self.output_dir / "metrics.jsonl", self.state.step)
+            print(f"resumed from {path} at step {self.state.step}", flush=True)
+
+    # ------------------------------------------------------------------ phases
+    def collect(self) -> RolloutBatch:
+        """Rollouts for this rank's share of the step's prompts."""
+        indices = shard(
+            self.sampler.take(self.cfg.rollout.prompts_per_step),
+            self.dist.rank,
+            self.dist.world_size,
+        )
+        rows = [self.train_rows[i] for i in indices]
+        sampling = SamplingSettings(
+            self.cfg.rollout.max_new_tokens, self.cfg.rollout.temperature, self.cfg.rollout.top_p
+        )
+        return self.rollout.rollout(
+            self.engine.module,
+            [r.prompt_ids for r in rows],
+            [r.text for r in rows],
+            batch_columns(rows),
+            sampling,
+            self.cfg.rollout.group_size,
+        )
+
+    def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Outcome rewards `[B]` (weighted total) and per-function rewards."""
+        total, per_fn = score_outcomes(
+            self.reward_fns, batch.prompts, batch.completions, batch.columns
+        )
+        bad = (~torch.isfinite(total)).nonzero().flatten().tolist()
+        if bad:
+            raise RewardError(f"outcome reward is not finite at batch rows {bad[:8]}")
+        return total, per_fn
+
+    def credit(self, batch: RolloutBatch, rewards: torch.Tensor) -> torch.Tensor:
+        """Token advantages `[B, Tr]` from group-relative outcome rewards."""
+        grouped = group_rewards(rewards, batch.group_size)  # [P, K]
+        seq_adv = self.estimator(grouped).reshape(-1)  # [B]
+        return token_advantages(seq_adv, batch.response_mask)  # [B, Tr]
+
+    @torch.no_grad()
+    def behaviour_logprobs(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Old-policy log-probs `[B, Tr]` and reference log-probs (None without KL)."""
+        temperature = self.cfg.rollout.temperature
+        old, ref = [], []
+        for rows in chunks(len(batch), self.plan.micro_batch_size):
+            micro = batch.select(rows)
+            ids = micro.response_ids
+            old.append(token_logprobs(response_logits(self.engine, micro, temperature), ids))
+            if self.reference is not None:
+                logits = response_logits(self.reference, micro, temperature)
+                ref.append(token_logprobs(logits, ids))
+        return torch.cat(old), (torch.cat(ref) if ref else None)
+
+    def update(self, batch: RolloutBatch, advantages: torch.Tensor) -> dict[str, float]:
+        """`epochs` x `mini_batches` optimizer steps on the rollouts; returns global stats."""
+        algo = self.cfg.algo
+        old_logp, ref_logp = self.behaviour_logprobs(batch)
+        scale = engine_loss_scale(self.dist.world_size, self.plan.grad_accum_steps)
+        order_gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.state.step)
+        sums: dict[str, float] = {}
+        grad_norms = []
+        n_updates = 0
+        for _ in range(algo.epochs):
+            order = torch.randperm(len(batch), generator=order_gen) if algo.epochs > 1 else None
+            for mb in chunks(len(batch), self.plan.mini_batch_seqs):
+                rows = order[mb] if order is not None else torch.tensor(mb)
+                mask = batch.response_mask[rows]
+                totals = eng.all_reduce_sum(torch.tensor([float(mask.sum()), float(len(rows))]))
+                global_tokens, global_seqs = float(totals[0]), float(totals[1])
+                for micro_rows in chunks(len(rows), self.plan.micro_batch_size):
+                    index = rows[micro_rows]
+                    stats = self._micro_step(
+                        batch.select(index),
+                        old_logp[index],
+                        ref_logp[index] if ref_logp is not None else None,
+                        advantages[index],
+                        global_tokens,
+                        global_seqs,
+                        scale,
+                    )
+                    for key, value in stats.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                grad_norm = self.engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    grad_norms.append(float(grad_norm))
+                n_updates += 1
+        keys = sorted(sums)
+        reduced = eng.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+        out = {f"train/{k}": float(v) / n_updates for k, v in zip(keys, reduced, strict=True)}
+        out["train/grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
+        out["train/lr"] = float(self.engine.get_lr()[0])
+        return out
+
+    def _micro_step(
+        self,
+        micro: RolloutBatch,
+        old_logp: torch.Tensor,
+        ref_logp: torch.Tensor | None,
+        advantages: torch.Tensor,
+        global_tokens: float,
+        global_seqs: float,
+        scale: float,
+    ) -> dict[str, float]:
+        """Forward, loss, backward and (at the accumulation boundary) the optimizer step."""
+        algo = self.cfg.algo
+        logits = response_logits(self.engine, micro, self.cfg.rollout.temperature)  # [b, Tr, V]
+        logp = token_logprobs(logits, micro.response_ids)  # [b, Tr]
+        loss, stats = policy_loss(
+            logp,
+            old_logp,
+            ref_logp,
+            advantages,
+            micro.response_mask,
+            clip_low=algo.clip_low,
+            clip_high=algo.clip_high,
+            kl_coef=algo.kl_coef,
+            mode=algo.loss_agg,
+            global_tokens=global_tokens,
+            global_seqs=global_seqs,
+        )
+        with torch.no_grad() if algo.entropy_coef == 0 else nullcontext():
+            entropy = token_entropy(logits)  # [b, Tr]
+        if algo.entropy_coef:
+            loss = loss - algo.entropy_coef * aggregate_loss(
+                entropy, micro.response_mask, algo.loss_agg, global_tokens, global_seqs
+            )
+        self.engine.backward(loss * scale)
+        self.engine.step()
+        out = {key: float(value) for key, value in stats.items()}
+        out["entropy"] = float((entropy.detach() * micro.response_mask).sum()) / global_tokens
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy on the held-out split: mean of the first reward function."""
+        rows = self.eval_rows
+        per_rank = math.ceil(len(rows) / self.dist.world_size)
+        mine = rows[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
+        n_real = len(mine)
+        # equal counts on every rank keep ZeRO-3's collective generate in step
+        mine = mine + [rows[0]] * (per_rank - n_real)
+        sampling = SamplingSettings(self.cfg.rollout.max_new_tokens, 1.0, 1.0, greedy=True)
+        batch = self.rollout.rollout(
+            self.engine.module,
+            [r.prompt_ids for r in mine],
+            [r.text for r in mine],
+            batch_columns(mine),
+            sampling,
+            group_size=1,
+        )
+        _, per_fn = self.score(batch)
+        first = next(iter(per_fn.values()))[:n_real]
+        totals = eng.all_reduce_sum(torch.tensor([float(first.sum()), float(n_real)]))
+        return {"eval/accuracy": float(totals[0] / totals[1])}
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self) -> dict[str, Any]:
+        times: dict[str, float] = {}
+        start = time.perf_counter()
+        batch = self.collect()
+        times["time/rollout_s"] = time.perf_counter() - start
+        t = time.perf_counter()
+        rewards, per_fn = self.score(batch)
+        advantages = self.credit(batch, rewards)
+        times["time/reward_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        stats = self.update(batch, advantages)
+        times["time/update_s"] = time.perf_counter() - t
+        self.state.step += 1
+        self.state.samples += self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
+        reward_sums = eng.all_reduce_sum(
+            torch.tensor(
+                [float(rewards.sum()), float(batch.response_mask.sum()), float(len(batch))]
+                + [float(v.sum()) for v in per_fn.values()],
+                dtype=torch.float64,
+            )
+        )
+        n = float(reward_sums[2])
+        row: dict[str, Any] = {"step": self.state.step, "samples": self.state.samples}
+        row["reward/outcome_mean"] = float(reward_sums[0]) / n
+        for i, name in enumerate(per_fn):
+            row[f"reward/{name}_mean"] = float(reward_sums[3 + i]) / n
+        row["train/response_tokens_mean"] = float(reward_sums[1]) / n
+        row.update(stats)
+        row["data/skipped_long_prompts"] = self.skipped_prompts
+        times["time/step_s"] = time.perf_counter() - start
+        row.update(times)
+        return row
+
+    def should_eval(self, step: int) -> bool:
+        every = self.cfg.trainer.eval_every
+        return step == self.cfg.trainer.max_steps or (every > 0 and step % every == 0)
+
+    def should_save(self, step: int) -> bool:
+        every = self.cfg.trainer.save_every
+        return step == self.cfg.trainer.max_steps or (every > 0 and step % every == 0)
+
+    def save(self) -> None:
+        self.state.sampler = self.sampler.state_dict()
+        ckpt.save_checkpoint(
+            self.engine,
+            self.checkpoint_root,
+            self.state.step,
+            {"step": self.state.step, "samples": self.state.samples, "sampler": self.state.sampler},
+            self.dist.rank,
+            self.cfg.trainer.keep_checkpoints,
+        )
+
+    def fit(self) -> None:
+        """Run from the current (possibly resumed) step to `trainer.max_steps`."""
+        self._restore()
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.metrics = MetricsLogger(
+                self.output_dir,
+                use_wandb=cfg.logging.wandb,
+                project=cfg.logging.project,
+                run_name=cfg.logging.run_name or self.output_dir.name,
+                config=to_dict(cfg),
+            )
+        if self.state.step == 0:
+            self._log(self._eval_row())
+        show = self.dist.is_main and cfg.logging.progress_bar
+        bar = (
+            tqdm(total=cfg.trainer.max_steps, initial=self.state.step, desc="train", unit="step")
+            if show
+            else None
+        )
+        with bar if bar is not None else nullcontext():
+            while self.state.step < cfg.trainer.max_steps:
+                row = self.train_step()
+                if self.should_eval(self.state.step):
+                    row.update(self._eval_row())
+                self._log(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(self._postfix(row))
+                if self.should_save(self.state.step):
+                    self.save()
+                simulate_crash_if_asked(self.state.step)
+        if cfg.trainer.save_final_model:
+            eng.save_hf_model(self.engine, self.tokenizer, self.output_dir / "final")
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def _eval_row(self) -> dict[str, Any]:
+        t = time.perf_counter()
+        row = self.evaluate()
+        row["time/eval_s"] = time.perf_counter() - t
+        if self.state.step == 0:
+            row.update({"step": 0, "samples": 0})
+        return row
+
+    @staticmethod
+    def _postfix(row: dict[str, Any]) -> dict[str, str]:
+        out = {"reward": f"{row['reward/outcome_mean']:.3f}"}
+        if "eval/accuracy" in row:
+            out["eval_acc"] = f"{row['eval/accuracy']:.3f}"
+        return out
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.log(row)

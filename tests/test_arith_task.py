@@ -1,0 +1,132 @@
+"""Hand-checked cases for the built-in modular-arithmetic chain task."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from rl.errors import DataError
+from rl.tasks import builtin_rows
+from rl.tasks.arith import (
+    ArithConfig,
+    ArithProblem,
+    arith_reward,
+    demonstration,
+    first_error_step,
+    parse_prompt,
+    rows,
+    sample_problems,
+    solution,
+    split_of,
+    verify,
+)
+
+# 3 +4 *2 -7 (mod 10): 3+4=7, 7*2=14->4, 4-7=-3->7
+PROBLEM = ArithProblem(start=3, ops=("+", "*", "-"), operands=(4, 2, 7), modulus=10)
+RIGHT = "3+4=7\n7*2=4\n4-7=7\nAnswer: 7"
+
+
+def test_prompt_solution_and_parse() -> None:
+    assert PROBLEM.prompt == "3 +4 *2 -7"
+    assert PROBLEM.values() == [3, 7, 4, 7]
+    assert solution(PROBLEM) == RIGHT
+    assert parse_prompt("3 +4 *2 -7") == PROBLEM
+    assert parse_prompt("3 +4 *2 -7", modulus=7).values() == [3, 0, 0, 0]
+    with pytest.raises(ValueError):
+        parse_prompt("3 + 4")
+
+
+def test_verify() -> None:
+    assert verify(RIGHT, "7") == 1.0
+    assert verify(RIGHT + "\n", "7") == 1.0  # trailing newline tolerated
+    assert verify("Answer: 7", "7") == 1.0  # outcome only: the steps are not checked
+    assert verify(RIGHT, "8") == 0.0
+    assert verify("3+4=7\n7*2=4\n4-7=7", "7") == 0.0  # no answer line
+    assert verify("Answer: seven", "7") == 0.0
+    assert verify("Answer: 7\nmore", "7") == 0.0  # answer must be on the last line
+    assert verify("", "7") == 0.0
+    assert verify("Answer: 7", "not a number") == 0.0
+
+
+def test_arith_reward_trl_signature() -> None:
+    out = arith_reward(
+        prompts=["3 +4 *2 -7"] * 3,
+        completions=[RIGHT, "Answer: 1", [{"role": "assistant", "content": "Answer: 7"}]],
+        answer=["7", "7", "7"],
+        trainer_state=None,
+    )
+    assert out == [1.0, 0.0, 1.0]
+
+
+def test_first_error_step() -> None:
+    assert first_error_step(PROBLEM, RIGHT) == -1
+    assert first_error_step("3 +4 *2 -7", RIGHT) == -1  # prompt string, default modulus 10
+    assert first_error_step(PROBLEM, " 3+4=7 \n7*2=4\n4-7=7\nAnswer: 7\n") == -1
+    assert first_error_step(PROBLEM, "3+4=8\n8*2=6\n6-7=9\nAnswer: 9") == 0  # step 0 wrong
+    assert first_error_step(PROBLEM, "3+4=7\n7*2=5\n5-7=8\nAnswer: 8") == 1  # middle step
+    assert first_error_step(PROBLEM, "3+4=7\n7*3=1\n1-7=4\nAnswer: 4") == 1  # wrong operand
+    assert first_error_step(PROBLEM, "3+4=7\n7*2=4\n4-7=7\nAnswer: 8") == 3  # answer line
+    assert first_error_step(PROBLEM, "3+4=7\n7*2=4") == 2  # missing lines
+    assert first_error_step(PROBLEM, "3+4=7\n7*2=4\n4-7=7") == 3  # missing answer line
+    assert first_error_step(PROBLEM, RIGHT + "\nAnswer: 7") == 4  # extra line
+    assert first_error_step(PROBLEM, "") == 0
+    assert first_error_step(PROBLEM, "%%garbage\n!!") == 0
+    assert first_error_step("3 +4 *2 -7", "3+4=0\n0*2=0\n0-7=0\nAnswer: 0", modulus=7) == -1
+
+
+def test_splits_disjoint_and_deterministic() -> None:
+    cfg = ArithConfig()
+    by_split = {s: rows(s, 300, cfg, seed=0) for s in ("train", "validation", "eval")}
+    prompts = {s: {r["prompt"] for r in rs} for s, rs in by_split.items()}
+    assert not prompts["train"] & prompts["eval"]
+    assert not prompts["train"] & prompts["validation"]
+    assert not prompts["validation"] & prompts["eval"]
+    for split, rs in by_split.items():
+        assert all(split_of(r["prompt"]) == split for r in rs)
+        for r in rs:
+            assert r["answer"] == str(parse_prompt(r["prompt"]).answer)
+    # other seeds still never cross splits
+    assert not {r["prompt"] for r in rows("train", 300, cfg, seed=5)} & prompts["eval"]
+    assert rows("eval", 300, cfg, seed=0) == by_split["eval"]
+    assert rows("eval", 50, cfg, seed=0) == by_split["eval"][:50]  # prefix-stable in n
+    assert rows("eval", 50, cfg, seed=1) != by_split["eval"][:50]
+    with pytest.raises(ValueError):
+        rows("test", 1, cfg, seed=0)
+
+
+def test_config_knobs() -> None:
+    cfg = ArithConfig(n_steps=2, operand_max=20, modulus=7, ops="+")
+    for p in sample_problems("train", 50, cfg, seed=0):
+        assert len(p.ops) == 2 and set(p.ops) == {"+"}
+        assert all(0 <= b <= 20 for b in p.operands) and 0 <= p.start < 7
+    with pytest.raises(ValueError):
+        ArithConfig(ops="/")
+
+
+def test_demonstration_errors() -> None:
+    cfg = ArithConfig()
+    problems = sample_problems("train", 200, cfg, seed=3)
+    rng = random.Random(0)
+    for p in problems:
+        assert demonstration(p, rng, error_rate=0.0) == solution(p)
+        bad = demonstration(p, rng, error_rate=1.0)
+        first = first_error_step(p, bad)
+        assert 0 <= first < cfg.n_steps  # exactly one slip, on a step line
+        lines = bad.split("\n")
+        assert len(lines) == cfg.n_steps + 1 and lines[-1].startswith("Answer: ")
+        # the later steps continue consistently from the wrong value
+        value = int(lines[first].split("=")[1])
+        for line, op, b in zip(
+            lines[first + 1 : -1], p.ops[first + 1 :], p.operands[first + 1 :], strict=True
+        ):
+            assert line.startswith(f"{value}{op}{b}=")
+            value = int(line.split("=")[1])
+        assert lines[-1] == f"Answer: {value}"
+
+
+def test_builtin_rows() -> None:
+    got = builtin_rows("arith", "eval", 5, seed=0, n_steps=2)
+    assert got == rows("eval", 5, ArithConfig(n_steps=2), seed=0)
+    with pytest.raises(DataError, match="'gsm8k'.*arith"):
+        builtin_rows("gsm8k", "train", 5, seed=0)

@@ -1,0 +1,80 @@
+"""The locally built tokenizer and tiny start model: round-trips, caching, reloading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import rl.start_model as sm
+from rl.tasks.arith import ArithConfig, rows
+
+TINY = sm.TinyModelConfig(
+    hidden_size=16,
+    num_layers=1,
+    num_heads=2,
+    intermediate_size=32,
+    sft_steps=3,
+    sft_batch_size=4,
+    task=ArithConfig(n_steps=2),
+)
+
+
+def test_tokenizer_round_trip() -> None:
+    tok = sm.build_tokenizer()
+    texts = [r["prompt"] for r in rows("train", 20, ArithConfig(), seed=0)]
+    texts += ["3+4=7\n7*2=4\n4-7=7\nAnswer: 7", "  a b\n\nc  ", "Answer: 12\n"]
+    for text in texts:
+        ids = tok(text).input_ids
+        assert len(ids) == len(text)  # one token per character, nothing added
+        assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok("\n").input_ids != tok(" ").input_ids
+
+
+def test_chat_template() -> None:
+    tok = sm.build_tokenizer()
+    assert sm.prompt_text(tok, "3 +4") == "<bos>3 +4\n"
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "1 +2"}, {"role": "assistant", "content": "Answer: 3"}],
+        tokenize=True,
+    )
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == "1 +2\nAnswer: 3"
+
+
+def test_sft_batch_masks_prompt() -> None:
+    tok = sm.build_tokenizer()
+    ids, mask, labels = sm.sft_batch(tok, ["1 +2", "1 +2 *3"], ["Answer: 3", "x"])
+    assert ids.shape == mask.shape == labels.shape == (2, 1 + 5 + 9 + 1)  # bos prompt resp eos
+    n_prompt = len(tok("1 +2\n").input_ids) + 1  # + <bos>
+    assert (labels[0, :n_prompt] == -100).all()
+    assert tok.decode(labels[0, n_prompt:].tolist()) == "Answer: 3<eos>"
+    assert mask[1].sum() == 1 + 8 + 1 + 1  # bos, "1 +2 *3\n", "x", eos
+
+
+def test_ensure_start_model_builds_caches_reloads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = sm.ensure_start_model(tmp_path, TINY, show_progress=False)
+    assert (path / "build_info.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [path.name]  # no temp left
+
+    def no_rebuild(*args: object, **kwargs: object) -> None:
+        raise AssertionError("rebuilt a cached start model")
+
+    monkeypatch.setattr(sm, "_build", no_rebuild)
+    assert sm.ensure_start_model(tmp_path, TINY, show_progress=False) == path
+    other = sm.TinyModelConfig(**{**TINY.__dict__, "seed": 1})
+    assert sm.cache_key(other) != sm.cache_key(TINY)
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.tie_word_embeddings and model.config.vocab_size == len(tok)
+    assert tok.decode(tok("7*2=4\n").input_ids) == "7*2=4\n"
+    enc = tok([sm.prompt_text(tok, "3 +4 *2")], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=5)
+    assert out.shape[1] <= enc.input_ids.shape[1] + 5
