@@ -46,11 +46,12 @@ def main(argv: list[str]) -> int:
         from rl.config import load_config
 
         cfg = load_config(args.config, args.overrides)
-        from rl.engine import init_distributed
+        from rl.engine import init_distributed, shutdown
         from rl.trainer import Trainer
 
         dist = init_distributed()
         Trainer(cfg, dist).fit()
+        shutdown()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -269,11 +269,23 @@ def convert(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if hint is float:
+        return to_float(value, key)
     if hint in (int, str, bool) and type(value) is not hint:
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+def to_float(value: Any, key: str) -> float:
+    """A float from a number or a numeric string (YAML 1.1 reads `1e-3` as a string)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: expected a number, got {value!r}")
 
 
 def validate(cfg: Config) -> None:

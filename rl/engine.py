@@ -55,6 +55,13 @@ def init_distributed() -> DistInfo:
     )
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly (avoids gloo's abort-on-exit noise)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def device() -> torch.device:
     """The accelerator device of this rank (CPU here)."""
     from deepspeed.accelerator import get_accelerator

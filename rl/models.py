@@ -15,9 +15,9 @@ from rl.errors import ConfigError
 BUILTIN_TINY = "builtin:arith-tiny"
 
 
-def builtin_start_model(cfg: Config, dist: DistInfo) -> Path:
-    """Path of the cached SFT start model; local rank 0 builds it, the others wait."""
-    from rl.start_model import TinyModelConfig, ensure_start_model
+def tiny_model_config(cfg: Config) -> Any:
+    """The builtin model's `TinyModelConfig`: `model.tiny` overrides, trained on `data.task`."""
+    from rl.start_model import TinyModelConfig
     from rl.tasks.arith import ArithConfig
 
     valid = {f.name for f in fields(TinyModelConfig)} - {"task"}
@@ -28,7 +28,14 @@ def builtin_start_model(cfg: Config, dist: DistInfo) -> Path:
         task = ArithConfig(**cfg.data.task)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"data.task: {err}") from err
-    tiny = TinyModelConfig(**cfg.model.tiny, task=task)
+    return TinyModelConfig(**cfg.model.tiny, task=task)
+
+
+def builtin_start_model(cfg: Config, dist: DistInfo) -> Path:
+    """Path of the cached SFT start model; local rank 0 builds it, the others wait."""
+    from rl.start_model import ensure_start_model
+
+    tiny = tiny_model_config(cfg)
     if dist.local_rank == 0:
         path = ensure_start_model(Path(cfg.model.cache_dir), tiny, show_progress=dist.is_main)
     barrier()

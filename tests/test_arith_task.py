@@ -17,6 +17,7 @@ from rl.tasks.arith import (
     parse_prompt,
     rows,
     sample_problems,
+    slip,
     solution,
     split_of,
     verify,
@@ -123,6 +124,17 @@ def test_demonstration_errors() -> None:
             assert line.startswith(f"{value}{op}{b}=")
             value = int(line.split("=")[1])
         assert lines[-1] == f"Answer: {value}"
+
+
+def test_slip_is_systematic() -> None:
+    # 3 +4 *2 -7: the slip is on the first "*" step, computed as "+": 7+2 = 9
+    assert slip(PROBLEM, random.Random(0)) == (1, 9)
+    bad = demonstration(PROBLEM, random.Random(0), error_rate=1.0)
+    assert bad == "3+4=7\n7*2=9\n9-7=2\nAnswer: 2"
+    assert first_error_step(PROBLEM, bad) == 1 and verify(bad, "7") == 0.0
+    # "+" confused with "-" would give the right value (b = 0): the slip is right + 1
+    no_mult = ArithProblem(start=5, ops=("+",), operands=(0,), modulus=10)
+    assert slip(no_mult, random.Random(0)) == (0, 6)
 
 
 def test_builtin_rows() -> None:

@@ -19,7 +19,7 @@ Splits: every problem belongs to exactly one split, chosen by a hash of its prom
 (eval 10%, validation 10%, train 80%); a split's problems are drawn by rejection sampling from
 the problem space, so the splits are disjoint by construction and eval never enters training.
 Within a split, problems are drawn with replacement (duplicates are rare for the default
-space of 10 * 30^4 problems).
+space of 10 * 30^3 problems).
 
 Pure python: no torch import.
 """
@@ -53,7 +53,7 @@ _PROMPT_TERM_RE = re.compile(r"([+\-*])(\d+)")
 class ArithConfig:
     """Difficulty knobs of the modular-arithmetic chain task."""
 
-    n_steps: int = 4
+    n_steps: int = 3
     """Operations per problem (step lines per response, not counting the answer line)."""
     operand_max: int = 9
     """Operands are drawn uniformly from 0..operand_max (inclusive)."""
@@ -198,17 +198,36 @@ def solution(problem: ArithProblem) -> str:
     return STEP_DELIMITER.join(step_lines(problem))
 
 
+CONFUSED_OP: dict[str, str] = {"*": "+", "+": "-", "-": "+"}
+"""The operator a slipping solver applies instead of the written one (its misconception)."""
+
+
+def slip(problem: ArithProblem, rng: random.Random) -> tuple[int, int]:
+    """(step, wrong value) of a systematic slip: the solver's one misconception.
+
+    The slip is on the first "*" step (a random step if there is none), where the solver
+    applies `CONFUSED_OP` (e.g. "*" as "+"); if that happens to give the right value, the
+    wrong value is the right one + 1.
+    """
+    mults = [i for i, op in enumerate(problem.ops) if op == "*"]
+    step = mults[0] if mults else rng.randrange(len(problem.ops))
+    a, right = problem.values()[step : step + 2]
+    op, b = problem.ops[step], problem.operands[step]
+    wrong = apply_op(a, CONFUSED_OP[op], b, problem.modulus)
+    return step, wrong if wrong != right else (right + 1) % problem.modulus
+
+
 def demonstration(problem: ArithProblem, rng: random.Random, error_rate: float) -> str:
     """A step-by-step response; with probability `error_rate` one step is wrong.
 
-    The wrong step is uniform over the n_steps step lines; its value is uniform over the
-    other residues, and the following steps continue consistently from it, so the final
+    The wrong step is a systematic slip (see `slip`: the first "*" step computed as "+"),
+    so a policy imitating these demonstrations makes the same mistake in the same place,
+    and with error_rate > 0.5 its greedy decoding makes it every time: an error RL can
+    fix. The following steps continue consistently from the wrong value, so the final
     answer is usually (not always: e.g. a later "*0") wrong.
     """
-    if problem.modulus > 1 and rng.random() < error_rate:
-        step = rng.randrange(len(problem.ops))
-        right = problem.values()[step + 1]
-        wrong = rng.choice([v for v in range(problem.modulus) if v != right])
+    if rng.random() < error_rate:
+        step, wrong = slip(problem, rng)
         return STEP_DELIMITER.join(step_lines(problem, step, wrong))
     return solution(problem)
 

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A start-model cache holding the end-to-end tests' tiny SFT model, built once here in
+    the test process so no launched job spends its time building it."""
+    from rl.config import load_config
+    from rl.models import tiny_model_config
+    from rl.start_model import ensure_start_model
+    from tests.launcher import FAST_OVERRIDES, REPO
+
+    cache = tmp_path_factory.mktemp("start_models")
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", FAST_OVERRIDES)
+    ensure_start_model(cache, tiny_model_config(cfg), show_progress=False)
+    return cache

@@ -1,0 +1,82 @@
+"""Helpers for end-to-end tests that run launch/train_rl.py under the real launchers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "launch" / "train_rl.py"
+
+# A small, fast variant of the quickstart: tiny model, short SFT, few prompts.
+FAST_OVERRIDES = [
+    "model.tiny.hidden_size=64",
+    "model.tiny.num_layers=2",
+    "model.tiny.intermediate_size=128",
+    "model.tiny.sft_steps=60",
+    "data.train_size=256",
+    "data.eval_size=8",
+    "rollout.prompts_per_step=4",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=24",
+    "trainer.micro_batch_size=4",
+    "trainer.max_steps=3",
+    "optim.lr=1e-3",
+    "reward.functions=[{fn: arith}, {fn: 'tests.reward_fns:digit_fraction', weight: 0.5}]",
+    "logging.progress_bar=false",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("WANDB_MODE", "disabled")
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def launch(
+    overrides: list[str],
+    *,
+    launcher: str = "deepspeed",
+    ranks: int = 2,
+    config: str = "configs/quickstart.yaml",
+    env: dict[str, str] | None = None,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess[str]:
+    """Run a training job; returns the finished process (output captured as text)."""
+    bindir = Path(sys.executable).parent
+    if launcher == "deepspeed":
+        cmd = [str(bindir / "deepspeed"), "--num_gpus", str(ranks)]
+        cmd += ["--master_port", str(free_port()), str(TRAIN)]
+    elif launcher == "torchrun":
+        cmd = [str(bindir / "torchrun"), "--nproc_per_node", str(ranks)]
+        cmd += ["--master_port", str(free_port()), str(TRAIN)]
+    else:
+        cmd = [sys.executable, str(TRAIN)]
+    cmd += ["--config", config, *overrides]
+    return subprocess.run(
+        cmd, cwd=REPO, env=run_env(env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def check_ok(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )

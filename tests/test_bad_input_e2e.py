@@ -1,0 +1,89 @@
+"""Bad input through the real launcher: a one-line `error:` naming the cause, no trace first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.launcher import FAST_OVERRIDES, launch, read_metrics
+
+pytestmark = pytest.mark.e2e
+
+
+def first_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert lines, stderr[-3000:]
+    return lines[0]
+
+
+def test_unknown_config_key_names_key_and_closest(tmp_path: Path):
+    proc = launch([f"output_dir={tmp_path}", "trainer.max_step=3"], launcher="python")
+    assert proc.returncode == 2
+    assert first_line(proc.stderr) == (
+        "error: unknown config key 'trainer.max_step' (did you mean 'trainer.max_steps'?)"
+    )
+    assert "Traceback" not in proc.stderr
+
+
+def test_nan_reward_names_the_function(tmp_path: Path, model_cache: Path):
+    proc = launch(
+        [
+            *FAST_OVERRIDES,
+            f"output_dir={tmp_path}",
+            f"model.cache_dir={model_cache}",
+            "reward.functions=[{fn: 'tests.reward_fns:not_a_number'}]",
+        ],
+        launcher="python",
+    )
+    assert proc.returncode == 2
+    assert first_line(proc.stderr) == (
+        "error: reward function 'tests.reward_fns:not_a_number' returned nan at index 0"
+    )
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_missing_answer_column_names_row_and_column(tmp_path: Path, model_cache: Path):
+    data = write_jsonl(
+        tmp_path / "train.jsonl",
+        [{"question": "1 +2", "answer": "3"}, {"question": "2 +2", "solution": "4"}],
+    )
+    proc = launch(
+        [
+            *FAST_OVERRIDES,
+            f"output_dir={tmp_path / 'run'}",
+            f"model.cache_dir={model_cache}",
+            f"data.train={data}",
+            "data.prompt_column=question",
+        ],
+        launcher="python",
+    )
+    assert proc.returncode == 2
+    line = first_line(proc.stderr)
+    assert line.startswith(f"error: {data} row 1: missing column 'answer'"), line
+
+
+def test_long_prompts_are_skipped_and_counted(tmp_path: Path, model_cache: Path):
+    short = [{"prompt": f"{i} +1", "answer": str((i + 1) % 10)} for i in range(8)]
+    long = [{"prompt": "1" + " +1" * 40, "answer": "1"} for _ in range(3)]
+    data = write_jsonl(tmp_path / "train.jsonl", short + long)
+    out = tmp_path / "run"
+    proc = launch(
+        [
+            *FAST_OVERRIDES,
+            f"output_dir={out}",
+            f"model.cache_dir={model_cache}",
+            f"data.train={data}",
+            "data.max_prompt_tokens=40",
+            "trainer.max_steps=1",
+        ],
+        launcher="python",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(out)
+    assert rows[-1]["data/skipped_long_prompts"] == 3
