@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (once) with the pinned CPU stack and the project installed editable.
-# Idempotent: a second call only checks that the environment is complete.
+# Idempotent: a second call returns at once while requirements and pyproject are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -8,11 +8,15 @@ stamp="$VENV/.setup-$(cat requirements.txt constraints.txt pyproject.toml | sha1
 if [ -f "$stamp" ]; then
   exit 0
 fi
+# pip -q, minus the notes this machine's pip config prints about absent local indexes
+pip_quiet() { "$VENV/bin/pip" -q "$@" 2>&1 | { grep -v '^WARNING: Location .* is ignored' || true; }; }
+echo "setup: creating $VENV (about 3 minutes on a fresh machine)"
 python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
+pip_quiet install --upgrade pip
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
-"$VENV/bin/pip" install -q -c constraints.txt torch==2.13.0
-DS_BUILD_OPS=0 "$VENV/bin/pip" install -q -c constraints.txt -r requirements.txt
-"$VENV/bin/pip" install -q -c constraints.txt --no-deps -e .
+pip_quiet install -c constraints.txt torch==2.13.0
+# DS_BUILD_OPS=0: DeepSpeed compiles the ops it needs on first use, cached per environment
+DS_BUILD_OPS=0 pip_quiet install -c constraints.txt -r requirements.txt
+pip_quiet install -c constraints.txt --no-deps -e .
 touch "$stamp"
 echo "setup: environment ready in $VENV"

@@ -42,6 +42,7 @@ def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "disabled")
     env["OMP_NUM_THREADS"] = "1"
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     env.update(extra or {})
     return env
 
