@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rl.config import load_config
+from rl.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+def test_quickstart_loads_and_overrides_apply():
+    cfg = load_config(QUICKSTART, ["trainer.max_steps=20", "deepspeed.zero_stage=3"])
+    assert cfg.trainer.max_steps == 20
+    assert cfg.deepspeed.zero_stage == 3
+    assert cfg.reward.functions[0].fn == "arith"
+
+
+def test_yaml_exponent_strings_become_floats():
+    cfg = load_config(QUICKSTART, ["optim.lr=1e-3"])  # YAML 1.1 reads 1e-3 as a string
+    assert cfg.optim.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "trainer.max_step=3",
+            "unknown config key 'trainer.max_step' (did you mean 'trainer.max_steps'?)",
+        ),
+        ("trainr.max_steps=3", "unknown config key 'trainr' (did you mean 'trainer'?)"),
+        ("trainer.max_steps=many", "trainer.max_steps: expected int, got 'many'"),
+        ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+        ("algo.loss_agg=sum", "algo.loss_agg: 'sum' is not one of ['token_mean', 'seq_mean']"),
+        (
+            "reward.functions=[{fn: arith, wieght: 2}]",
+            "unknown config key 'reward.functions.0.wieght'",
+        ),
+        ("rollout.group_size=1", "rollout.group_size: must be at least 2"),
+        ("trainer.max_steps", "is not of the form key=value"),
+    ],
+)
+def test_bad_config_names_the_key(override: str, message: str):
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, [override])
+    assert message in str(err.value)
+
+
+def test_missing_config_file(tmp_path: Path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
