@@ -80,12 +80,16 @@ class TinyModelConfig:
     """The task the model is warmed up on."""
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(task_cfg: ArithConfig | None = None) -> PreTrainedTokenizerFast:
     """A character-level tokenizer: one token per printable ASCII character or "\\n".
+
+    The vocabulary covers every task config (digits, "+-*=", "Answer: ", spaces, "\\n"), so
+    `task_cfg` is accepted for API symmetry only.
 
     Ids: 0 <pad>, 1 <bos>, 2 <eos>, then the characters. No special tokens are added by
     `tok(text)`; the chat template adds <bos>/<eos>.
     """
+    del task_cfg
     chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
     vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS] + chars)}
     # BPE without merges splits a string into its characters (no pre-tokenizer needed).
@@ -242,7 +246,7 @@ def _build(out: Path, cfg: TinyModelConfig, show_progress: bool) -> None:
     torch.set_num_threads(2)
     try:
         t0 = time.time()
-        tok = build_tokenizer()
+        tok = build_tokenizer(cfg.task)
         model = build_model(cfg, tok)
         losses = sft(model, tok, cfg, show_progress)
         model.save_pretrained(out)
