@@ -19,7 +19,7 @@ Splits: every problem belongs to exactly one split, chosen by a hash of its prom
 (eval 10%, validation 10%, train 80%); a split's problems are drawn by rejection sampling from
 the problem space, so the splits are disjoint by construction and eval never enters training.
 Within a split, problems are drawn with replacement (duplicates are rare for the default
-space of 10 * 30^3 problems).
+space of 10 * 30^4 problems).
 
 Pure python: no torch import.
 """
@@ -53,7 +53,7 @@ _PROMPT_TERM_RE = re.compile(r"([+\-*])(\d+)")
 class ArithConfig:
     """Difficulty knobs of the modular-arithmetic chain task."""
 
-    n_steps: int = 3
+    n_steps: int = 4
     """Operations per problem (step lines per response, not counting the answer line)."""
     operand_max: int = 9
     """Operands are drawn uniformly from 0..operand_max (inclusive)."""
