@@ -38,7 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rl.tasks.arith import ArithConfig, demonstration, sample_problems
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 """Bumped when the build procedure changes, so old cached checkpoints are not reused."""
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -66,13 +66,13 @@ class TinyModelConfig:
     """MLP hidden width."""
     max_position_embeddings: int = 128
     """Longest prompt + response, in tokens (characters)."""
-    sft_steps: int = 600
+    sft_steps: int = 1200
     """Supervised fine-tuning steps (one fresh batch of train-split demonstrations each)."""
     sft_batch_size: int = 64
     """Demonstrations per SFT step."""
     sft_lr: float = 3e-3
     """Peak AdamW learning rate (linear warm-up over 5% of the steps, then cosine to 10%)."""
-    demo_error_rate: float = 0.2
+    demo_error_rate: float = 0.6
     """Probability that a demonstration carries one wrong step (see `demonstration`)."""
     seed: int = 0
     """Seeds the model init, the demonstration problems and their errors."""

@@ -32,7 +32,7 @@ def test_prompt_solution_and_parse() -> None:
     assert PROBLEM.prompt == "3 +4 *2 -7"
     assert PROBLEM.values() == [3, 7, 4, 7]
     assert solution(PROBLEM) == RIGHT
-    assert parse_prompt("3 +4 *2 -7") == PROBLEM
+    assert parse_prompt("3 +4 *2 -7", modulus=10) == PROBLEM
     assert parse_prompt("3 +4 *2 -7", modulus=7).values() == [3, 0, 0, 0]
     with pytest.raises(ValueError):
         parse_prompt("3 + 4")
@@ -62,7 +62,7 @@ def test_arith_reward_trl_signature() -> None:
 
 def test_first_error_step() -> None:
     assert first_error_step(PROBLEM, RIGHT) == -1
-    assert first_error_step("3 +4 *2 -7", RIGHT) == -1  # prompt string, default modulus 10
+    assert first_error_step("3 +4 *2 -7", RIGHT, modulus=10) == -1  # prompt string
     assert first_error_step(PROBLEM, " 3+4=7 \n7*2=4\n4-7=7\nAnswer: 7\n") == -1
     assert first_error_step(PROBLEM, "3+4=8\n8*2=6\n6-7=9\nAnswer: 9") == 0  # step 0 wrong
     assert first_error_step(PROBLEM, "3+4=7\n7*2=5\n5-7=8\nAnswer: 8") == 1  # middle step
@@ -73,7 +73,8 @@ def test_first_error_step() -> None:
     assert first_error_step(PROBLEM, RIGHT + "\nAnswer: 7") == 4  # extra line
     assert first_error_step(PROBLEM, "") == 0
     assert first_error_step(PROBLEM, "%%garbage\n!!") == 0
-    assert first_error_step("3 +4 *2 -7", "3+4=0\n0*2=0\n0-7=0\nAnswer: 0", modulus=7) == -1
+    # a prompt string without a modulus is read with the default task's modulus (7)
+    assert first_error_step("3 +4 *2 -7", "3+4=0\n0*2=0\n0-7=0\nAnswer: 0") == -1
 
 
 def test_splits_disjoint_and_deterministic() -> None:
@@ -109,11 +110,16 @@ def test_demonstration_errors() -> None:
     cfg = ArithConfig()
     problems = sample_problems("train", 200, cfg, seed=3)
     rng = random.Random(0)
+    with_mult = [p for p in problems if "*" in p.ops]
+    assert 0 < len(with_mult) < len(problems)
     for p in problems:
         assert demonstration(p, rng, error_rate=0.0) == solution(p)
         bad = demonstration(p, rng, error_rate=1.0)
+        if "*" not in p.ops:  # nothing to slip on: always right
+            assert bad == solution(p)
+            continue
         first = first_error_step(p, bad)
-        assert 0 <= first < cfg.n_steps  # exactly one slip, on a step line
+        assert first == p.ops.index("*")  # exactly one slip, on the first "*" step
         lines = bad.split("\n")
         assert len(lines) == cfg.n_steps + 1 and lines[-1].startswith("Answer: ")
         # the later steps continue consistently from the wrong value
@@ -128,13 +134,14 @@ def test_demonstration_errors() -> None:
 
 def test_slip_is_systematic() -> None:
     # 3 +4 *2 -7: the slip is on the first "*" step, computed as "+": 7+2 = 9
-    assert slip(PROBLEM, random.Random(0)) == (1, 9)
+    assert slip(PROBLEM) == (1, 9)
     bad = demonstration(PROBLEM, random.Random(0), error_rate=1.0)
     assert bad == "3+4=7\n7*2=9\n9-7=2\nAnswer: 2"
     assert first_error_step(PROBLEM, bad) == 1 and verify(bad, "7") == 0.0
-    # "+" confused with "-" would give the right value (b = 0): the slip is right + 1
-    no_mult = ArithProblem(start=5, ops=("+",), operands=(0,), modulus=10)
-    assert slip(no_mult, random.Random(0)) == (0, 6)
+    # "*" as "+" would give the right value (2*2 = 2+2): the slip is right + 1
+    same = ArithProblem(start=2, ops=("*",), operands=(2,), modulus=10)
+    assert slip(same) == (0, 5)
+    assert slip(ArithProblem(start=5, ops=("+", "-"), operands=(1, 2), modulus=10)) is None
 
 
 def test_builtin_rows() -> None:

@@ -4,8 +4,8 @@ A problem is a start value and a chain of operations applied left to right, modu
 `modulus` (no operator precedence). The prompt lists them, the response computes one
 intermediate value per line and ends with the answer line:
 
-    prompt:    "3 +4 *2 -7"            (modulus 10)
-    response:  "3+4=7\\n7*2=4\\n4-7=7\\nAnswer: 7"
+    prompt:    "3 +4 *2 -7"            (modulus 7, the default)
+    response:  "3+4=0\\n0*2=0\\n0-7=0\\nAnswer: 0"
 
 Steps: a response is split into lines at "\\n" (after dropping trailing whitespace). Line
 `i < n_steps` is step `i` and must read exactly `f"{a}{op}{b}={c}"`, where `a` is the correct
@@ -19,7 +19,7 @@ Splits: every problem belongs to exactly one split, chosen by a hash of its prom
 (eval 10%, validation 10%, train 80%); a split's problems are drawn by rejection sampling from
 the problem space, so the splits are disjoint by construction and eval never enters training.
 Within a split, problems are drawn with replacement (duplicates are rare for the default
-space of 10 * 30^4 problems).
+space of 7 * 21^3 problems).
 
 Pure python: no torch import.
 """
@@ -49,15 +49,19 @@ _ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
 _PROMPT_TERM_RE = re.compile(r"([+\-*])(\d+)")
 
 
+DEFAULT_MODULUS = 7
+"""Modulus of the default task (prompts do not carry it)."""
+
+
 @dataclass(frozen=True)
 class ArithConfig:
     """Difficulty knobs of the modular-arithmetic chain task."""
 
-    n_steps: int = 4
+    n_steps: int = 3
     """Operations per problem (step lines per response, not counting the answer line)."""
-    operand_max: int = 9
+    operand_max: int = 6
     """Operands are drawn uniformly from 0..operand_max (inclusive)."""
-    modulus: int = 10
+    modulus: int = DEFAULT_MODULUS
     """Every intermediate value is reduced modulo this; the start value is in 0..modulus-1."""
     ops: str = "+-*"
     """Operators to draw from, a subset of "+-*"."""
@@ -117,7 +121,7 @@ def apply_op(a: int, op: str, b: int, modulus: int) -> int:
     raise ValueError(f"unknown operator {op!r}")
 
 
-def parse_prompt(prompt: str, modulus: int = 10) -> ArithProblem:
+def parse_prompt(prompt: str, modulus: int = DEFAULT_MODULUS) -> ArithProblem:
     """The problem a prompt string was made from; ValueError if it is not a chain prompt."""
     parts = prompt.strip().split()
     if len(parts) < 2 or not parts[0].isdigit():
@@ -198,37 +202,41 @@ def solution(problem: ArithProblem) -> str:
     return STEP_DELIMITER.join(step_lines(problem))
 
 
-CONFUSED_OP: dict[str, str] = {"*": "+", "+": "-", "-": "+"}
-"""The operator a slipping solver applies instead of the written one (its misconception)."""
+SLIP_OP = "*"
+"""The operator the demonstrations' solver sometimes gets wrong."""
+
+CONFUSED_OP = "+"
+"""What that solver applies instead (its one misconception: "*" computed as "+")."""
 
 
-def slip(problem: ArithProblem, rng: random.Random) -> tuple[int, int]:
-    """(step, wrong value) of a systematic slip: the solver's one misconception.
+def slip(problem: ArithProblem) -> tuple[int, int] | None:
+    """(step, wrong value) of the systematic slip, or None if the problem has no "*".
 
-    The slip is on the first "*" step (a random step if there is none), where the solver
-    applies `CONFUSED_OP` (e.g. "*" as "+"); if that happens to give the right value, the
-    wrong value is the right one + 1.
+    The slip is on the first "*" step, computed as "+"; if that happens to give the right
+    value, the wrong value is the right one + 1 (mod modulus).
     """
-    mults = [i for i, op in enumerate(problem.ops) if op == "*"]
-    step = mults[0] if mults else rng.randrange(len(problem.ops))
+    mults = [i for i, op in enumerate(problem.ops) if op == SLIP_OP]
+    if not mults:
+        return None
+    step = mults[0]
     a, right = problem.values()[step : step + 2]
-    op, b = problem.ops[step], problem.operands[step]
-    wrong = apply_op(a, CONFUSED_OP[op], b, problem.modulus)
+    wrong = apply_op(a, CONFUSED_OP, problem.operands[step], problem.modulus)
     return step, wrong if wrong != right else (right + 1) % problem.modulus
 
 
 def demonstration(problem: ArithProblem, rng: random.Random, error_rate: float) -> str:
-    """A step-by-step response; with probability `error_rate` one step is wrong.
+    """A step-by-step response; with probability `error_rate` it carries the slip.
 
-    The wrong step is a systematic slip (see `slip`: the first "*" step computed as "+"),
-    so a policy imitating these demonstrations makes the same mistake in the same place,
-    and with error_rate > 0.5 its greedy decoding makes it every time: an error RL can
-    fix. The following steps continue consistently from the wrong value, so the final
-    answer is usually (not always: e.g. a later "*0") wrong.
+    The slip is systematic (see `slip`: the first "*" step computed as "+"), so a policy
+    imitating these demonstrations makes the same mistake at the same place, and with
+    error_rate > 0.5 its greedy decoding makes it every time: an error RL can fix. The
+    following steps continue consistently from the wrong value, so the final answer is
+    usually (not always: e.g. a later "*0") wrong. Problems without "*" are always solved
+    correctly, so everything but that one decision can be learned cleanly.
     """
-    if rng.random() < error_rate:
-        step, wrong = slip(problem, rng)
-        return STEP_DELIMITER.join(step_lines(problem, step, wrong))
+    wrong = slip(problem)
+    if wrong is not None and rng.random() < error_rate:
+        return STEP_DELIMITER.join(step_lines(problem, *wrong))
     return solution(problem)
 
 
@@ -245,10 +253,10 @@ def first_error_step(
 
     Steps are lines (see the module docstring): 0..n_steps-1 are the step lines, n_steps the
     answer line; a missing line is wrong at its index, an extra line at n_steps + 1. A prompt
-    string is parsed with `modulus` (default 10; ignored when a problem is given).
+    string is parsed with `modulus` (default DEFAULT_MODULUS; ignored for a problem).
     """
     if isinstance(problem, str):
-        problem = parse_prompt(problem, 10 if modulus is None else modulus)
+        problem = parse_prompt(problem, DEFAULT_MODULUS if modulus is None else modulus)
     expected = step_lines(problem)
     got = _lines(completion)
     for i, want in enumerate(expected):
