@@ -505,13 +505,16 @@ def prime_credit(
     )
 
 
-@CREDIT_ASSIGNERS.register("sum")
-def sum_credit(
-    inputs: CreditInputs, gamma: float = 1.0, process_coef: float = 1.0, outcome_coef: float = 1.0
+def _loo_returns(
+    inputs: CreditInputs,
+    step_rewards: Tensor,
+    gamma: float,
+    process_coef: float,
+    outcome_coef: float,
 ) -> Tensor:
-    """Sum-form: return-to-go of PR_h, minus the others' mean total (once, on the last token),
-    plus the outcome RLOO on every token (= `prime_advantages(..., baseline="last_token")`)."""
-    rewards = steps_to_tokens(inputs.step_scores * inputs.step_mask, inputs.step_end)
+    """Return-to-go of `step_rewards` [B, H] placed on step ends, minus the others' mean
+    total (once, on the last token), plus the outcome RLOO on every token."""
+    rewards = steps_to_tokens(step_rewards, inputs.step_end)  # [B, T]
     return prime_advantages(
         rewards,
         inputs.mask,
@@ -522,6 +525,16 @@ def sum_credit(
         outcome_coef,
         baseline="last_token",
     )
+
+
+@CREDIT_ASSIGNERS.register("sum")
+def sum_credit(
+    inputs: CreditInputs, gamma: float = 1.0, process_coef: float = 1.0, outcome_coef: float = 1.0
+) -> Tensor:
+    """Sum-form: return-to-go of PR_h, minus the others' mean total (once, on the last token),
+    plus the outcome RLOO on every token (= `prime_advantages(..., baseline="last_token")`)."""
+    step_rewards = inputs.step_scores * inputs.step_mask  # [B, H]
+    return _loo_returns(inputs, step_rewards, gamma, process_coef, outcome_coef)
 
 
 @CREDIT_ASSIGNERS.register("min_form")
@@ -534,14 +547,4 @@ def min_form_credit(
 ) -> Tensor:
     """Min-form: like "sum" but on the PURE-weighted step rewards `w_h * PR_h`."""
     weighted = min_form_step_rewards(inputs.step_scores, inputs.step_mask, temperature)  # [B, H]
-    rewards = steps_to_tokens(weighted, inputs.step_end)  # [B, T]
-    return prime_advantages(
-        rewards,
-        inputs.mask,
-        inputs.outcome,
-        inputs.group_size,
-        gamma,
-        process_coef,
-        outcome_coef,
-        baseline="last_token",
-    )
+    return _loo_returns(inputs, weighted, gamma, process_coef, outcome_coef)
