@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from rl.engine import barrier
+from rl.errors import ConfigError
 
 COMPLETE = "COMPLETE"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
@@ -80,14 +81,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     rank: int,
     keep: int,
-    extra_engines: dict[str, Any] | None = None,
 ) -> Path:
     """Save on every rank (collective); returns the checkpoint dir."""
     tag = tag_for(step)
     path = root / tag
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    for name, other in (extra_engines or {}).items():
-        other.save_checkpoint(str(root / tag / name), tag=tag, save_latest=False)
     torch.save(rng_state(), path / f"rng_rank{rank}.pt")
     barrier()  # every rank's files are on disk
     if rank == 0:
@@ -100,17 +98,15 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(
-    engine: Any, path: Path, rank: int, extra_engines: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Restore engine(s) and this rank's RNG from `path`; returns the trainer state."""
+def load_checkpoint(engine: Any, path: Path, rank: int) -> dict[str, Any]:
+    """Restore the engine and this rank's RNG from `path`; returns the trainer state."""
     if not (path / COMPLETE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+        raise ConfigError(
+            f"trainer.resume: {path} is not a complete checkpoint (no {COMPLETE} marker)"
+        )
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
-    for name, other in (extra_engines or {}).items():
-        other.load_checkpoint(str(path / name), tag=path.name)
     rng_file = path / f"rng_rank{rank}.pt"
     set_rng_state(torch.load(rng_file, weights_only=False))
     state: dict[str, Any] = json.loads((path / "trainer_state.json").read_text())

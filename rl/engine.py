@@ -62,13 +62,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def device() -> torch.device:
-    """The accelerator device of this rank (CPU here)."""
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.device(get_accelerator().current_device_name())
-
-
 def use_bf16(dtype: str) -> bool:
     """bf16 for `auto` on GPUs that support it; fp32 on CPU."""
     if dtype == "bfloat16":
