@@ -454,6 +454,8 @@ class Trainer:
         t = time.perf_counter()
         row = self.evaluate()
         row["time/eval_s"] = time.perf_counter() - t
+        if self.dist.is_main:
+            tqdm.write(f"step {self.state.step}: eval/accuracy {row['eval/accuracy']:.4f}")
         if self.state.step == 0:
             row.update({"step": 0, "samples": 0})
         return row
