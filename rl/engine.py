@@ -56,7 +56,8 @@ def init_distributed() -> DistInfo:
 
 
 def shutdown() -> None:
-    """Leave the process group cleanly (avoids gloo's abort-on-exit noise)."""
+    """Leave the process group cleanly (avoids gloo's abort-on-exit noise); a no-op when a
+    vLLM engine's shutdown already destroyed it."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

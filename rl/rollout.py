@@ -1,12 +1,15 @@
 """Rollouts: prompts -> generations -> `RolloutBatch`.
 
-Backend `transformers` runs `generate` on the DeepSpeed engine's module (with
-`synced_gpus=True` under ZeRO-3 so ranks that finish early keep joining the parameter
-gathers). vLLM plugs in behind the same `generate_tokens` interface.
+`RolloutBackend` holds what every backend shares (padding, EOS masks, decoding, grouping);
+a backend implements `generate_tokens` and, if it keeps its own copy of the weights,
+`sync_weights`. Backend `transformers` runs `generate` on the DeepSpeed engine's module
+(with `synced_gpus=True` under ZeRO-3 so ranks that finish early keep joining the
+parameter gathers); backend `vllm` is in `rl/vllm_rollout.py`.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,16 +51,95 @@ def response_mask_until_eos(responses: torch.Tensor, eos_ids: list[int]) -> torc
     return (eos_before == 0).long()
 
 
-class TransformersRollout:
-    """Generates with `model.generate` in chunks of `batch_size` sequences."""
+@dataclass
+class Generated:
+    """Token-level output of a backend for N sequences."""
 
-    def __init__(self, tokenizer: Any, batch_size: int, synced_gpus: bool) -> None:
+    input_ids: torch.Tensor
+    """[N, Tp + Tr] left-padded prompts then right-padded responses."""
+    attention_mask: torch.Tensor
+    """[N, Tp + Tr]."""
+    response_mask: torch.Tensor
+    """[N, Tr] 1 up to and including the first EOS."""
+    prompt_length: int
+    """Tp."""
+    logprobs: torch.Tensor | None = None
+    """[N, Tr] the sampler's log-prob of each sampled token (None if it gives none)."""
+
+
+class RolloutBackend(ABC):
+    """Shared part of every generation backend."""
+
+    def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.synced_gpus = synced_gpus
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         eos = tokenizer.eos_token_id
         self.eos_ids: list[int] = list(eos) if isinstance(eos, list) else [eos]
+
+    @abstractmethod
+    def generate_tokens(
+        self, model: Any, prompt_ids: list[list[int]], sampling: SamplingSettings
+    ) -> Generated:
+        """Sample responses for N prompts (token lists); `model` is the trainer's module."""
+
+    def sync_weights(self, engine: Any) -> None:
+        """Copy the policy's current weights into the backend (no-op if it uses them directly)."""
+        return None
+
+    def prepare_for_update(self) -> None:
+        """Free generation memory while the trainer updates (vLLM sleep mode)."""
+        return None
+
+    def close(self) -> None:
+        """Release the backend (vLLM tears down its process groups here: call it last)."""
+        return None
+
+    def assemble(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, response_mask) from [N, Tp] prompts, [N, Tr] responses."""
+        response_mask = response_mask_until_eos(responses, self.eos_ids)  # [N, Tr]
+        input_ids = torch.cat([prompt_ids, responses], dim=1)  # [N, Tp + Tr]
+        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+        return input_ids, attention_mask, response_mask
+
+    def rollout(
+        self,
+        model: Any,
+        prompt_ids: list[list[int]],
+        prompts: list[str],
+        columns: dict[str, list[Any]],
+        sampling: SamplingSettings,
+        group_size: int,
+    ) -> RolloutBatch:
+        """K samples for each prompt, grouped contiguously (rows p*K .. p*K+K-1)."""
+        repeated_ids = [ids for ids in prompt_ids for _ in range(group_size)]
+        out = self.generate_tokens(model, repeated_ids, sampling)
+        responses = out.input_ids[:, out.prompt_length :]  # [B, Tr]
+        texts = self.tokenizer.batch_decode(
+            [r[m.bool()].tolist() for r, m in zip(responses, out.response_mask, strict=True)],
+            skip_special_tokens=True,
+        )
+        return RolloutBatch(
+            input_ids=out.input_ids,
+            attention_mask=out.attention_mask,
+            response_mask=out.response_mask.float(),
+            prompt_length=out.prompt_length,
+            prompts=[p for p in prompts for _ in range(group_size)],
+            completions=list(texts),
+            columns={k: [v for v in vs for _ in range(group_size)] for k, vs in columns.items()},
+            group_size=group_size,
+            behaviour_logprobs=out.logprobs,
+        )
+
+
+class TransformersRollout(RolloutBackend):
+    """Generates with `model.generate` in chunks of `batch_size` sequences."""
+
+    def __init__(self, tokenizer: Any, batch_size: int, synced_gpus: bool) -> None:
+        super().__init__(tokenizer)
+        self.batch_size = batch_size
+        self.synced_gpus = synced_gpus
 
     def generation_config(self, sampling: SamplingSettings) -> GenerationConfig:
         if sampling.greedy:
@@ -79,8 +161,8 @@ class TransformersRollout:
     @torch.no_grad()
     def generate_tokens(
         self, model: Any, prompt_ids: list[list[int]], sampling: SamplingSettings
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Token lists -> (input_ids [N, Tp+Tr], attention_mask, response_mask [N, Tr], Tp)."""
+    ) -> Generated:
+        """Token lists -> `Generated` (no sampler log-probs: the trainer computes its own)."""
         ids, mask = left_pad(prompt_ids, self.pad_id)  # [N, Tp]
         prompt_len = ids.shape[1]
         config = self.generation_config(sampling)
@@ -103,39 +185,5 @@ class TransformersRollout:
             responses[row : row + chunk.shape[0], : chunk.shape[1]] = chunk
             row += chunk.shape[0]
         # a chunk shorter than `width` ended with EOS everywhere, so its padding is masked
-        response_mask = response_mask_until_eos(responses, self.eos_ids)  # [N, Tr]
-        input_ids = torch.cat([ids, responses], dim=1)
-        attention_mask = torch.cat([mask, response_mask], dim=1)
-        return input_ids, attention_mask, response_mask, prompt_len
-
-    def rollout(
-        self,
-        model: Any,
-        prompt_ids: list[list[int]],
-        prompts: list[str],
-        columns: dict[str, list[Any]],
-        sampling: SamplingSettings,
-        group_size: int,
-    ) -> RolloutBatch:
-        """K samples for each prompt, grouped contiguously (rows p*K .. p*K+K-1)."""
-        repeated_ids = [ids for ids in prompt_ids for _ in range(group_size)]
-        input_ids, attention_mask, response_mask, prompt_len = self.generate_tokens(
-            model, repeated_ids, sampling
-        )
-        responses = input_ids[:, prompt_len:]  # [B, Tr]
-        texts = self.tokenizer.batch_decode(
-            [r[m.bool()].tolist() for r, m in zip(responses, response_mask, strict=True)],
-            skip_special_tokens=True,
-        )
-        return RolloutBatch(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            response_mask=response_mask.float(),
-            prompt_length=prompt_len,
-            prompts=[p for p in prompts for _ in range(group_size)],
-            completions=list(texts),
-            columns={
-                k: [v for v in vals for _ in range(group_size)] for k, vals in columns.items()
-            },
-            group_size=group_size,
-        )
+        input_ids, attention_mask, response_mask = self.assemble(ids, mask, responses)
+        return Generated(input_ids, attention_mask, response_mask, prompt_len)

@@ -34,7 +34,7 @@ from rl.errors import ConfigError, RewardError
 from rl.losses import aggregate_loss, engine_loss_scale, policy_loss, token_entropy, token_logprobs
 from rl.metrics import MetricsLogger, truncate_after
 from rl.models import load_policy
-from rl.rollout import SamplingSettings, TransformersRollout
+from rl.rollout import RolloutBackend, SamplingSettings, TransformersRollout
 from rl.types import RolloutBatch, position_ids_from_mask
 
 BUILTIN_TRAIN_ROWS = 20000
@@ -112,6 +112,34 @@ def chunks(n: int, size: int) -> list[list[int]]:
     return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
 
 
+def make_rollout(
+    cfg: Config, tokenizer: Any, model_path: str, policy: Any, dist: eng.DistInfo, zero_stage: int
+) -> RolloutBackend:
+    """The configured generation backend (a vLLM engine is created on every rank at once)."""
+    rollout = cfg.rollout
+    if rollout.backend == "transformers":
+        return TransformersRollout(
+            tokenizer, rollout.generation_batch_size, synced_gpus=zero_stage == 3
+        )
+    from rl.vllm_rollout import VLLMRollout
+
+    max_len = rollout.vllm_max_model_len or min(
+        cfg.data.max_prompt_tokens + rollout.max_new_tokens,
+        int(getattr(policy.config, "max_position_embeddings", 10**9)),
+    )
+    return VLLMRollout(
+        tokenizer,
+        model_path,
+        seed=cfg.seed * 1000 + dist.rank,
+        max_model_len=max_len,
+        tensor_parallel_size=rollout.vllm_tensor_parallel_size,
+        gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+        kv_cache_gib=rollout.vllm_kv_cache_gib,
+        sleep_mode=rollout.vllm_sleep_mode,
+        log=print if dist.is_main else (lambda *_: None),
+    )
+
+
 class Trainer:
     """Builds the run from a `Config` and runs it; every rank constructs one."""
 
@@ -150,9 +178,7 @@ class Trainer:
         if cfg.algo.kl_coef > 0:
             reference, _, _ = load_policy(cfg, dist, path=model_path)
             self.reference = eng.create_reference(reference, ds_config)
-        self.rollout = TransformersRollout(
-            self.tokenizer, cfg.rollout.generation_batch_size, synced_gpus=self.zero_stage == 3
-        )
+        self.rollout = make_rollout(cfg, self.tokenizer, model_path, policy, dist, self.zero_stage)
         self.state = TrainState()
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.metrics: MetricsLogger | None = None
@@ -261,6 +287,9 @@ class Trainer:
         """`epochs` x `mini_batches` optimizer steps on the rollouts; returns global stats."""
         algo = self.cfg.algo
         old_logp, ref_logp = self.behaviour_logprobs(batch)
+        engine_stats: dict[str, float] = {}
+        if batch.behaviour_logprobs is not None:
+            old_logp, advantages, engine_stats = self.engine_correction(batch, old_logp, advantages)
         scale = engine_loss_scale(self.dist.world_size, self.plan.grad_accum_steps)
         order_gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.state.step)
         sums: dict[str, float] = {}
@@ -295,7 +324,31 @@ class Trainer:
         out = {f"train/{k}": float(v) / n_updates for k, v in zip(keys, reduced, strict=True)}
         out["train/grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
         out["train/lr"] = float(self.engine.get_lr()[0])
+        out.update(engine_stats)
         return out
+
+    def engine_correction(
+        self, batch: RolloutBatch, trainer_logp: torch.Tensor, advantages: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Use the sampler's log-probs: logs the engine/trainer mismatch, and optionally
+        takes the engine's log-probs as old-policy log-probs and/or applies truncated
+        importance sampling. Returns (old_logp [B, Tr], advantages [B, Tr], stats)."""
+        assert batch.behaviour_logprobs is not None
+        engine_logp = batch.behaviour_logprobs  # [B, Tr]
+        mask = batch.response_mask
+        totals = eng.all_reduce_sum(
+            torch.tensor(
+                [float(((engine_logp - trainer_logp).abs() * mask).sum()), float(mask.sum())],
+                dtype=torch.float64,
+            )
+        )
+        stats = {"rollout/logprob_mismatch": float(totals[0] / totals[1])}
+        rollout = self.cfg.rollout
+        if rollout.tis_cap is not None:
+            weight = torch.exp(trainer_logp - engine_logp).clamp(max=rollout.tis_cap)  # [B, Tr]
+            advantages = advantages * weight * mask
+        old_logp = engine_logp if rollout.old_logprobs == "engine" else trainer_logp
+        return old_logp, advantages, stats
 
     def _micro_step(
         self,
@@ -371,8 +424,12 @@ class Trainer:
         advantages = self.credit(batch, rewards)
         times["time/reward_s"] = time.perf_counter() - t
         t = time.perf_counter()
+        self.rollout.prepare_for_update()
         stats = self.update(batch, advantages)
         times["time/update_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.rollout.sync_weights(self.engine)
+        times["time/weight_sync_s"] = time.perf_counter() - t
         self.state.step += 1
         self.state.samples += self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
         reward_sums = eng.all_reduce_sum(
@@ -416,6 +473,7 @@ class Trainer:
     def fit(self) -> None:
         """Run from the current (possibly resumed) step to `trainer.max_steps`."""
         self._restore()
+        self.rollout.sync_weights(self.engine)  # the engine starts from the current weights
         cfg = self.cfg
         if self.dist.is_main:
             self.metrics = MetricsLogger(
@@ -449,6 +507,8 @@ class Trainer:
             eng.save_hf_model(self.engine, self.tokenizer, self.output_dir / "final")
         if self.metrics is not None:
             self.metrics.close()
+        eng.barrier()
+        self.rollout.close()
 
     def _eval_row(self) -> dict[str, Any]:
         t = time.perf_counter()

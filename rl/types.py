@@ -33,6 +33,8 @@ class RolloutBatch:
     """Dataset columns, each a list of length B, for reward functions."""
     group_size: int = 1
     """K: samples per prompt."""
+    behaviour_logprobs: torch.Tensor | None = None
+    """[B, Tr] the sampling engine's log-probs of the sampled tokens (vLLM), else None."""
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -55,6 +57,9 @@ class RolloutBatch:
             completions=[self.completions[i] for i in picked],
             columns={k: [v[i] for i in picked] for k, v in self.columns.items()},
             group_size=self.group_size,
+            behaviour_logprobs=(
+                self.behaviour_logprobs[index] if self.behaviour_logprobs is not None else None
+            ),
         )
 
 

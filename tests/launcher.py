@@ -16,6 +16,7 @@ TRAIN = REPO / "launch" / "train_rl.py"
 # A small, fast variant of the quickstart: tiny model, short SFT, few prompts.
 FAST_OVERRIDES = [
     "model.tiny.hidden_size=64",
+    "model.tiny.num_heads=2",  # head_dim 32: vLLM CPU attention rejects head_dim 16
     "model.tiny.num_layers=2",
     "model.tiny.intermediate_size=128",
     "model.tiny.sft_steps=60",
@@ -43,6 +44,8 @@ def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("WANDB_MODE", "disabled")
     env["OMP_NUM_THREADS"] = "1"
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    # scripts under tests/ import `tests.reward_fns` (user-style reward functions)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra or {})
     return env
 

@@ -51,3 +51,19 @@ def test_bad_config_names_the_key(override: str, message: str):
 def test_missing_config_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("override", ["rollout.old_logprobs=engine", "rollout.tis_cap=2.0"])
+def test_engine_logprob_options_need_vllm(override: str):
+    with pytest.raises(ConfigError, match="needs rollout.backend=vllm"):
+        load_config(QUICKSTART, [override])
+
+
+def test_missing_vllm_says_what_to_install(monkeypatch: pytest.MonkeyPatch):
+    import sys
+
+    from rl.vllm_rollout import import_vllm
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(ConfigError, match="rollout.backend=vllm needs vLLM.*install it with: pip"):
+        import_vllm()

