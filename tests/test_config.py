@@ -67,3 +67,16 @@ def test_missing_vllm_says_what_to_install(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(ConfigError, match="rollout.backend=vllm needs vLLM.*install it with: pip"):
         import_vllm()
+
+
+def test_architecture_vllm_cannot_load_is_named(tmp_path: Path):
+    import json
+
+    import vllm
+
+    from rl.vllm_rollout import check_architecture
+
+    config = {"architectures": ["NoSuchModelForCausalLM"], "model_type": "llama"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="cannot load architecture NoSuchModelForCausalLM"):
+        check_architecture(str(tmp_path), vllm)
