@@ -270,8 +270,9 @@ class Trainer:
         return token_advantages(seq_adv, batch.response_mask)  # [B, Tr]
 
     @torch.no_grad()
-    def behaviour_logprobs(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Old-policy log-probs `[B, Tr]` and reference log-probs (None without KL)."""
+    def recompute_logprobs(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The trainer's own old-policy log-probs `[B, Tr]` of the sampled tokens, and the
+        reference's (None without KL)."""
         temperature = self.cfg.rollout.temperature
         old, ref = [], []
         for rows in chunks(len(batch), self.plan.micro_batch_size):
@@ -286,7 +287,7 @@ class Trainer:
     def update(self, batch: RolloutBatch, advantages: torch.Tensor) -> dict[str, float]:
         """`epochs` x `mini_batches` optimizer steps on the rollouts; returns global stats."""
         algo = self.cfg.algo
-        old_logp, ref_logp = self.behaviour_logprobs(batch)
+        old_logp, ref_logp = self.recompute_logprobs(batch)
         engine_stats: dict[str, float] = {}
         if batch.behaviour_logprobs is not None:
             old_logp, advantages, engine_stats = self.engine_correction(batch, old_logp, advantages)
