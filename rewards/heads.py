@@ -1,0 +1,212 @@
+"""Process reward heads: the plug-in protocol, registry, resolution and validated scoring.
+
+A reward head turns a batch of rollouts into dense rewards on response tokens. It may be an
+outcome verifier (reward on the last token), a step-level PRM (reward on each step's last
+token) or a token-level one (e.g. an implicit PRM), and it may learn online (PRIME's `update`
+on each RL step's rollouts and their outcomes). No model code lives here: heads are plug-ins
+that implement `RewardHead` and are resolved by registered name or `package.module:ClassName`.
+
+Shapes: B rollouts (grouped contiguously, `group_size` per prompt), Tp prompt tokens (left
+padded), Tr response tokens (right padded); response column 0 is the first response token.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from rl.errors import ConfigError, RewardError
+from rl.registry import Registry
+
+Granularity = Literal["outcome", "step", "token"]
+GRANULARITIES: tuple[str, ...] = ("outcome", "step", "token")
+
+
+@dataclass
+class HeadBatch:
+    """What a reward head receives for one batch of B rollouts."""
+
+    input_ids: Tensor
+    """[B, Tp + Tr] int64, prompt (left padded) then response (right padded)."""
+    attention_mask: Tensor
+    """[B, Tp + Tr] 0/1."""
+    response_mask: Tensor
+    """[B, Tr] float 0/1 on response tokens."""
+    prompt_length: int
+    """Tp: response token t is column `prompt_length + t` of `input_ids`."""
+    step_id: Tensor
+    """[B, Tr] int64, each response token's step (0-based), -1 off the response."""
+    step_end: Tensor
+    """[B, Tr] float 0/1 on each step's last token."""
+    completions: list[str]
+    """[B] decoded responses."""
+    group_size: int
+    """K, samples per prompt (rows p*K .. p*K+K-1 share a prompt)."""
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.response_mask.shape[0])
+
+    @property
+    def response_length(self) -> int:
+        return int(self.response_mask.shape[1])
+
+
+@dataclass
+class HeadOutput:
+    """A head's scores for one batch."""
+
+    token_rewards: Tensor
+    """[B, Tr]: 0 outside the response; a step reward sits on the step's last token, an
+    outcome reward on the last response token."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Scalars to log (the trainer prefixes them with the head's name)."""
+
+
+@runtime_checkable
+class RewardHead(Protocol):
+    """The plug-in protocol for process reward heads."""
+
+    name: str
+    granularity: Granularity
+
+    def score(self, batch: HeadBatch) -> HeadOutput:
+        """Dense rewards for the batch (no gradient needed)."""
+        ...
+
+    def update(self, batch: HeadBatch, outcome: Tensor) -> dict[str, float]:
+        """Learn from the batch's verifier outcomes `outcome: [B]` (online heads such as
+        PRIME's implicit PRM); heads that do not learn return {}. Returns metrics to log."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, d: dict[str, Any]) -> None: ...
+
+
+REWARD_HEADS: Registry[Any] = Registry("reward head")
+"""Registered head classes (or factories): `@REWARD_HEADS.register("name")`."""
+
+
+def resolve_head(spec: str, kwargs: dict[str, Any] | None = None) -> RewardHead:
+    """Instantiate the head `spec` (a registered name or `package.module:ClassName`) with
+    `kwargs`. Every failure is a one-line ConfigError/RewardError naming the spec."""
+    kwargs = dict(kwargs or {})
+    if ":" not in spec:
+        try:
+            factory = REWARD_HEADS.get(spec)
+        except ConfigError as e:
+            hint = "; for your own head use 'package.module:ClassName'" if "." in spec else ""
+            raise ConfigError(f"{e}{hint}") from None
+    else:
+        factory = _import_attr(spec)
+    if not callable(factory):
+        raise RewardError(f"reward head {spec!r} is not a class ({type(factory).__name__})")
+    try:
+        head = factory(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"reward head {spec!r}: bad arguments {kwargs}: {_one_line(e)}") from e
+    except Exception as e:
+        raise RewardError(f"reward head {spec!r}: constructing it raised {_one_line(e)}") from e
+    missing = [
+        a
+        for a in ("name", "granularity", "score", "update", "state_dict", "load_state_dict")
+        if not hasattr(head, a)
+    ]
+    if missing:
+        raise RewardError(
+            f"reward head {spec!r} does not implement RewardHead: missing {', '.join(missing)}"
+        )
+    if head.granularity not in GRANULARITIES:
+        raise RewardError(
+            f"reward head {spec!r} has granularity {head.granularity!r}; "
+            f"valid: {', '.join(GRANULARITIES)}"
+        )
+    return head
+
+
+def _import_attr(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise RewardError(f"reward head {spec!r}: expected 'package.module:ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise RewardError(
+                f"reward head {spec!r}: no module named {module_name!r} "
+                "(is it installed or on PYTHONPATH?)"
+            ) from e
+        raise RewardError(f"reward head {spec!r}: importing it failed: {_one_line(e)}") from e
+    except Exception as e:
+        raise RewardError(f"reward head {spec!r}: importing it failed: {_one_line(e)}") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RewardError(
+                f"reward head {spec!r}: module {module_name!r} has no attribute {attr!r}"
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def checked_score(head: RewardHead, batch: HeadBatch, max_rows: int = 5) -> HeadOutput:
+    """`head.score(batch)`, validated: an exception, a non-tensor, a wrong shape or non-finite
+    values become a one-line RewardError naming the head (and the first `max_rows` offending
+    batch rows), chaining the original exception. Returns the output with `token_rewards` as
+    float32 (float64 kept) zeroed outside `batch.response_mask`."""
+    name = getattr(head, "name", type(head).__name__)
+    try:
+        out = head.score(batch)
+    except Exception as e:
+        raise RewardError(f"reward head {name!r} raised {_one_line(e)}") from e
+    if not isinstance(out, HeadOutput):
+        raise RewardError(f"reward head {name!r} returned {type(out).__name__}, not HeadOutput")
+    r = out.token_rewards
+    if not isinstance(r, Tensor):
+        raise RewardError(
+            f"reward head {name!r} returned token_rewards of type {type(r).__name__}, "
+            "expected a Tensor"
+        )
+    expected = [batch.batch_size, batch.response_length]
+    if list(r.shape) != expected:
+        raise RewardError(
+            f"reward head {name!r} returned token_rewards of the wrong shape: "
+            f"expected [B, Tr] = {expected}, got {list(r.shape)}"
+        )
+    r = r.detach()
+    if not r.is_floating_point():
+        r = r.float()
+    elif r.dtype not in (torch.float32, torch.float64):
+        r = r.float()
+    inside = batch.response_mask.to(r.device).bool()
+    bad = (~torch.isfinite(r) & inside).any(dim=1)  # [B]
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, rows[:max_rows])) + (", ..." if len(rows) > max_rows else "")
+        raise RewardError(
+            f"reward head {name!r} returned non-finite token rewards in {len(rows)} row(s): "
+            f"batch rows {shown}"
+        )
+    r = torch.where(inside, r, torch.zeros((), dtype=r.dtype, device=r.device))
+    metrics: dict[str, float] = {}
+    for k, v in out.metrics.items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError) as e:
+            raise RewardError(f"reward head {name!r} returned non-number metric {k!r}") from e
+        if not math.isfinite(f):
+            raise RewardError(f"reward head {name!r} returned metric {k!r} = {f}")
+        metrics[k] = f
+    return HeadOutput(token_rewards=r, metrics=metrics)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    msg = lines[0] if lines else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
