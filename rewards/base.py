@@ -13,7 +13,6 @@ completion has a well-defined, finite reward.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -22,8 +21,8 @@ from typing import Any
 
 import torch
 
-from rl.errors import ConfigError, RewardError
-from rl.registry import Registry
+from rl.errors import ConfigError, RewardError, one_line
+from rl.registry import Registry, import_object
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -53,35 +52,11 @@ def resolve_reward_fn(spec: str) -> RewardFn:
         except ConfigError as e:
             hint = "; for your own function use 'package.module:function'" if "." in spec else ""
             raise ConfigError(f"{e}{hint}") from None
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise RewardError(f"reward function {spec!r}: expected 'package.module:function'")
-    module = _import_module(spec, module_name)
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise RewardError(
-                f"reward function {spec!r}: module {module_name!r} has no attribute {attr!r}"
-            )
-        obj = getattr(obj, part)
+    obj = import_object(spec, "reward function", "package.module:function", RewardError)
     if not callable(obj):
         raise RewardError(f"reward function {spec!r} is not callable ({type(obj).__name__})")
     fn: RewardFn = obj
     return fn
-
-
-def _import_module(spec: str, module_name: str) -> Any:
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise RewardError(
-                f"reward function {spec!r}: no module named {module_name!r} "
-                "(is it installed or on PYTHONPATH?)"
-            ) from e
-        raise RewardError(f"reward function {spec!r}: importing it failed: {_one_line(e)}") from e
-    except Exception as e:  # the module itself raised while importing
-        raise RewardError(f"reward function {spec!r}: importing it failed: {_one_line(e)}") from e
 
 
 def build_reward_fns(specs: Sequence[RewardSpec]) -> list[tuple[RewardSpec, RewardFn]]:
@@ -132,7 +107,7 @@ def _call(
     try:
         out = fn(list(prompts), list(completions), **kwargs)
     except Exception as e:
-        raise RewardError(f"reward function {name!r} raised {_one_line(e)}") from e
+        raise RewardError(f"reward function {name!r} raised {one_line(e)}") from e
     return _validate(name, out, len(completions))
 
 
@@ -180,9 +155,3 @@ def _unique_key(existing: Mapping[str, Any], name: str) -> str:
 def _short(v: Any, limit: int = 40) -> str:
     s = repr(v).replace("\n", " ")
     return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    msg = lines[0] if lines else ""
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__

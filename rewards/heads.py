@@ -12,7 +12,6 @@ padded), Tr response tokens (right padded); response column 0 is the first respo
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -20,8 +19,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from rl.errors import ConfigError, RewardError
-from rl.registry import Registry
+from rl.errors import ConfigError, RewardError, one_line
+from rl.registry import Registry, import_object
 
 Granularity = Literal["outcome", "step", "token"]
 GRANULARITIES: tuple[str, ...] = ("outcome", "step", "token")
@@ -104,15 +103,15 @@ def resolve_head(spec: str, kwargs: dict[str, Any] | None = None) -> RewardHead:
             hint = "; for your own head use 'package.module:ClassName'" if "." in spec else ""
             raise ConfigError(f"{e}{hint}") from None
     else:
-        factory = _import_attr(spec)
+        factory = import_object(spec, "reward head", "package.module:ClassName", RewardError)
     if not callable(factory):
         raise RewardError(f"reward head {spec!r} is not a class ({type(factory).__name__})")
     try:
         head = factory(**kwargs)
     except TypeError as e:
-        raise ConfigError(f"reward head {spec!r}: bad arguments {kwargs}: {_one_line(e)}") from e
+        raise ConfigError(f"reward head {spec!r}: bad arguments {kwargs}: {one_line(e)}") from e
     except Exception as e:
-        raise RewardError(f"reward head {spec!r}: constructing it raised {_one_line(e)}") from e
+        raise RewardError(f"reward head {spec!r}: constructing it raised {one_line(e)}") from e
     missing = [
         a
         for a in ("name", "granularity", "score", "update", "state_dict", "load_state_dict")
@@ -130,31 +129,6 @@ def resolve_head(spec: str, kwargs: dict[str, Any] | None = None) -> RewardHead:
     return head
 
 
-def _import_attr(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise RewardError(f"reward head {spec!r}: expected 'package.module:ClassName'")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise RewardError(
-                f"reward head {spec!r}: no module named {module_name!r} "
-                "(is it installed or on PYTHONPATH?)"
-            ) from e
-        raise RewardError(f"reward head {spec!r}: importing it failed: {_one_line(e)}") from e
-    except Exception as e:
-        raise RewardError(f"reward head {spec!r}: importing it failed: {_one_line(e)}") from e
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise RewardError(
-                f"reward head {spec!r}: module {module_name!r} has no attribute {attr!r}"
-            )
-        obj = getattr(obj, part)
-    return obj
-
-
 def checked_score(head: RewardHead, batch: HeadBatch, max_rows: int = 5) -> HeadOutput:
     """`head.score(batch)`, validated: an exception, a non-tensor, a wrong shape or non-finite
     values become a one-line RewardError naming the head (and the first `max_rows` offending
@@ -164,7 +138,7 @@ def checked_score(head: RewardHead, batch: HeadBatch, max_rows: int = 5) -> Head
     try:
         out = head.score(batch)
     except Exception as e:
-        raise RewardError(f"reward head {name!r} raised {_one_line(e)}") from e
+        raise RewardError(f"reward head {name!r} raised {one_line(e)}") from e
     if not isinstance(out, HeadOutput):
         raise RewardError(f"reward head {name!r} returned {type(out).__name__}, not HeadOutput")
     r = out.token_rewards
@@ -204,9 +178,3 @@ def checked_score(head: RewardHead, batch: HeadBatch, max_rows: int = 5) -> Head
             raise RewardError(f"reward head {name!r} returned metric {k!r} = {f}")
         metrics[k] = f
     return HeadOutput(token_rewards=r, metrics=metrics)
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    msg = lines[0] if lines else ""
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from rl.errors import ConfigError, DataError
+from rl.errors import ConfigError, DataError, one_line
 
 BUILTIN_PREFIX = "builtin:"
 _FILE_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -106,7 +106,7 @@ def _load_from_disk(path: Path, source: str, split: str, n: int | None) -> list[
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as e:  # corrupt directory, version mismatch, ...
-        raise DataError(f"cannot load dataset {source!r}: {_one_line(e)}") from e
+        raise DataError(f"cannot load dataset {source!r}: {one_line(e)}") from e
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(
@@ -129,7 +129,7 @@ def _load_with_datasets(source: str, path: Path, split: str, n: int | None) -> l
             name, config = _split_config(source, path)
             ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline hub, unknown split, malformed file, ...
-        raise DataError(f"cannot load dataset {source!r} (split {split!r}): {_one_line(e)}") from e
+        raise DataError(f"cannot load dataset {source!r} (split {split!r}): {one_line(e)}") from e
     if not isinstance(ds, datasets.Dataset):
         raise DataError(f"dataset {source!r} (split {split!r}) is not a map-style Dataset")
     return _dataset_rows(ds, n)
@@ -147,11 +147,6 @@ def _dataset_rows(ds: Any, n: int | None) -> list[dict[str, Any]]:
     if n is not None and n < len(ds):
         ds = ds.select(range(n))
     return [dict(row) for row in ds]
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,3 +18,10 @@ class DataError(UserError):
 
 class RewardError(UserError):
     """A reward function failed or returned bad values; the message names the function."""
+
+
+def one_line(err: BaseException) -> str:
+    """`Type: first line of the message`, for one-line error reports."""
+    lines = str(err).strip().splitlines()
+    msg = lines[0] if lines else ""
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__

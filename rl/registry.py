@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from rl.errors import ConfigError
+from rl.errors import ConfigError, UserError, one_line
 
 T = TypeVar("T")
 
@@ -44,3 +45,31 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+
+def import_object(spec: str, what: str, form: str, error: type[UserError]) -> Any:
+    """The object at `package.module:attr` (dotted attrs allowed) for a user plug-in.
+
+    `what` names the plug-in kind in messages ("reward function"), `form` the expected
+    spelling ("package.module:function"); every failure is a one-line `error` naming `spec`.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise error(f"{what} {spec!r}: expected '{form}'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise error(
+                f"{what} {spec!r}: no module named {module_name!r} "
+                "(is it installed or on PYTHONPATH?)"
+            ) from e
+        raise error(f"{what} {spec!r}: importing it failed: {one_line(e)}") from e
+    except Exception as e:  # the module itself raised while importing
+        raise error(f"{what} {spec!r}: importing it failed: {one_line(e)}") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise error(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
