@@ -46,6 +46,10 @@ class HeadBatch:
     """[B] decoded responses."""
     group_size: int
     """K, samples per prompt (rows p*K .. p*K+K-1 share a prompt)."""
+    prompts: list[str] = field(default_factory=list)
+    """[B] prompt texts (after the chat template)."""
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    """Dataset columns (e.g. the reference answer), each a list of length B."""
 
     @property
     def batch_size(self) -> int:
@@ -67,6 +71,39 @@ class HeadOutput:
     """Scalars to log (the trainer prefixes them with the head's name)."""
 
 
+@dataclass
+class HeadContext:
+    """What the trainer (or `launch/eval_prm.py`) hands a head's optional `setup(ctx)`:
+    enough to build models, DeepSpeed engines and fresh rollouts. Fields a caller cannot
+    provide are None (eval_prm has no policy engine and no rollout backend)."""
+
+    cfg: Any
+    """The run's `rl.config.Config`."""
+    dist: Any
+    """`rl.engine.DistInfo` (rank, world size)."""
+    tokenizer: Any
+    """The policy's tokenizer."""
+    policy_path: str
+    """Resolved path of the start policy (the SFT model heads such as the implicit PRM
+    initialise from)."""
+    ds_config: dict[str, Any]
+    """The policy's DeepSpeed config (copy it; do not mutate)."""
+    micro_batch_size: int
+    """Sequences per forward pass."""
+    local_batch_size: int
+    """Sequences this rank scores per step (B)."""
+    reference: Any = None
+    """The trainer's frozen reference module (None when it has none: build your own)."""
+    policy: Any = None
+    """Callable returning the current policy module (for fresh rollouts), or None."""
+    rollout: Any = None
+    """The trainer's `rl.rollout.RolloutBackend`, or None."""
+    verifier: Any = None
+    """`fn(prompts, completions, columns) -> Tensor [N]` outcome in [0, 1], or None."""
+    sampling: Any = None
+    """`rl.rollout.SamplingSettings` of training rollouts, or None."""
+
+
 @runtime_checkable
 class RewardHead(Protocol):
     """The plug-in protocol for process reward heads."""
@@ -86,6 +123,14 @@ class RewardHead(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, d: dict[str, Any]) -> None: ...
+
+
+# Optional methods the trainer calls when a head defines them (not part of the Protocol, so
+# that a 20-line head needs none of them):
+#   setup(ctx: HeadContext) -> None         once, after construction, on every rank
+#   save_checkpoint(directory: Path) -> None collective, instead of state_dict() (heads with
+#   load_checkpoint(directory: Path) -> None  their own DeepSpeed engine: sharded state)
+#   close() -> None                          at the end of the run
 
 
 REWARD_HEADS: Registry[Any] = Registry("reward head")

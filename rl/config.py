@@ -72,9 +72,25 @@ class RewardFunctionConfig:
 
 
 @dataclass(frozen=True)
+class RewardHeadConfig:
+    head: str = "implicit_prm"
+    """Registered name (implicit_prm, pav, pav_mc_oracle) or `package.module:ClassName`
+    implementing `rewards.heads.RewardHead`."""
+    weight: float = 1.0
+    """Weight of this head's rewards in the process reward."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the head's constructor."""
+
+
+@dataclass(frozen=True)
 class RewardConfig:
     functions: list[RewardFunctionConfig] = field(default_factory=lambda: [RewardFunctionConfig()])
-    """Outcome reward = weighted sum of these functions."""
+    """Outcome reward = weighted sum of these functions. The first one is also the verifier:
+    its score (in [0, 1]) is the label online heads learn from and the eval accuracy."""
+    heads: list[RewardHeadConfig] = field(default_factory=list)
+    """Process reward heads; their weighted token rewards form the process reward."""
+    step_delimiter: str = "\n"
+    """Text that ends a reasoning step. A response without it is a single step."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +147,55 @@ class AlgoConfig:
     """Passes over each batch of rollouts."""
     mini_batches: int = 1
     """Optimizer steps per pass (the rollout batch is split into this many)."""
+    credit: str = "auto"
+    """Credit assignment: `outcome` (the advantage estimator on outcome rewards only),
+    `prime`, `pav`, `sum`, `min_form` (rl.credit), or `gae` (PPO with the critic).
+    `auto` = the first head's `default_credit`, or `outcome` without heads."""
+    credit_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Hyperparameters of the credit scheme (e.g. alpha for pav, gamma for prime)."""
+    kl_mode: Literal["loss", "reward"] = "loss"
+    """Where the KL to the reference enters: a k3 loss term, or subtracted from the token
+    rewards (`kl_coef * (log pi - log pi_ref)` per token; gae only)."""
+    gamma: float = 1.0
+    """Discount over token positions (gae)."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten GAE advantages over the global batch."""
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    path: str | None = None
+    """Value model start: None = the policy's start model with a fresh scalar head, or a
+    checkpoint written by `rl.value_model.save_value_model`."""
+    lr: float = 1e-5
+    """Critic learning rate (AdamW)."""
+    warmup_steps: int = 0
+    """Steps at the start in which only the critic trains (the policy is not updated)."""
+    value_clip: float = 0.2
+    """Clip range of the value loss around the old values."""
+
+
+@dataclass(frozen=True)
+class PAVConfig:
+    output_dir: str = "runs/pav/verifier"
+    """Where `launch/train_pav.py` saves the verifier (HF backbone + value head) and its
+    Monte-Carlo data (`mc_data.jsonl`, reused when the run is restarted)."""
+    prompts: int = 256
+    """Training prompts (from the train split) to sample solutions for."""
+    samples_per_prompt: int = 2
+    """Solutions sampled from the base policy per prompt."""
+    n_mc: int = 8
+    """Monte-Carlo continuations from every step prefix (estimates Q^pi)."""
+    epochs: int = 3
+    """Passes over the labelled prefixes when training the verifier."""
+    lr: float = 1e-4
+    """Verifier learning rate (AdamW)."""
+    micro_batch_size: int = 32
+    """Sequences per forward/backward pass per rank when training the verifier."""
+    val_fraction: float = 0.1
+    """Share of solutions held out to report the verifier's BCE and accuracy."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +264,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    pav: PAVConfig = field(default_factory=PAVConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

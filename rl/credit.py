@@ -448,13 +448,11 @@ class CreditInputs:
     group_size: int
     """K, samples per prompt."""
     step_scores: Tensor
-    """[B, H] one number per step, valid steps first. "pav": Q^pi after step h (the verifier's
-    value at the step-end token); "prime": implicit-PRM step reward (beta * sum of q over the
-    step); "sum" / "min_form": the PRM's step reward PR_h."""
+    """[B, H] one number per step, valid steps first: the (weighted) reward heads' step
+    rewards. "pav": the prover's step advantage A^mu_h; "prime": implicit-PRM step reward
+    (beta * sum of q over the step); "sum" / "min_form": the PRM's step reward PR_h."""
     step_mask: Tensor
     """[B, H] float 0/1 on valid steps (a prefix of each row)."""
-    prompt_value: Tensor | None = None
-    """[B] Q^pi of the bare prompt (needed by "pav" only)."""
 
 
 CreditAssigner = Callable[..., Tensor]
@@ -464,19 +462,15 @@ CREDIT_ASSIGNERS: Registry[CreditAssigner] = Registry("credit assigner")
 
 
 @CREDIT_ASSIGNERS.register("pav")
-def pav_credit(
-    inputs: CreditInputs, alpha: float = 0.5, prover_k: int = 4, outcome_estimator: str = "rloo"
-) -> Tensor:
-    """PAV: `outcome_estimator(r_o)` on every token + `alpha * A^mu_h` on step h's tokens."""
-    if inputs.prompt_value is None:
-        raise ValueError(
-            "credit assigner 'pav' needs CreditInputs.prompt_value (Q^pi of the prompt)"
-        )
+def pav_credit(inputs: CreditInputs, alpha: float = 0.5, outcome_estimator: str = "rloo") -> Tensor:
+    """PAV: `outcome_estimator(r_o)` on every token + `alpha * A^mu_h` on step h's tokens.
+
+    `step_scores` are the prover's step advantages A^mu_h (the PAV head computes them from
+    its Q^pi values with `pav_step_advantages_batched`)."""
     est = ADVANTAGE_ESTIMATORS.get(outcome_estimator)
     outcome = inputs.outcome if inputs.outcome.is_floating_point() else inputs.outcome.float()
     outcome_adv = est(group_rewards(outcome, inputs.group_size)).reshape(-1)  # [P, K] -> [B]
-    q_pi = torch.cat([inputs.prompt_value.unsqueeze(1), inputs.step_scores], dim=1)  # [B, H+1]
-    step_adv = pav_step_advantages_batched(q_pi, inputs.step_mask, prover_k)  # [B, H]
+    step_adv = inputs.step_scores * inputs.step_mask  # [B, H]
     token_step_adv = steps_to_tokens(step_adv, inputs.step_end)  # [B, T]
     adv = pav_token_advantages(outcome_adv, token_step_adv, inputs.step_id, alpha)
     return adv * inputs.mask.to(adv.dtype)

@@ -345,7 +345,6 @@ def _inputs() -> CreditInputs:
         group_size=2,
         step_scores=torch.tensor([[0.5, 1.0], [0.2, 0.0]]),
         step_mask=torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
-        prompt_value=torch.tensor([0.2, 0.2]),
     )
 
 
@@ -353,13 +352,13 @@ def test_registry_names_and_pav() -> None:
     assert CREDIT_ASSIGNERS.names() == ["min_form", "pav", "prime", "sum"]
     # outcome RLOO [+1, -1]; row 0 Q^pi [0.2, 0.5, 1.0] K=4 -> A^mu [0.3471, 0.0625]
     # row 1 Q^pi [0.2, 0.2] -> A^mu [0]; alpha 0.5
-    adv = CREDIT_ASSIGNERS.get("pav")(_inputs(), alpha=0.5, prover_k=4)
+    inputs = _inputs()
+    q_pi = torch.tensor([[0.2, 0.5, 1.0], [0.2, 0.2, 0.0]])
+    inputs.step_scores = pav_step_advantages_batched(q_pi, inputs.step_mask, prover_k=4)
+    torch.testing.assert_close(inputs.step_scores, torch.tensor([[0.3471, 0.0625], [0.0, 0.0]]))
+    adv = CREDIT_ASSIGNERS.get("pav")(inputs, alpha=0.5)
     expected = torch.tensor([[1.17355, 1.17355, 1.03125, 0.0], [-1.0, -1.0, -1.0, 0.0]])
     torch.testing.assert_close(adv, expected)
-    with pytest.raises(ValueError, match="prompt_value"):
-        inp = _inputs()
-        inp.prompt_value = None
-        CREDIT_ASSIGNERS.get("pav")(inp)
 
 
 def test_registry_sum_prime_min_form() -> None:
