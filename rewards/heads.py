@@ -136,12 +136,24 @@ class RewardHead(Protocol):
 REWARD_HEADS: Registry[Any] = Registry("reward head")
 """Registered head classes (or factories): `@REWARD_HEADS.register("name")`."""
 
+BUILTIN_HEAD_MODULES = ("rewards.implicit_prm_head", "rewards.pav")
+"""Modules that register the built-in heads; imported on first resolution (they pull in
+transformers/DeepSpeed, which this module does not)."""
+
+
+def _register_builtin_heads() -> None:
+    import importlib
+
+    for module in BUILTIN_HEAD_MODULES:
+        importlib.import_module(module)
+
 
 def resolve_head(spec: str, kwargs: dict[str, Any] | None = None) -> RewardHead:
     """Instantiate the head `spec` (a registered name or `package.module:ClassName`) with
     `kwargs`. Every failure is a one-line ConfigError/RewardError naming the spec."""
     kwargs = dict(kwargs or {})
     if ":" not in spec:
+        _register_builtin_heads()
         try:
             factory = REWARD_HEADS.get(spec)
         except ConfigError as e:

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,15 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     rank: int,
     keep: int,
+    save_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save on every rank (collective); returns the checkpoint dir."""
+    """Save on every rank (collective); returns the checkpoint dir. `save_extra(path)`
+    (collective) adds more state (reward heads, critic) before the dir is marked complete."""
     tag = tag_for(step)
     path = root / tag
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    if save_extra is not None:
+        save_extra(path)
     torch.save(rng_state(), path / f"rng_rank{rank}.pt")
     barrier()  # every rank's files are on disk
     if rank == 0:

@@ -162,6 +162,14 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Elementwise max of a tensor over all ranks (returns a new tensor)."""
+    out = values.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

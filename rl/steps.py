@@ -17,21 +17,16 @@ from rewards.heads import HeadBatch
 from rl.credit import Span, batch_step_tensors, step_spans_from_offsets
 from rl.types import RolloutBatch
 
+CONTEXT_TOKENS = 8
+"""Tokens of left context used to decode each token's text in the linear pass (enough for
+SentencePiece's leading-space rule and multi-byte characters split over a few tokens)."""
 
-def decode_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
-    """(text, per-token (char_start, char_end) in text) by incremental decoding.
 
-    Special tokens decode to nothing and get an empty span. Where a prefix's decode is not a
-    prefix of the next one (a multi-byte character split across tokens), the token's span
-    starts where the two decodes diverge, so offsets never go backwards.
-    """
-    texts = [""]
-    for i in range(len(ids)):
-        texts.append(tokenizer.decode(list(ids[: i + 1]), skip_special_tokens=True))
-    text = texts[-1]
+def _offsets_from_decodes(texts: list[str], text: str) -> list[tuple[int, int]]:
+    """Per-token spans from `texts[i]` = the decode of the first i tokens (i = 0..n)."""
     offsets: list[tuple[int, int]] = []
     previous_end = 0
-    for i in range(len(ids)):
+    for i in range(len(texts) - 1):
         before, after = texts[i], texts[i + 1]
         common = 0
         limit = min(len(before), len(after))
@@ -41,7 +36,45 @@ def decode_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[tuple[
         end = min(max(len(after), start), len(text))
         offsets.append((start, end))
         previous_end = end
-    return text, offsets
+    return offsets
+
+
+def _linear_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str] | None:
+    """Each token's text, decoded with a short left context: O(n). None where the pieces do
+    not concatenate to the full decode (the caller then decodes every prefix)."""
+    pieces = []
+    for i in range(len(ids)):
+        left = list(ids[max(0, i - CONTEXT_TOKENS) : i])
+        before = tokenizer.decode(left, skip_special_tokens=True)
+        after = tokenizer.decode([*left, ids[i]], skip_special_tokens=True)
+        if not after.startswith(before):
+            return None
+        pieces.append(after[len(before) :])
+    return pieces
+
+
+def decode_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """(text, per-token (char_start, char_end) in text) for generated token ids.
+
+    Each token's text is its decode after a short left context (linear time); when those
+    pieces do not add up to the decode of the whole sequence, every prefix is decoded
+    instead (quadratic, exact). Special tokens decode to nothing and get an empty span.
+    Where a prefix's decode is not a prefix of the next one (a multi-byte character split
+    across tokens), the token's span starts where the two decodes diverge, so offsets never
+    go backwards.
+    """
+    text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    pieces = _linear_pieces(tokenizer, ids)
+    if pieces is not None and "".join(pieces) == text:
+        offsets, pos = [], 0
+        for piece in pieces:
+            offsets.append((pos, pos + len(piece)))
+            pos += len(piece)
+        return text, offsets
+    texts = [""] + [
+        tokenizer.decode(list(ids[: i + 1]), skip_special_tokens=True) for i in range(len(ids))
+    ]
+    return text, _offsets_from_decodes(texts, text)
 
 
 def response_step_spans(

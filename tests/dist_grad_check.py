@@ -17,8 +17,9 @@ import torch
 
 from rl.config import load_config
 from rl.engine import init_distributed, shutdown
+from rl.forward import response_logits
 from rl.losses import policy_loss, token_logprobs
-from rl.trainer import Trainer, response_logits
+from rl.trainer import Trainer
 from rl.types import RolloutBatch
 
 REPO = Path(__file__).resolve().parent.parent

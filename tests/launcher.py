@@ -12,6 +12,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "launch" / "train_rl.py"
+TRAIN_PAV = REPO / "launch" / "train_pav.py"
 
 # A small, fast variant of the quickstart: tiny model, short SFT, few prompts.
 FAST_OVERRIDES = [
@@ -58,17 +59,19 @@ def launch(
     config: str = "configs/quickstart.yaml",
     env: dict[str, str] | None = None,
     timeout: int = 600,
+    script: Path = TRAIN,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a training job; returns the finished process (output captured as text)."""
+    """Run a training job (`script`: launch/train_rl.py by default); returns the finished
+    process (output captured as text)."""
     bindir = Path(sys.executable).parent
     if launcher == "deepspeed":
         cmd = [str(bindir / "deepspeed"), "--num_gpus", str(ranks)]
-        cmd += ["--master_port", str(free_port()), str(TRAIN)]
+        cmd += ["--master_port", str(free_port()), str(script)]
     elif launcher == "torchrun":
         cmd = [str(bindir / "torchrun"), "--nproc_per_node", str(ranks)]
-        cmd += ["--master_port", str(free_port()), str(TRAIN)]
+        cmd += ["--master_port", str(free_port()), str(script)]
     else:
-        cmd = [sys.executable, str(TRAIN)]
+        cmd = [sys.executable, str(script)]
     cmd += ["--config", config, *overrides]
     return subprocess.run(
         cmd, cwd=REPO, env=run_env(env), capture_output=True, text=True, timeout=timeout

@@ -87,3 +87,31 @@ def test_long_prompts_are_skipped_and_counted(tmp_path: Path, model_cache: Path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(out)
     assert rows[-1]["data/skipped_long_prompts"] == 3
+
+
+@pytest.mark.parametrize(
+    "head, message",
+    [
+        ("raising_head", "error: reward head 'raising_head' raised RuntimeError: model server"),
+        (
+            "nan_head",
+            "error: reward head 'nan_head' returned non-finite token rewards in 2 row(s): "
+            "batch rows 1, 3",
+        ),
+        ("wrong_shape_head", "error: reward head 'wrong_shape_head' returned token_rewards of the"),
+    ],
+)
+def test_bad_reward_head_is_named(head: str, message: str, tmp_path: Path, model_cache: Path):
+    spec = "tests.bad_heads:" + "".join(p.title() for p in head.split("_")).replace("Nan", "NaN")
+    proc = launch(
+        [
+            *FAST_OVERRIDES,
+            f"output_dir={tmp_path}",
+            f"model.cache_dir={model_cache}",
+            f"reward.heads=[{{head: '{spec}'}}]",
+            "algo.credit=sum",
+        ],
+        launcher="python",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert first_line(proc.stderr).startswith(message), first_line(proc.stderr)

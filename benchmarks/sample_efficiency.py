@@ -1,0 +1,875 @@
+"""Sample efficiency of dense process rewards against outcome-only GRPO.
+
+Every method starts from the same SFT policy, trains on the same prompts (same seeds) for the
+same number of generated samples, and is evaluated on the held-out `eval` split every
+`--eval-every` steps. Methods are override lists in `METHODS` (add one there):
+
+    outcome        GRPO on the outcome reward only (configs/quickstart.yaml settings)
+    prime          GRPO-style groups + online implicit PRM, PRIME credit (Eq. 5)
+    pav            GRPO + PAV step advantages of a Best-of-4 prover (trained verifier)
+    ppo_pav        PPO (critic, GAE) with the PAV step advantages as dense token rewards
+    pav_mc_oracle  GRPO + PAV with Q^pi from fresh Monte-Carlo rollouts (upper bound)
+
+The task is harder than the quickstart's (which reaches 100%): `TASK_OVERRIDES`. The start
+model is built per task config and cached, so all methods share it.
+
+    .venv/bin/python benchmarks/sample_efficiency.py --tune    # 1. choose lr / alpha / PRM lr
+    .venv/bin/python benchmarks/sample_efficiency.py           # 2. 3 seeds per method
+    .venv/bin/python benchmarks/sample_efficiency.py --quick   # a few minutes, 1 seed, tiny
+
+`--tune` runs each method with one seed on the *validation* split (`data.eval_split=
+validation`), searching one hyperparameter at a time over its candidates (policy lr first),
+and writes what it tried and chose to `--tuning` (default `<out>/tuning.json`); the full run
+reads the chosen values (defaults, said so in the summary, where a method was not tuned).
+
+Each run is `deepspeed --num_gpus 2 launch/train_rl.py ...` with its own output dir under
+`--runs-dir`; a run whose metrics.jsonl is complete for the same command is reused, and a
+killed one resumes from its last checkpoint, so a killed benchmark can simply be restarted.
+The PAV verifier is trained first (`launch/train_pav.py --config configs/quickstart_pav.yaml`)
+when a PAV method is selected and it is not there yet. A method whose prerequisites are
+missing (no verifier, a credit scheme the trainer does not know) is reported as skipped with
+the reason.
+
+Outputs in `--out` (default benchmarks/results/sample_efficiency/):
+  evals.csv               one row per (method, seed, eval point); columns in `EVAL_COLUMNS`
+  accuracy_vs_samples.png mean over seeds per method, min-max band
+  summary.md              final accuracy, samples to reach outcome-only's final accuracy,
+                          gain, step time vs outcome-only, the papers' numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import string
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.launching import (  # noqa: E402
+    TRAIN_PAV,
+    RunResult,
+    RunSpec,
+    prebuild_start_model,
+    read_jsonl,
+    run_all,
+    step_rows,
+)
+
+CONFIG = "configs/quickstart.yaml"
+"""Base config of every method (the quickstart's model, prompts per step, group size...)."""
+PAV_CONFIG = "configs/quickstart_pav.yaml"
+"""Config for training the PAV verifier (its `pav:` section)."""
+PAV_DONE_FILE = "train_pav_metrics.json"
+"""Written by launch/train_pav.py last: the verifier is complete."""
+
+TASK_OVERRIDES: tuple[str, ...] = (
+    "data.task.n_steps=4",  # 4 operations: ~80% of problems contain the slipped "*"
+    "data.task.modulus=10",  # a larger arithmetic table than the quickstart's mod 7
+    "rollout.max_new_tokens=48",  # 4 step lines + the answer line fit with room to spare
+)
+"""The harder task all methods share (the quickstart task saturates at 100%)."""
+
+QUICK_OVERRIDES: tuple[str, ...] = (
+    "model.tiny.hidden_size=64",
+    "model.tiny.num_heads=2",
+    "model.tiny.num_layers=2",
+    "model.tiny.intermediate_size=128",
+    "model.tiny.sft_steps=60",
+    "data.train_size=256",
+    "data.eval_size=16",
+    "rollout.prompts_per_step=4",
+    "rollout.group_size=4",
+    "trainer.micro_batch_size=8",
+    "pav.prompts=8",
+    "pav.samples_per_prompt=1",
+    "pav.n_mc=2",
+    "pav.epochs=1",
+    "pav.micro_batch_size=8",
+)
+"""`--quick`: a tiny model and batch, so every run takes seconds after start-up."""
+
+EVAL_COLUMNS: tuple[str, ...] = ("method", "seed", "step", "samples", "eval_accuracy", "step_s")
+"""evals.csv: method name; training seed; training step of the eval; samples generated for
+training so far (prompts x group size x step); greedy accuracy on the held-out eval split;
+the run's mean training-step time in seconds (steps 2..N: step 1 includes one-off warm-up)."""
+
+TUNE_SEED = 1000
+"""Seed of the tuning runs (different from the full runs' seeds 0, 1, 2...)."""
+
+
+# ----------------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """A hyperparameter `--tune` searches: its `$name` appears in a method's overrides."""
+
+    name: str
+    default: float
+    candidates: tuple[float, ...]
+
+
+LR = Tunable("lr", 1e-4, (5e-5, 1e-4, 2e-4))
+ALPHA = Tunable("alpha", 0.5, (0.2, 0.5, 1.0))
+PRM_LR = Tunable("prm_lr", 1e-4, (1e-5, 1e-4, 1e-3))
+CRITIC_LR = Tunable("critic_lr", 1e-4, (1e-5, 1e-4, 1e-3))
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method: overrides on `CONFIG` with `$param` placeholders."""
+
+    name: str
+    label: str
+    overrides: tuple[str, ...]
+    tunables: tuple[Tunable, ...] = (LR,)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    """Placeholder values that are not tuned."""
+    needs_verifier: bool = False
+    """Uses `$verifier`, the PAV verifier trained by launch/train_pav.py."""
+    paper: str = "-"
+    """The papers' reference number for this method."""
+
+    def defaults(self) -> dict[str, Any]:
+        return {**self.fixed, **{t.name: t.default for t in self.tunables}}
+
+
+PAV_HEAD = (
+    "reward.heads=[{head: pav, weight: $head_weight, kwargs: {path: '$verifier', prover_k: 4}}]"
+)
+
+METHODS: tuple[Method, ...] = (
+    Method(
+        "outcome",
+        "GRPO, outcome only",
+        ("algo.credit=outcome", "optim.lr=$lr"),
+        paper="baseline",
+    ),
+    Method(
+        "prime",
+        "GRPO + online implicit PRM (PRIME)",
+        (
+            "reward.heads=[{head: implicit_prm, kwargs: {beta: 0.05, lr: $prm_lr, update: after}}]",
+            "algo.credit=prime",
+            "algo.credit_kwargs={gamma: 1.0, process_coef: 1.0, outcome_coef: 1.0}",
+            "optim.lr=$lr",
+        ),
+        tunables=(LR, PRM_LR),
+        paper="PRIME: 2.5x vs RLOO, ~1.28x step time (680 s vs 531 s)",
+    ),
+    Method(
+        "pav",
+        "GRPO + PAV (Bo4 prover)",
+        (PAV_HEAD, "algo.credit=pav", "algo.credit_kwargs={alpha: $alpha}", "optim.lr=$lr"),
+        tunables=(LR, ALPHA),
+        fixed={"head_weight": 1.0},
+        needs_verifier=True,
+        paper="PAV: 5-6x vs outcome-only RL",
+    ),
+    Method(
+        "ppo_pav",
+        "PPO (GAE) + PAV (Bo4 prover)",
+        # under gae the head's step advantages are token rewards; alpha is the head weight
+        (PAV_HEAD.replace("$head_weight", "$alpha"), "algo.credit=gae")
+        + ("critic.lr=$critic_lr", "optim.lr=$lr"),
+        tunables=(LR, ALPHA, CRITIC_LR),
+        needs_verifier=True,
+    ),
+    Method(
+        "pav_mc_oracle",
+        "GRPO + PAV, MC oracle (upper bound)",
+        (
+            "reward.heads=[{head: pav_mc_oracle, kwargs: {n_mc: $n_mc, prover_k: 4}}]",
+            "algo.credit=pav",
+            "algo.credit_kwargs={alpha: $alpha}",
+            "optim.lr=$lr",
+        ),
+        tunables=(LR, ALPHA),
+        fixed={"n_mc": 4},
+        paper="- (oracle Q^pi; bounds what a better verifier could give)",
+    ),
+)
+BASELINE = "outcome"
+
+
+def yaml_number(value: Any) -> str:
+    """A number as YAML reads it back as a number (`1e-05` alone is a string in YAML 1.1)."""
+    if isinstance(value, float):
+        text = repr(value)
+        if "e" in text and "." not in text.split("e")[0]:
+            mantissa, exponent = text.split("e")
+            return f"{mantissa}.0e{exponent}"
+        return text
+    return str(value)
+
+
+def method_overrides(method: Method, params: dict[str, Any]) -> list[str]:
+    """The method's overrides with `$name` placeholders filled from `params`."""
+    values = {k: yaml_number(v) if not isinstance(v, str) else v for k, v in params.items()}
+    return [string.Template(o).substitute(values) for o in method.overrides]
+
+
+def select_methods(names: str | None) -> list[Method]:
+    """`--methods a,b` in table order; all when None. ValueError names an unknown one."""
+    if not names:
+        return list(METHODS)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {m.name for m in METHODS}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; valid: {sorted(known)}")
+    return [m for m in METHODS if m.name in wanted]
+
+
+def public(params: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters of a setting (without the verifier path)."""
+    return {k: v for k, v in params.items() if k != "verifier"}
+
+
+def params_slug(params: dict[str, Any]) -> str:
+    """A directory name for a parameter setting, e.g. `alpha=0.5,lr=0.0001`."""
+    return ",".join(f"{k}={yaml_number(v)}" for k, v in sorted(public(params).items()))
+
+
+def with_verifier(
+    method: Method, params: dict[str, Any], verifier: dict[str, Any]
+) -> dict[str, Any]:
+    """`params` plus `verifier` (its path, or a placeholder when it is missing: such runs
+    are skipped before launch) for methods that need it."""
+    if not method.needs_verifier:
+        return dict(params)
+    return {**params, "verifier": verifier.get("verifier", "<missing>")}
+
+
+# ----------------------------------------------------------------------------------- pure: data
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """One evaluation of one run (a row of evals.csv)."""
+
+    method: str
+    seed: int
+    step: int
+    samples: int
+    accuracy: float
+    step_s: float
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A method's accuracy over samples, aggregated over seeds at the sample counts every
+    seed evaluated at."""
+
+    samples: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    """Sample standard deviation over seeds (0 with one seed)."""
+    low: tuple[float, ...]
+    """Minimum over seeds."""
+    high: tuple[float, ...]
+    """Maximum over seeds."""
+    n_seeds: int
+
+
+def eval_rows(rows: list[dict[str, Any]]) -> list[tuple[int, int, float]]:
+    """(step, samples, eval accuracy) of every eval row, by step (the last row of a step
+    wins, as after a resume)."""
+    by_step = {
+        int(r["step"]): (int(r["step"]), int(r["samples"]), float(r["eval/accuracy"]))
+        for r in rows
+        if r.get("eval/accuracy") is not None and "samples" in r
+    }
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def mean_step_time(rows: list[dict[str, Any]], skip_first: int = 1) -> float:
+    """Mean `time/step_s` over the training steps after the first `skip_first` (all steps
+    when there are not more than that); NaN without steps."""
+    steps = step_rows(rows)
+    times = [float(r["time/step_s"]) for r in steps]
+    if len(times) > skip_first:
+        times = times[skip_first:]
+    return statistics.fmean(times) if times else math.nan
+
+
+def run_points(method: str, seed: int, rows: list[dict[str, Any]]) -> list[EvalPoint]:
+    """The eval points of one run's metrics rows."""
+    step_s = mean_step_time(rows)
+    return [EvalPoint(method, seed, st, sa, acc, step_s) for st, sa, acc in eval_rows(rows)]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for fewer than two values)."""
+    if not values:
+        raise ValueError("mean_std of no values")
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate_curve(points: Iterable[EvalPoint]) -> Curve:
+    """Mean / std / min / max over seeds at each sample count that every seed has."""
+    by_seed: dict[int, dict[int, float]] = {}
+    for p in points:
+        by_seed.setdefault(p.seed, {})[p.samples] = p.accuracy
+    if not by_seed:
+        raise ValueError("aggregate_curve of no points")
+    common = sorted(set.intersection(*(set(v) for v in by_seed.values())))
+    mean, std, low, high = [], [], [], []
+    for s in common:
+        values = [seed_points[s] for seed_points in by_seed.values()]
+        m, sd = mean_std(values)
+        mean.append(m)
+        std.append(sd or 0.0)
+        low.append(min(values))
+        high.append(max(values))
+    return Curve(tuple(common), tuple(mean), tuple(std), tuple(low), tuple(high), len(by_seed))
+
+
+def samples_to_reach(curve: Curve, target: float, tol: float = 1e-9) -> int | None:
+    """Samples at the first eval point whose mean accuracy is at or above `target`; None
+    when no point reaches it."""
+    for samples, accuracy in zip(curve.samples, curve.mean, strict=True):
+        if accuracy >= target - tol:
+            return samples
+    return None
+
+
+def efficiency_gain(baseline_samples: int | None, method_samples: int | None) -> float | None:
+    """Sample-efficiency gain = baseline samples / method samples to reach the same
+    accuracy; None when either did not reach it; inf when the method was there at 0."""
+    if baseline_samples is None or method_samples is None:
+        return None
+    if method_samples == 0:
+        return 1.0 if baseline_samples == 0 else math.inf
+    return baseline_samples / method_samples
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One method's line of summary.md."""
+
+    method: str
+    label: str
+    n_seeds: int
+    final_samples: int
+    final_mean: float
+    final_std: float | None
+    samples_to_target: int | None
+    gain: float | None
+    step_s: float
+    """Mean over seeds of each run's mean step time."""
+    step_time_ratio: float | None
+    """step_s / the baseline's step_s."""
+    paper: str
+
+
+def summarize(
+    points: list[EvalPoint],
+    methods: Sequence[Method],
+    baseline: str = BASELINE,
+) -> tuple[float | None, list[SummaryRow]]:
+    """(target accuracy, one row per method with points), in `methods` order.
+
+    The target is the baseline's final mean accuracy (its curve's last point); a method's
+    samples-to-target is the first point of its mean curve at or above it; the gain divides
+    the baseline's own samples-to-target by the method's.
+    """
+    curves = {
+        m.name: aggregate_curve(p for p in points if p.method == m.name)
+        for m in methods
+        if any(p.method == m.name for p in points)
+    }
+    step_s = {
+        name: statistics.fmean({p.seed: p.step_s for p in points if p.method == name}.values())
+        for name in curves
+    }
+    target = curves[baseline].mean[-1] if baseline in curves else None
+    base_samples = samples_to_reach(curves[baseline], target) if target is not None else None
+    rows = []
+    for m in methods:
+        if m.name not in curves:
+            continue
+        curve = curves[m.name]
+        final = [
+            p.accuracy for p in points if p.method == m.name and p.samples == curve.samples[-1]
+        ]
+        final_mean, final_std = mean_std(final)
+        reach = samples_to_reach(curve, target) if target is not None else None
+        base_step = step_s.get(baseline)
+        rows.append(
+            SummaryRow(
+                method=m.name,
+                label=m.label,
+                n_seeds=curve.n_seeds,
+                final_samples=curve.samples[-1],
+                final_mean=final_mean,
+                final_std=final_std,
+                samples_to_target=reach,
+                gain=efficiency_gain(base_samples, reach),
+                step_s=step_s[m.name],
+                step_time_ratio=(step_s[m.name] / base_step) if base_step else None,
+                paper=m.paper,
+            )
+        )
+    return target, rows
+
+
+def format_accuracy(mean: float, std: float | None) -> str:
+    """`72.3 ± 2.1%`, or `72.3%` without a std."""
+    return f"{100 * mean:.1f}%" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}%"
+
+
+def format_ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) else f"{value:.2f}x"
+
+
+def render_table(target: float | None, rows: list[SummaryRow]) -> str:
+    """The markdown results table of summary.md."""
+    reach_head = (
+        f"samples to reach {100 * target:.1f}%" if target is not None else "samples to reach"
+    )
+    out = [
+        f"| method | seeds | final eval accuracy (mean ± std) | {reach_head} "
+        "| sample-efficiency gain | step time vs outcome-only | papers |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if target is None:
+            reach = "n/a (no outcome-only baseline)"
+        elif r.samples_to_target is None:
+            reach = "not reached"
+        else:
+            reach = f"{r.samples_to_target:,}"
+        step = f"{format_ratio(r.step_time_ratio)} ({r.step_s:.2f} s)"
+        out.append(
+            f"| {r.label} | {r.n_seeds} | {format_accuracy(r.final_mean, r.final_std)} "
+            f"| {reach} | {format_ratio(r.gain)} | {step} | {r.paper} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def render_summary(
+    target: float | None,
+    rows: list[SummaryRow],
+    not_run: list[tuple[str, str]],
+    meta: dict[str, Any],
+) -> str:
+    """summary.md: setup, the table, what did not run and why, notes."""
+    lines = [
+        "# Sample efficiency: dense process rewards vs outcome-only GRPO",
+        "",
+        f"Command: `{meta.get('command', '')}`  ",
+        f"Task: `{' '.join(meta.get('task', []))}`; {meta.get('budget', '')}  ",
+        f"Hyperparameters: {meta.get('hyperparameters', '')}",
+        "",
+    ]
+    if target is not None and rows:
+        base = next((r for r in rows if r.method == BASELINE), None)
+        at = f" at {base.final_samples:,} samples" if base else ""
+        lines += [
+            f"Target: outcome-only GRPO's final mean eval accuracy, {100 * target:.1f}%{at}.",
+            "",
+        ]
+    lines.append(render_table(target, rows))
+    if not_run:
+        lines += ["Not run:", ""]
+        lines += [f"- {name}: {reason}" for name, reason in not_run]
+        lines.append("")
+    lines += [
+        "How to read it: accuracy is greedy accuracy on the held-out eval split, mean over seeds "
+        "(± sample std). Samples are the policy rollouts used for training (prompts x group size "
+        "x steps), the same for every method; the PAV verifier's own training data and the MC "
+        "oracle's extra continuations are not counted. Samples to reach: the first eval point of "
+        "the method's mean curve at or above the target (only eval points count, so it is "
+        "rounded up to the eval interval). Gain: outcome-only's samples to reach its own final "
+        "accuracy divided by the method's. Step time: mean over seeds of each run's mean "
+        "training-step time (steps 2..N), relative to outcome-only.",
+        "",
+        "Papers' reference numbers (different models and scale, see /work/shared/ALGORITHMS.md): "
+        "PAV (Setlur et al. 2024) 5-6x sample efficiency and >6% accuracy over outcome-only RL "
+        "(Gemma-2 2B/9B/27B, MATH); PRIME (Cui et al. 2025) 2.5x sample efficiency over RLOO "
+        "with the outcome verifier, at about 28% more time per step (680 s vs 531 s, "
+        "Qwen2.5-Math-7B).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_evals_csv(points: list[EvalPoint], path: Path) -> None:
+    """evals.csv, columns `EVAL_COLUMNS`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(EVAL_COLUMNS)
+        for p in points:
+            writer.writerow(
+                [p.method, p.seed, p.step, p.samples, f"{p.accuracy:.6f}", f"{p.step_s:.4f}"]
+            )
+
+
+def plot_curves(
+    curves: dict[str, Curve], target: float | None, path: Path, title: str = ""
+) -> str | None:
+    """accuracy_vs_samples.png: mean line and min-max band per method. Returns None, or why
+    no plot was written (matplotlib missing)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed; no plot written"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, curve in curves.items():
+        (line,) = ax.plot(
+            curve.samples, curve.mean, marker="o", ms=3, label=f"{label} (n={curve.n_seeds})"
+        )
+        if curve.n_seeds > 1:
+            ax.fill_between(
+                curve.samples, curve.low, curve.high, color=line.get_color(), alpha=0.15
+            )
+    if target is not None:
+        ax.axhline(target, color="grey", ls="--", lw=0.8, label="outcome-only final mean")
+    ax.set_xlabel("training samples generated")
+    ax.set_ylabel("held-out eval accuracy (greedy)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "accuracy vs samples (mean over seeds, band = min-max)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+# ----------------------------------------------------------------------------------- pure: tuning
+
+
+def validation_score(points: list[EvalPoint]) -> tuple[float, float]:
+    """Tuning criterion of one run: (mean accuracy over the eval points after step 0 = area
+    under the accuracy-vs-samples curve, final accuracy as the tie-break)."""
+    later = [p.accuracy for p in points if p.samples > 0] or [p.accuracy for p in points]
+    final = max(points, key=lambda p: p.samples).accuracy
+    return statistics.fmean(later), final
+
+
+def choose(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best finished trial by `score` (higher is better; the first wins ties)."""
+    finished = [t for t in trials if t.get("score") is not None]
+    return max(finished, key=lambda t: tuple(t["score"])) if finished else None
+
+
+def chosen_params(method: Method, tuning: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """A method's placeholder values for the full run and where they come from."""
+    params = method.defaults()
+    entry = (tuning or {}).get("methods", {}).get(method.name)
+    if entry and entry.get("chosen"):
+        params.update(entry["chosen"])
+        return params, "tuned on the validation split"
+    return params, "defaults (not tuned)"
+
+
+# ----------------------------------------------------------------------------------- driving
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Settings shared by every run of one invocation."""
+
+    runs_dir: Path
+    base: tuple[str, ...]
+    """Task, budget, size and cache overrides (method overrides come after)."""
+    steps: int
+    eval_every: int
+    ranks: int
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="1 seed, few steps, tiny model")
+    parser.add_argument("--tune", action="store_true", help="choose hyperparameters on validation")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of METHODS")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per method (3; quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (60; quick 4)")
+    parser.add_argument("--eval-every", type=int, default=None, help="(10; quick 2)")
+    parser.add_argument("--out", type=Path, default=None, help="results directory")
+    parser.add_argument("--runs-dir", type=Path, default=None, help="run output directories")
+    parser.add_argument("--tuning", type=Path, default=None, help="tuning JSON (<out>/tuning.json)")
+    parser.add_argument("--cache-dir", default=None, help="start-model cache (model.cache_dir)")
+    parser.add_argument("--ranks", type=int, default=2, help="deepspeed --num_gpus")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs and exit")
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
+    return parser.parse_args(argv)
+
+
+def make_setup(args: argparse.Namespace) -> Setup:
+    steps = args.steps or (4 if args.quick else 60)
+    every = args.eval_every or (2 if args.quick else 10)
+    runs_dir = args.runs_dir or REPO / "benchmarks" / "runs" / (
+        "sample_efficiency_quick" if args.quick else "sample_efficiency"
+    )
+    base = [*TASK_OVERRIDES, *(QUICK_OVERRIDES if args.quick else ())]
+    base += [f"trainer.max_steps={steps}", f"trainer.eval_every={every}"]
+    base += [f"trainer.save_every={every}"]
+    if args.cache_dir:
+        base.append(f"model.cache_dir={Path(args.cache_dir).resolve()}")
+    base += args.overrides
+    return Setup(runs_dir.resolve(), tuple(base), steps, every, args.ranks)
+
+
+def run_spec(
+    setup: Setup, method: Method, params: dict[str, Any], seed: int, split: str, out_dir: Path
+) -> RunSpec:
+    from benchmarks.launching import RUN_DEFAULTS
+
+    overrides = [*RUN_DEFAULTS, *setup.base, *method_overrides(method, params)]
+    overrides += [f"seed={seed}", f"data.eval_split={split}"]
+    return RunSpec(
+        name=f"{method.name} seed{seed}"
+        if split == "eval"
+        else f"{method.name} {params_slug(params)}",
+        out_dir=out_dir,
+        overrides=tuple(overrides),
+        max_steps=setup.steps,
+        config=CONFIG,
+        ranks=setup.ranks,
+        group=method.name,
+    )
+
+
+def verifier_spec(setup: Setup) -> RunSpec:
+    """The PAV verifier's training job (trained once, from the shared start model)."""
+    out = setup.runs_dir / "pav_verifier"
+    keep = [o for o in setup.base if not o.startswith("trainer.")]
+    overrides = ("logging.wandb=false", *keep, f"pav.output_dir={out}")
+    return RunSpec(
+        name="pav verifier",
+        out_dir=out,
+        overrides=overrides,
+        max_steps=0,
+        config=PAV_CONFIG,
+        script=TRAIN_PAV,
+        ranks=setup.ranks,
+        done_file=PAV_DONE_FILE,
+        group="pav_verifier",
+    )
+
+
+def ensure_pav_verifier(setup: Setup) -> tuple[Path | None, str]:
+    """The trained verifier's directory, training it first if needed; (None, why) when it
+    cannot be had (train_pav missing or failing)."""
+    for needed in (TRAIN_PAV, PAV_CONFIG):
+        if not (REPO / needed).is_file():
+            return None, f"PAV verifier: {needed} does not exist"
+    spec = verifier_spec(setup)
+    (result,) = run_all([spec], desc="pav verifier")
+    if not result.ok:
+        return None, f"PAV verifier training {result.status}: {result.reason}"
+    return spec.out_dir, ""
+
+
+def final_accuracy(result: RunResult) -> str:
+    points = eval_rows(read_jsonl(result.spec.out_dir / "metrics.jsonl"))
+    return f"final eval acc {points[-1][2]:.3f}" if points else ""
+
+
+def skip_after_config_error(
+    prerequisites: dict[str, str],
+) -> Callable[[RunSpec, list[RunResult]], str | None]:
+    """A `run_all` skip function: a method with a missing prerequisite, or whose earlier run
+    was skipped for a user error, is not launched again."""
+    reasons = dict(prerequisites)
+
+    def skip(spec: RunSpec, earlier: list[RunResult]) -> str | None:
+        for result in earlier:
+            if result.spec.group == spec.group and result.status == "skipped":
+                reasons.setdefault(spec.group, result.reason)
+        return reasons.get(spec.group)
+
+    return skip
+
+
+def collect_points(results: list[RunResult], seeds: dict[Path, int]) -> list[EvalPoint]:
+    points: list[EvalPoint] = []
+    for r in results:
+        if r.ok:
+            rows = read_jsonl(r.spec.out_dir / "metrics.jsonl")
+            points += run_points(r.spec.group, seeds[r.spec.out_dir], rows)
+    return points
+
+
+def not_run_reasons(results: list[RunResult]) -> list[tuple[str, str]]:
+    """(method, `status: reason`) once per method with runs that did not finish."""
+    out: dict[str, str] = {}
+    for r in results:
+        if not r.ok and r.spec.group not in out:
+            n = sum(1 for x in results if x.spec.group == r.spec.group and not x.ok)
+            out[r.spec.group] = f"{r.status} ({n} run(s)): {r.reason}"
+    return list(out.items())
+
+
+def tune(setup: Setup, methods: list[Method], verifier: dict[str, Any], path: Path) -> None:
+    """Coordinate search per method on the validation split; writes the tuning JSON."""
+    report: dict[str, Any] = {
+        "criterion": "mean validation accuracy over the eval points after step 0 (area under "
+        "the accuracy-vs-samples curve); ties: final validation accuracy, then candidate order",
+        "split": "validation",
+        "seed": TUNE_SEED,
+        "base_overrides": list(setup.base),
+        "methods": {},
+    }
+    if path.is_file():  # keep other methods' results when tuning a subset
+        report["methods"] = json.loads(path.read_text()).get("methods", {})
+    for method in methods:
+        if method.needs_verifier and "verifier" not in verifier:
+            report["methods"][method.name] = {"skipped": verifier.get("reason", "no verifier")}
+            continue
+        params = with_verifier(method, method.defaults(), verifier)
+        trials: list[dict[str, Any]] = []
+        for tunable in method.tunables:
+            specs = []
+            for value in tunable.candidates:
+                trial = {**params, tunable.name: value}
+                out = setup.runs_dir / "tune" / method.name / params_slug(trial)
+                specs.append(run_spec(setup, method, trial, TUNE_SEED, "validation", out))
+            results = run_all(specs, final_accuracy, desc=f"tune {method.name} {tunable.name}")
+            coordinate = []
+            for value, result in zip(tunable.candidates, results, strict=True):
+                rows = read_jsonl(result.spec.out_dir / "metrics.jsonl") if result.ok else []
+                pts = run_points(method.name, TUNE_SEED, rows)
+                score = validation_score(pts) if pts else None
+                coordinate.append(
+                    {
+                        "param": tunable.name,
+                        "value": value,
+                        "params": public({**params, tunable.name: value}),
+                        "status": result.status,
+                        "reason": result.reason,
+                        "score": list(score) if score else None,
+                        "run_dir": str(result.spec.out_dir),
+                    }
+                )
+            trials += coordinate
+            best = choose(coordinate)
+            if best is not None:
+                params[tunable.name] = best["value"]
+        chosen = {t.name: params[t.name] for t in method.tunables}
+        finished = any(t["score"] is not None for t in trials)
+        report["methods"][method.name] = {
+            "tried": trials,
+            "chosen": chosen if finished else None,
+        }
+        if not finished:
+            report["methods"][method.name]["skipped"] = trials[0]["reason"] if trials else ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    for name, entry in report["methods"].items():
+        print(f"  {name}: chosen {entry.get('chosen')} {entry.get('skipped', '')}")
+
+
+def evaluate_methods(
+    setup: Setup,
+    methods: list[Method],
+    seeds: int,
+    verifier: dict[str, Any],
+    tuning: dict[str, Any] | None,
+    out: Path,
+    command: str,
+) -> None:
+    """The full (or quick) comparison: seeds x methods, then evals.csv, plot and summary."""
+    specs, seed_of, sources = [], {}, {}
+    for method in methods:
+        params, sources[method.name] = chosen_params(method, tuning)
+        params = with_verifier(method, params, verifier)
+        for seed in range(seeds):
+            out_dir = setup.runs_dir / "eval" / method.name / f"seed{seed}"
+            specs.append(run_spec(setup, method, params, seed, "eval", out_dir))
+            seed_of[out_dir] = seed
+    prerequisites = {
+        m.name: verifier.get("reason", "PAV verifier missing")
+        for m in methods
+        if m.needs_verifier and "verifier" not in verifier
+    }
+    results = run_all(specs, final_accuracy, skip_after_config_error(prerequisites), desc="runs")
+    points = collect_points(results, seed_of)
+    target, rows = summarize(points, methods)
+    out.mkdir(parents=True, exist_ok=True)
+    write_evals_csv(points, out / "evals.csv")
+    curves = {
+        m.label: aggregate_curve(p for p in points if p.method == m.name)
+        for m in methods
+        if any(p.method == m.name for p in points)
+    }
+    plot_note = plot_curves(curves, target, out / "accuracy_vs_samples.png")
+    meta = {
+        "command": command,
+        "task": list(TASK_OVERRIDES),
+        "budget": f"{setup.steps} steps, eval every {setup.eval_every}, {seeds} seed(s) per method",
+        "hyperparameters": "; ".join(f"{m.name}: {sources[m.name]}" for m in methods),
+    }
+    text = render_summary(target, rows, not_run_reasons(results), meta)
+    if plot_note:
+        text += f"\n{plot_note}.\n"
+    (out / "summary.md").write_text(text)
+    print(text)
+    print(
+        f"wrote {out / 'evals.csv'}, {out / 'summary.md'}"
+        + ("" if plot_note else f", {out / 'accuracy_vs_samples.png'}")
+    )
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    methods = select_methods(args.methods)
+    setup = make_setup(args)
+    seeds = args.seeds or (1 if args.quick else 3)
+    default_out = (
+        setup.runs_dir / "results"
+        if args.quick
+        else REPO / "benchmarks" / "results" / "sample_efficiency"
+    )
+    out = (args.out or default_out).resolve()
+    tuning_path = (args.tuning or out / "tuning.json").resolve()
+    command = " ".join(["benchmarks/sample_efficiency.py", *argv])
+    if args.dry_run:
+        from benchmarks.launching import command as launch_command
+
+        for method in methods:
+            params = with_verifier(method, method.defaults(), {"verifier": "<verifier>"})
+            spec = run_spec(
+                setup, method, params, 0, "eval", setup.runs_dir / "eval" / method.name / "seed0"
+            )
+            print(" ".join(launch_command(spec)))
+        return 0
+    prebuild_start_model(CONFIG, setup.base)
+    verifier: dict[str, Any] = {}
+    if any(m.needs_verifier for m in methods):
+        path, reason = ensure_pav_verifier(setup)
+        verifier = {"verifier": str(path)} if path is not None else {"reason": reason}
+    if args.tune:
+        tune(setup, methods, verifier, tuning_path)
+        return 0
+    tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else None
+    evaluate_methods(setup, methods, seeds, verifier, tuning, out, command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

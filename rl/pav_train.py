@@ -1,0 +1,452 @@
+"""The PAV pipeline behind `launch/train_pav.py`: Monte-Carlo labels, then the verifier.
+
+1. Data (`rl.pav_data`): the first `pav.prompts` prompts of a seeded order of the training
+   split, split over the ranks; `pav.samples_per_prompt` solutions each from the base policy
+   (the configured rollout backend, at `rollout.temperature` / `rollout.top_p`), and `Q^pi` of
+   every step prefix from `pav.n_mc` continuations, judged by the first reward function
+   (`reward.functions[0]`, the verifier). Generation runs on a full copy of the base policy on
+   every rank (no ZeRO: each rank generates on its own, at its own pace); records are appended
+   to `<pav.output_dir>/mc_data.rank{r}.jsonl`, and a restarted run skips the prompts done.
+2. Verifier: a `rl.value_model.ValueModel` initialised from the base policy (fresh zero head),
+   wrapped as a DeepSpeed engine with the run's `deepspeed` settings, trained for
+   `pav.epochs` epochs at `pav.lr` (AdamW, no warm-up) with binary cross-entropy on the soft
+   labels at every labelled position (the last prompt token, every step-end token). Losses are
+   means over the labelled positions of the *global* micro-batch (all ranks), one optimizer
+   step per micro-batch. `pav.val_fraction` of the prompts (with all their solutions) are held
+   out; each epoch logs train/val BCE and val accuracy (`Q > 0.5` vs `label > 0.5`) against a
+   constant predictor (the mean training label) and the labels' own entropy (the floor).
+3. The verifier is saved by rank 0 with `rl.value_model.save_value_model` into
+   `pav.output_dir`, with `train_pav_metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from rl import engine as eng
+from rl.config import Config, to_dict
+from rl.data import PromptRow, PromptSampler, load_rows, prepare_prompts, seeded
+from rl.errors import ConfigError, DataError
+from rl.losses import engine_loss_scale
+from rl.pav_data import (
+    DATA_GLOB,
+    META_FILE,
+    LabelBatch,
+    SolutionRecord,
+    check_meta,
+    collate,
+    complete_prompts,
+    generate_mc_data,
+    make_verifier,
+    read_records,
+)
+from rl.rollout import RolloutBackend, SamplingSettings
+
+METRICS_FILE = "train_pav_metrics.json"
+
+
+def check_pav_config(cfg: Config) -> None:
+    """ConfigError naming the `pav.*` key whose value cannot work."""
+    pav = cfg.pav
+    for key in ("prompts", "samples_per_prompt", "n_mc", "micro_batch_size"):
+        if getattr(pav, key) < 1:
+            raise ConfigError(f"pav.{key}: must be at least 1, got {getattr(pav, key)}")
+    if pav.epochs < 0:
+        raise ConfigError(f"pav.epochs: must be >= 0, got {pav.epochs}")
+    if not 0.0 <= pav.val_fraction < 1.0:
+        raise ConfigError(f"pav.val_fraction: must be in [0, 1), got {pav.val_fraction}")
+    if pav.lr <= 0:
+        raise ConfigError(f"pav.lr: must be positive, got {pav.lr}")
+    if not cfg.reward.functions:
+        raise ConfigError("reward.functions: PAV needs a verifier (the first reward function)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data phase
+# ----------------------------------------------------------------------------------------------
+
+
+def select_prompts(cfg: Config, tokenizer: Any) -> list[PromptRow]:
+    """The first `pav.prompts` prepared training prompts in a seeded order, drawn from the same
+    rows as the RL trainer's (so a larger `pav.prompts` extends a smaller run's data)."""
+    from rl.trainer import BUILTIN_TRAIN_ROWS
+
+    data = cfg.data
+    n = data.train_size
+    if n is None and data.train.startswith("builtin:"):
+        n = BUILTIN_TRAIN_ROWS
+    rows = load_rows(data.train, split=data.train_split, n=n, seed=cfg.seed, task_kwargs=data.task)
+    kept, _ = prepare_prompts(
+        rows,
+        tokenizer,
+        source=data.train,
+        prompt_column=data.prompt_column,
+        answer_column=data.answer_column,
+        max_prompt_tokens=data.max_prompt_tokens,
+        apply_chat_template=data.apply_chat_template,
+    )
+    if not kept:
+        raise DataError(f"{data.train}: no usable training prompts for PAV data")
+    order = PromptSampler(len(kept), cfg.seed).take(min(cfg.pav.prompts, len(kept)))
+    return [kept[i] for i in order]
+
+
+def data_meta(cfg: Config, model_path: str) -> dict[str, Any]:
+    """The settings MC data depends on; a restart with other values is refused."""
+    return {
+        "model": model_path,
+        "data": [cfg.data.train, cfg.data.train_split, cfg.data.train_size, cfg.data.task],
+        "seed": cfg.seed,
+        "samples_per_prompt": cfg.pav.samples_per_prompt,
+        "n_mc": cfg.pav.n_mc,
+        "sampling": [cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p],
+        "verifier": [cfg.reward.functions[0].fn, cfg.reward.functions[0].kwargs],
+        "step_delimiter": cfg.reward.step_delimiter,
+    }
+
+
+def make_data(
+    cfg: Config,
+    dist: eng.DistInfo,
+    policy: Any,
+    tokenizer: Any,
+    model_path: str,
+    rows: list[PromptRow],
+) -> tuple[RolloutBackend, int]:
+    """Generate this rank's missing MC records. Returns (the rollout backend, which the caller
+    closes last: a vLLM engine's shutdown ends the process group; prefixes rolled out here)."""
+    from rl.trainer import make_rollout, seed_everything
+
+    out = Path(cfg.pav.output_dir)
+    meta = data_meta(cfg, model_path)
+    check_meta(out, meta)
+    eng.barrier()
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    done = complete_prompts(read_records(out.glob(DATA_GLOB)), cfg.pav.samples_per_prompt)
+    eng.barrier()  # every rank has read the files before any rank appends to its own
+    todo = [r for r in rows if r.index not in done]
+    mine = todo[dist.rank :: dist.world_size]
+    if dist.is_main and done:
+        print(
+            f"pav: resuming: {len(rows) - len(todo)}/{len(rows)} prompts already done", flush=True
+        )
+    rollout = make_rollout(cfg, tokenizer, model_path, policy, dist, zero_stage=0)
+    if cfg.rollout.backend == "transformers":
+        from deepspeed.accelerator import get_accelerator
+
+        policy.to(get_accelerator().device_name(dist.local_rank))
+    seed_everything(cfg.seed * 1000 + dist.rank)  # after the engine: vLLM reseeds global RNGs
+    sampling = SamplingSettings(
+        cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p
+    )
+    per_batch = max(1, cfg.rollout.generation_batch_size // cfg.pav.samples_per_prompt)
+    bar = None
+    if dist.is_main and cfg.logging.progress_bar and mine:
+        bar = tqdm(total=0, desc="pav data (rank 0)", unit="prefix")
+    n_prefixes = generate_mc_data(
+        rollout,
+        policy,
+        tokenizer,
+        mine,
+        out / f"mc_data.rank{dist.rank}.jsonl",
+        make_verifier(cfg.reward.functions[0]),
+        sampling,
+        samples_per_prompt=cfg.pav.samples_per_prompt,
+        n_mc=cfg.pav.n_mc,
+        delimiter=cfg.reward.step_delimiter,
+        prompts_per_batch=per_batch,
+        bar=bar,
+    )
+    if bar is not None:
+        bar.close()
+    eng.barrier()
+    return rollout, n_prefixes
+
+
+def split_by_prompt(
+    records: Sequence[SolutionRecord], val_fraction: float, seed: int
+) -> tuple[list[SolutionRecord], list[SolutionRecord]]:
+    """(train, val): `val_fraction` of the prompts, with all their solutions, held out (at
+    least one prompt when the fraction is positive and there are two or more)."""
+    records = [r for r in records if r.labels]  # a solution without steps has no label
+    prompts = sorted({r.prompt_index for r in records})
+    n_val = round(val_fraction * len(prompts))
+    if val_fraction > 0 and len(prompts) >= 2:
+        n_val = min(max(1, n_val), len(prompts) - 1)
+    perm = torch.randperm(len(prompts), generator=seeded(seed)).tolist()
+    val_prompts = {prompts[i] for i in perm[:n_val]}
+    ordered = sorted(records, key=lambda r: (r.prompt_index, r.sample))
+    train = [r for r in ordered if r.prompt_index not in val_prompts]
+    val = [r for r in ordered if r.prompt_index in val_prompts]
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------
+# Verifier training
+# ----------------------------------------------------------------------------------------------
+
+
+def plan_micro_batches(
+    order: Sequence[int], world: int, rank: int, micro_batch_size: int
+) -> list[tuple[list[int], list[bool]]]:
+    """This rank's micro-batches over `order`: (indices, real) per step, the same number of
+    steps and rows on every rank (ZeRO's collectives need it). The tail is padded with rows
+    from the start of `order` marked `real=False` (they get weight 0)."""
+    if not order:
+        return []
+    per_step = micro_batch_size * world
+    steps = math.ceil(len(order) / per_step)
+    padded = list(order) + [order[i % len(order)] for i in range(steps * per_step - len(order))]
+    real = [i < len(order) for i in range(len(padded))]
+    out = []
+    for s in range(steps):
+        lo = s * per_step + rank * micro_batch_size
+        out.append((padded[lo : lo + micro_batch_size], real[lo : lo + micro_batch_size]))
+    return out
+
+
+def bce_terms(logits: torch.Tensor, batch: LabelBatch, weight: torch.Tensor) -> dict[str, Any]:
+    """Sum-form BCE pieces at labelled positions of rows with `weight` 1.
+
+    logits: [b, T] verifier outputs, batch: labels/label_mask [b, T], weight: [b] 0/1 ->
+    {"bce": scalar tensor (differentiable) = sum of BCE, "count": labelled positions,
+    "correct": positions where `sigmoid(logit) > 0.5` agrees with `label > 0.5`}.
+    """
+    labels = batch.labels.to(logits.device)
+    mask = batch.label_mask.to(logits.device) * weight.to(logits.device).unsqueeze(1)  # [b, T]
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # [b, T]
+    agree = ((logits.detach() > 0) == (labels > 0.5)).float()  # [b, T]
+    return {
+        "bce": (bce * mask).sum(),
+        "count": float(mask.sum()),
+        "correct": float((agree * mask).sum()),
+    }
+
+
+def _forward(model: Any, batch: LabelBatch, device: Any) -> torch.Tensor:
+    return model(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+    )  # [b, T]
+
+
+def train_epoch(
+    engine: Any,
+    records: Sequence[SolutionRecord],
+    order: list[int],
+    dist: eng.DistInfo,
+    micro_batch_size: int,
+    pad_id: int,
+    bar: Any = None,
+) -> float:
+    """One pass; each micro-batch is one optimizer step on the global mean BCE. Returns the
+    mean training BCE over the epoch's labelled positions (all ranks)."""
+    engine.train()
+    total = torch.zeros(2, dtype=torch.float64)  # (BCE sum, positions) on this rank
+    for index, real in plan_micro_batches(order, dist.world_size, dist.rank, micro_batch_size):
+        batch = collate([records[i] for i in index], pad_id)
+        weight = torch.tensor(real, dtype=torch.float32)
+        count = batch.label_mask.sum(dim=1) @ weight  # labelled positions of real rows here
+        global_count = float(eng.all_reduce_sum(count.reshape(1).double())[0])
+        terms = bce_terms(_forward(engine, batch, engine.device), batch, weight)
+        # sum form over the global micro-batch, scaled to cancel DeepSpeed's rank averaging
+        loss = terms["bce"] / max(global_count, 1.0) * engine_loss_scale(dist.world_size, 1)
+        engine.backward(loss)
+        engine.step()
+        total += torch.tensor([float(terms["bce"].detach()), terms["count"]], dtype=torch.float64)
+        if bar is not None:
+            bar.update(1)
+    total = eng.all_reduce_sum(total)
+    return float(total[0] / total[1].clamp(min=1.0))
+
+
+@torch.no_grad()
+def evaluate(
+    engine: Any,
+    records: Sequence[SolutionRecord],
+    dist: eng.DistInfo,
+    micro_batch_size: int,
+    pad_id: int,
+) -> dict[str, float]:
+    """Mean BCE and accuracy over every labelled position of `records` (all ranks)."""
+    engine.eval()
+    total = torch.zeros(3, dtype=torch.float64)  # (BCE sum, correct, positions)
+    order = list(range(len(records)))
+    for index, real in plan_micro_batches(order, dist.world_size, dist.rank, micro_batch_size):
+        batch = collate([records[i] for i in index], pad_id)
+        weight = torch.tensor(real, dtype=torch.float32)
+        terms = bce_terms(_forward(engine, batch, engine.device), batch, weight)
+        total += torch.tensor([float(terms["bce"]), terms["correct"], terms["count"]])
+    engine.train()
+    total = eng.all_reduce_sum(total)
+    n = float(total[2].clamp(min=1.0))
+    return {"bce": float(total[0]) / n, "acc": float(total[1]) / n}
+
+
+def constant_baselines(
+    train: Sequence[SolutionRecord], val: Sequence[SolutionRecord]
+) -> dict[str, float]:
+    """Val BCE/accuracy of predicting the mean training label everywhere, and the val labels'
+    mean entropy (the lowest BCE any model can reach on soft labels)."""
+    p = sum(sum(r.labels) for r in train) / max(1, sum(len(r.labels) for r in train))
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    ys = [y for r in val for y in r.labels]
+    if not ys:
+        return {}
+
+    def bce(q: float, y: float) -> float:
+        q = min(max(q, 1e-12), 1 - 1e-12)
+        return -(y * math.log(q) + (1 - y) * math.log(1 - q))
+
+    return {
+        "val_bce_constant": sum(bce(p, y) for y in ys) / len(ys),
+        "val_acc_constant": sum((p > 0.5) == (y > 0.5) for y in ys) / len(ys),
+        "val_bce_floor": sum(bce(y, y) for y in ys) / len(ys),
+        "train_label_mean": p,
+    }
+
+
+@dataclass
+class VerifierRun:
+    engine: Any
+    history: list[dict[str, float]]
+
+
+def train_verifier(
+    cfg: Config,
+    dist: eng.DistInfo,
+    model_path: str,
+    train: list[SolutionRecord],
+    val: list[SolutionRecord],
+    pad_id: int,
+) -> VerifierRun:
+    """Build the verifier engine and train it; returns it with per-epoch metrics."""
+    from rl.value_model import value_model_from_policy
+
+    pav = cfg.pav
+    ds_config = eng.build_ds_config(
+        cfg.deepspeed.config,
+        zero_stage=cfg.deepspeed.zero_stage,
+        micro_batch_size=pav.micro_batch_size,
+        grad_accum_steps=1,
+        world_size=dist.world_size,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        bf16=eng.use_bf16(cfg.model.dtype),
+    )
+    engine = eng.create_policy_engine(
+        value_model_from_policy(model_path),
+        ds_config,
+        lr=pav.lr,
+        betas=cfg.optim.betas,
+        weight_decay=cfg.optim.weight_decay,
+        warmup_steps=0,
+    )
+    steps = len(
+        plan_micro_batches(list(range(len(train))), dist.world_size, 0, pav.micro_batch_size)
+    )
+    bar = None
+    if dist.is_main and cfg.logging.progress_bar and pav.epochs:
+        bar = tqdm(total=steps * pav.epochs, desc="pav verifier", unit="step")
+    history: list[dict[str, float]] = []
+    for epoch in range(1, pav.epochs + 1):
+        order = torch.randperm(len(train), generator=seeded(cfg.seed + epoch)).tolist()
+        row: dict[str, float] = {"epoch": epoch}
+        row["train_bce"] = train_epoch(
+            engine, train, order, dist, pav.micro_batch_size, pad_id, bar
+        )
+        if val:
+            scores = evaluate(engine, val, dist, pav.micro_batch_size, pad_id)
+            row["val_bce"], row["val_acc"] = scores["bce"], scores["acc"]
+        history.append(row)
+        if dist.is_main:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
+            tqdm.write(f"pav epoch {epoch}/{pav.epochs}: {shown}")
+    if bar is not None:
+        bar.close()
+    return VerifierRun(engine, history)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole pipeline
+# ----------------------------------------------------------------------------------------------
+
+
+def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
+    """Data, then verifier, then save; returns the metrics written to `METRICS_FILE`."""
+    from rl.models import load_policy
+    from rl.trainer import seed_everything
+    from rl.value_model import save_value_model
+
+    check_pav_config(cfg)
+    out = Path(cfg.pav.output_dir)
+    seed_everything(cfg.seed)
+    policy, tokenizer, model_path = load_policy(cfg, dist)
+    rows = select_prompts(cfg, tokenizer)
+    start = time.perf_counter()
+    rollout, n_prefixes = make_data(cfg, dist, policy, tokenizer, model_path, rows)
+    data_s = time.perf_counter() - start
+    del policy
+    selected = {r.index for r in rows}
+    records = [r for r in read_records(out.glob(DATA_GLOB)) if r.prompt_index in selected]
+    train, val = split_by_prompt(records, cfg.pav.val_fraction, cfg.seed)
+    if not train:
+        raise DataError(f"pav: no labelled training solutions in {out}")
+    start = time.perf_counter()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    verifier = train_verifier(cfg, dist, model_path, train, val, pad_id)
+    train_s = time.perf_counter() - start
+    state = eng.full_state_dict(verifier.engine)  # collective; full weights on rank 0 only
+    metrics: dict[str, Any] = {}
+    if dist.is_main:
+        save_value_model(verifier.engine.module, tokenizer, out, state_dict=state)
+        metrics = {
+            "prompts": len(selected),
+            "solutions": {"train": len(train), "val": len(val)},
+            "labels": {
+                "train": sum(len(r.labels) for r in train),
+                "val": sum(len(r.labels) for r in val),
+            },
+            "outcome_mean": sum(r.labels[-1] for r in records if r.labels) / max(1, len(records)),
+            "epochs": verifier.history,
+            "baselines": constant_baselines(train, val),
+            "time": {"data_s": data_s, "train_s": train_s, "prefixes_rank0": n_prefixes},
+            "base_model": model_path,
+            "pav": to_dict(cfg)["pav"],
+        }
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        print(summary_line(metrics, out), flush=True)
+    eng.barrier()
+    rollout.close()
+    return metrics
+
+
+def summary_line(metrics: dict[str, Any], out: Path) -> str:
+    """One line: data size and time, training time, final validation scores, where saved."""
+    last = metrics["epochs"][-1] if metrics["epochs"] else {}
+    base = metrics["baselines"]
+    scores = (
+        f"val BCE {last['val_bce']:.4f} (constant {base['val_bce_constant']:.4f}, floor "
+        f"{base['val_bce_floor']:.4f}), val acc {last['val_acc']:.3f} "
+        f"(constant {base['val_acc_constant']:.3f})"
+        if "val_bce" in last
+        else "no validation set"
+    )
+    t = metrics["time"]
+    sols = metrics["solutions"]
+    return (
+        f"pav: {metrics['prompts']} prompts, {sols['train'] + sols['val']} solutions, "
+        f"{metrics['labels']['train'] + metrics['labels']['val']} labels "
+        f"(data {t['data_s']:.0f} s); verifier {len(metrics['epochs'])} epochs "
+        f"({t['train_s']:.0f} s): {scores} -> {out}"
+    )

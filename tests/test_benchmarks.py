@@ -1,0 +1,389 @@
+"""The benchmarks' pure functions on synthetic metrics, and one quick end-to-end run."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from benchmarks import sample_efficiency as se
+from benchmarks import throughput as tp
+from benchmarks import zero_memory as zm
+from benchmarks.launching import classify_failure, error_line, metrics_complete, step_rows
+
+REPO = Path(__file__).resolve().parent.parent
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def points(method: str, seed: int, accs: list[float], step_s: float) -> list[se.EvalPoint]:
+    """Eval points every 100 samples (1 step = 100 samples), from step 0."""
+    return [se.EvalPoint(method, seed, i, 100 * i, a, step_s) for i, a in enumerate(accs)]
+
+
+SYNTHETIC = (
+    points("outcome", 0, [0.4, 0.5, 0.6, 0.7], 1.0)
+    + points("outcome", 1, [0.4, 0.6, 0.7, 0.7], 1.2)
+    + points("prime", 0, [0.4, 0.7, 0.8, 0.8], 1.4)
+    + points("prime", 1, [0.4, 0.6, 0.8, 0.9], 1.4)
+    + points("pav", 0, [0.4, 0.5, 0.6, 0.65], 2.0)
+    + points("pav", 1, [0.4, 0.5, 0.6, 0.65], 2.0)
+)
+"""Hand-computed: outcome's mean curve 0.40 0.55 0.65 0.70, so the target is 0.70, reached
+at 300 samples; prime's mean 0.40 0.65 0.80 0.85 reaches it at 200 (gain 1.5x); pav's never
+does. Step times: outcome 1.1 s, prime 1.4 s (1.27x), pav 2.0 s."""
+
+
+def method_rows(names: list[str]) -> list[se.Method]:
+    return [m for m in se.METHODS if m.name in names]
+
+
+# ----------------------------------------------------------------------------- sample efficiency
+
+
+def test_mean_std() -> None:
+    assert se.mean_std([0.8, 0.9]) == pytest.approx((0.85, math.sqrt(0.005)))
+    assert se.mean_std([0.5]) == (0.5, None)
+    with pytest.raises(ValueError):
+        se.mean_std([])
+
+
+def test_aggregate_curve_uses_common_sample_counts() -> None:
+    pts = points("m", 0, [0.1, 0.2, 0.3], 1.0) + points("m", 1, [0.3, 0.4], 1.0)
+    curve = se.aggregate_curve(pts)
+    assert curve.samples == (0, 100)
+    assert curve.mean == pytest.approx((0.2, 0.3))
+    assert curve.low == (0.1, 0.2) and curve.high == (0.3, 0.4)
+    assert curve.std == pytest.approx((math.sqrt(0.02), math.sqrt(0.02)))
+    assert curve.n_seeds == 2
+
+
+def test_samples_to_reach_and_gain() -> None:
+    curve = se.aggregate_curve([p for p in SYNTHETIC if p.method == "prime"])
+    assert se.samples_to_reach(curve, 0.7) == 200
+    assert se.samples_to_reach(curve, 0.4) == 0
+    assert se.samples_to_reach(curve, 0.86) is None
+    assert se.efficiency_gain(300, 200) == 1.5
+    assert se.efficiency_gain(300, None) is None
+    assert se.efficiency_gain(None, 200) is None
+    assert se.efficiency_gain(300, 0) == math.inf
+    assert se.efficiency_gain(0, 0) == 1.0
+
+
+def test_summarize_hand_computed() -> None:
+    target, rows = se.summarize(list(SYNTHETIC), method_rows(["outcome", "prime", "pav"]))
+    assert target == pytest.approx(0.7)
+    by = {r.method: r for r in rows}
+    assert [r.method for r in rows] == ["outcome", "prime", "pav"]
+    assert by["outcome"].samples_to_target == 300 and by["outcome"].gain == 1.0
+    assert by["outcome"].final_std == pytest.approx(0.0)
+    assert by["prime"].samples_to_target == 200 and by["prime"].gain == 1.5
+    assert by["prime"].final_mean == pytest.approx(0.85)
+    assert by["prime"].final_std == pytest.approx(math.sqrt(0.005))
+    assert by["prime"].step_time_ratio == pytest.approx(1.4 / 1.1)
+    assert by["pav"].samples_to_target is None and by["pav"].gain is None
+    assert by["pav"].final_samples == 300 and by["pav"].n_seeds == 2
+
+
+def test_summary_table_text() -> None:
+    target, rows = se.summarize(list(SYNTHETIC), method_rows(["outcome", "prime", "pav"]))
+    table = se.render_table(target, rows)
+    lines = table.splitlines()
+    assert "samples to reach 70.0%" in lines[0]
+    assert lines[2] == (
+        "| GRPO, outcome only | 2 | 70.0 ± 0.0% | 300 | 1.00x | 1.00x (1.10 s) | baseline |"
+    )
+    assert lines[3].startswith(
+        "| GRPO + online implicit PRM (PRIME) | 2 | 85.0 ± 7.1% | 200 | 1.50x | 1.27x (1.40 s) |"
+    )
+    assert "| not reached | - | 1.82x (2.00 s) |" in lines[4]
+    doc = se.render_summary(target, rows, [("ppo_pav", "skipped (3 run(s)): error: x")], {})
+    assert "Target: outcome-only GRPO's final mean eval accuracy, 70.0% at 300 samples." in doc
+    assert "- ppo_pav: skipped (3 run(s)): error: x" in doc
+    assert "5-6x" in doc and "2.5x" in doc
+
+
+def test_summary_without_baseline() -> None:
+    pts = [p for p in SYNTHETIC if p.method == "prime"]
+    target, rows = se.summarize(pts, method_rows(["outcome", "prime"]))
+    assert target is None and rows[0].gain is None and rows[0].step_time_ratio is None
+    assert "n/a (no outcome-only baseline)" in se.render_table(target, rows)
+
+
+def test_single_seed_accuracy_has_no_std() -> None:
+    assert se.format_accuracy(0.5, None) == "50.0%"
+    assert se.format_accuracy(0.5, 0.05) == "50.0 ± 5.0%"
+
+
+def synthetic_metrics() -> list[dict[str, Any]]:
+    """metrics.jsonl rows: eval at 0, steps 1-4 (eval at 2 and 4), step 3 logged twice (a
+    resumed run's repeat: the last row wins)."""
+    rows: list[dict[str, Any]] = [{"step": 0, "samples": 0, "eval/accuracy": 0.25}]
+    for step, t in [(1, 9.0), (2, 1.0), (3, 5.0), (3, 2.0), (4, 3.0)]:
+        row: dict[str, Any] = {"step": step, "samples": 32 * step, "time/step_s": t}
+        row["train/response_tokens_mean"] = 10.0 + step
+        if step % 2 == 0:
+            row["eval/accuracy"] = 0.25 + 0.1 * step
+        rows.append(row)
+    return rows
+
+
+def test_metrics_readers() -> None:
+    rows = synthetic_metrics()
+    assert [r["step"] for r in step_rows(rows)] == [1, 2, 3, 4]
+    assert se.eval_rows(rows) == [(0, 0, 0.25), (2, 64, 0.45), (4, 128, 0.65)]
+    assert se.mean_step_time(rows) == pytest.approx((1.0 + 2.0 + 3.0) / 3)  # step 1 dropped
+    assert se.mean_step_time(rows, skip_first=0) == pytest.approx(15.0 / 4)
+    pts = se.run_points("outcome", 3, rows)
+    assert [(p.seed, p.samples) for p in pts] == [(3, 0), (3, 64), (3, 128)]
+    assert metrics_complete(rows, 4) and not metrics_complete(rows, 3)
+    assert not metrics_complete(rows[:-1], 4)
+
+
+def test_evals_csv(tmp_path: Path) -> None:
+    se.write_evals_csv(list(SYNTHETIC), tmp_path / "evals.csv")
+    with open(tmp_path / "evals.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == se.EVAL_COLUMNS
+    assert len(rows) == len(SYNTHETIC)
+    assert rows[-1] == {
+        "method": "pav",
+        "seed": "1",
+        "step": "3",
+        "samples": "300",
+        "eval_accuracy": "0.650000",
+        "step_s": "2.0000",
+    }
+
+
+def test_plot(tmp_path: Path) -> None:
+    curves = {"a": se.aggregate_curve([p for p in SYNTHETIC if p.method == "prime"])}
+    note = se.plot_curves(curves, 0.7, tmp_path / "plot.png")
+    if HAS_MATPLOTLIB:
+        assert note is None and (tmp_path / "plot.png").stat().st_size > 0
+    else:
+        assert note is not None and "matplotlib" in note
+
+
+def test_methods_overrides_load() -> None:
+    from rl.config import load_config
+
+    for method in se.METHODS:
+        params = se.with_verifier(method, method.defaults(), {"verifier": "/tmp/verifier"})
+        overrides = se.method_overrides(method, params)
+        cfg = load_config(REPO / se.CONFIG, [*se.TASK_OVERRIDES, *overrides])
+        assert cfg.data.task["n_steps"] == 4
+    prime = se.select_methods("prime")[0]
+    cfg = load_config(REPO / se.CONFIG, se.method_overrides(prime, {"lr": 2e-4, "prm_lr": 1e-5}))
+    assert cfg.algo.credit == "prime" and cfg.optim.lr == 2e-4
+    assert float(cfg.reward.heads[0].kwargs["lr"]) == 1e-5
+    with pytest.raises(ValueError, match="unknown method"):
+        se.select_methods("outcome,nope")
+    assert [m.name for m in se.select_methods("prime,outcome")] == ["outcome", "prime"]
+
+
+def test_yaml_number_reads_back_as_number() -> None:
+    for value in (1e-5, 1e-4, 2e-4, 0.5, 1.0, 1e-3):
+        text = se.yaml_number(value)
+        assert yaml.safe_load(text) == value, text
+
+
+def test_tuning_choice() -> None:
+    pts = points("m", 0, [0.2, 0.6, 0.8], 1.0)
+    assert se.validation_score(pts) == pytest.approx((0.7, 0.8))
+    trials = [
+        {"value": 1, "score": [0.5, 0.9]},
+        {"value": 2, "score": [0.7, 0.6]},
+        {"value": 3, "score": [0.7, 0.6]},
+        {"value": 4, "score": None},
+    ]
+    assert se.choose(trials)["value"] == 2
+    assert se.choose([{"value": 1, "score": None}]) is None
+    prime = se.select_methods("prime")[0]
+    tuning = {"methods": {"prime": {"chosen": {"lr": 5e-5, "prm_lr": 1e-3}}}}
+    params, source = se.chosen_params(prime, tuning)
+    assert params == {"lr": 5e-5, "prm_lr": 1e-3} and "validation" in source
+    params, source = se.chosen_params(prime, None)
+    assert params == {"lr": 1e-4, "prm_lr": 1e-4} and "not tuned" in source
+
+
+def test_failure_lines() -> None:
+    log = "noise\nerror: algo.credit: unknown credit scheme 'gae'\nmore\n"
+    assert error_line(log) == "error: algo.credit: unknown credit scheme 'gae'"
+    assert classify_failure(log) == "skipped"
+    crash = "x\nerror (rank 1): RuntimeError: boom\nTraceback...\n"
+    assert error_line(crash) == "error (rank 1): RuntimeError: boom"
+    assert classify_failure(crash) == "failed"
+    assert error_line("a\nlast line\n\n") == "last line"
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def throughput_metrics(heads: bool, scale: float = 1.0) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [{"step": 0, "samples": 0, "eval/accuracy": 0.0}]
+    for step in (1, 2, 3):
+        warm = 10.0 if step == 1 else 1.0  # step 1 is warm-up
+        row = {
+            "step": step,
+            "samples": 128 * step,
+            "train/response_tokens_mean": 20.0,
+            "time/rollout_s": 0.4 * scale * warm,
+            "time/reward_s": (0.3 if heads else 0.1) * scale,
+            "time/update_s": 0.5 * scale,
+            "time/weight_sync_s": 0.0,
+            "time/step_s": (1.2 if heads else 1.0) * scale,
+        }
+        if heads:
+            row["time/heads_s"] = 0.2 * scale
+        rows.append(row)
+    return rows
+
+
+def test_phase_times_and_tokens() -> None:
+    times = tp.phase_times(throughput_metrics(heads=True), warmup=1)
+    assert times["rollout"] == pytest.approx(0.4)
+    assert times["heads"] == pytest.approx(0.2)
+    assert times["credit"] == pytest.approx(0.1)
+    assert times["step"] == pytest.approx(1.2)
+    assert tp.phase_times(throughput_metrics(heads=False), warmup=1)["heads"] == 0.0
+    samples, tokens, n = tp.tokens_per_step(throughput_metrics(heads=False), warmup=1)
+    assert (samples, tokens, n) == (128.0, 2560.0, 2)
+
+
+def test_throughput_rows_and_ratios() -> None:
+    base = tp.ThroughputConfig(2, "transformers", False)
+    prm = tp.ThroughputConfig(3, "transformers", True)
+    assert base.name == tp.BASELINE and prm.name == "zero3-transformers-prm"
+    rows = [
+        tp.measure(base, throughput_metrics(False), {"rank0": 500.0, "rank1": 400.0}, 1),
+        tp.measure(prm, throughput_metrics(True, 2.0), {"rank0": 900.0, "rank1": 800.0}, 1),
+        tp.skipped_row(tp.ThroughputConfig(2, "vllm", False), "skipped", "failed: no vllm"),
+    ]
+    tp.add_ratios(rows)
+    assert rows[0]["step_tokens_per_s"] == pytest.approx(2560.0)
+    assert rows[0]["update_tokens_per_s"] == pytest.approx(2560.0 / 0.5)
+    assert rows[1]["step_s_vs_baseline"] == pytest.approx(2.4)
+    assert rows[1]["tokens_per_s_vs_baseline"] == pytest.approx(1 / 2.4)
+    assert rows[1]["peak_rss_mb_max_rank"] == 900.0
+    assert rows[1]["peak_rss_mb_per_rank"] == "rank0=900;rank1=800"
+    assert "VmHWM" in rows[1]["memory_source"]
+    md = tp.render_markdown(rows, {"command": "x", "setup": "y"})
+    assert "| zero3-transformers-prm | 0.800 (2.00x) | 0.400 | 0.200 (2.00x) |" in md
+    assert "| zero3-transformers-prm | 900 (1.80x) |" in md
+    assert "| zero2-transformers | 0.400 (1.00x) | 0.000 |" in md  # no ratio to a zero
+    assert "- zero2-vllm: skipped: failed: no vllm" in md
+
+
+def test_trainer_memory_metrics_win() -> None:
+    rows = throughput_metrics(False)
+    rows[2]["mem/update_peak_rss_mb"] = 700.0
+    rows[3]["mem/update_peak_rss_mb"] = 650.0
+    row = tp.measure(tp.ThroughputConfig(2, "transformers", False), rows, {"rank0": 1.0}, 1)
+    assert row["peak_rss_mb_max_rank"] == 700.0 and "trainer" in row["memory_source"]
+
+
+def test_throughput_csv(tmp_path: Path) -> None:
+    rows = [
+        tp.measure(tp.ThroughputConfig(2, "transformers", False), throughput_metrics(False), {}, 1)
+    ]
+    rows.append(tp.skipped_row(tp.ThroughputConfig(2, "vllm", False), "skipped", "why"))
+    tp.add_ratios(rows)
+    tp.write_csv(rows, tmp_path / "t.csv")
+    with open(tmp_path / "t.csv") as f:
+        got = list(csv.DictReader(f))
+    assert tuple(got[0]) == tp.CSV_COLUMNS
+    assert got[0]["status"] == "ok" and float(got[0]["step_s_vs_baseline"]) == 1.0
+    assert got[1]["status"] == "skipped" and got[1]["step_s"] == ""
+    assert got[0]["heads_tokens_per_s"] == ""  # no heads: NaN, written empty
+
+
+def test_mfu_and_peak_flops() -> None:
+    assert tp.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert tp.peak_flops("NVIDIA H200") == 989e12
+    assert tp.peak_flops("cpu") is None
+    # 6 * 1e9 params * 1e4 tokens / 1 s / (2 x 989e12) = 3.03%
+    assert tp.mfu(10**9, 1e4, 1.0, 989e12, 2) == pytest.approx(6e13 / 1.978e15)
+
+
+def test_select_configs() -> None:
+    names = [c.name for c in tp.select_configs(None)]
+    assert names[0] == tp.BASELINE and len(names) == 8 and len(set(names)) == 8
+    assert [c.name for c in tp.select_configs("zero3-vllm-prm")] == ["zero3-vllm-prm"]
+    with pytest.raises(ValueError):
+        tp.select_configs("zero5")
+
+
+# ----------------------------------------------------------------------------- memory estimates
+
+
+def test_memory_estimates() -> None:
+    rows = zm.estimates(gpus=8)
+    assert len(rows) == len(zm.SHAPES) * len(zm.SETUPS) * 2
+    assert all(b > 0 for r in rows for _, b in r.parts)
+    by = {(r.model, r.setup, r.stage): r.total for r in rows}
+    for shape in zm.SHAPES:
+        for setup in zm.SETUPS:
+            assert by[(shape.name, setup, 3)] < by[(shape.name, setup, 2)]
+    p = 1_500_000_000
+    assert zm.trained_bytes(p, 1, 2, 8) == 2 * p + 18 * p // 8  # DeepSpeed's ZeRO-2 formula
+    assert zm.frozen_bytes(p, 10, 3, 8) == 2 * p // 8 + 40
+    doc = zm.render_document(8)
+    assert "| 7B | GRPO (policy only) | 2 | 27.7 | - | 27.7 |" in doc
+    assert "offload_optimizer=none" in doc  # DeepSpeed's own printout is included
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+SHORT_SFT = "model.tiny.sft_steps=10"
+"""The e2e test does not need a warmed-up start model, only one that loads (builds in s)."""
+
+
+@pytest.mark.e2e
+def test_quick_benchmarks_end_to_end(tmp_path: Path) -> None:
+    """sample_efficiency --quick (outcome + PRIME, 2 steps) and throughput --quick (baseline
+    only): the files are written and well formed; the numbers are not checked."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    cache = tmp_path / "cache"
+    se_out = tmp_path / "se"
+    cmd = [sys.executable, "benchmarks/sample_efficiency.py", "--quick"]
+    cmd += ["--methods", "outcome,prime", "--steps", "2", "--eval-every", "1"]
+    cmd += ["--runs-dir", str(tmp_path / "se_runs"), "--out", str(se_out)]
+    cmd += ["--cache-dir", str(cache), SHORT_SFT]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(se_out / "evals.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == se.EVAL_COLUMNS
+    assert {(r["method"], int(r["step"])) for r in rows} == {
+        (m, s) for m in ("outcome", "prime") for s in (0, 1, 2)
+    }
+    assert all(0.0 <= float(r["eval_accuracy"]) <= 1.0 for r in rows)
+    summary = (se_out / "summary.md").read_text()
+    assert "| GRPO, outcome only | 1 |" in summary
+    assert "| GRPO + online implicit PRM (PRIME) | 1 |" in summary
+    if HAS_MATPLOTLIB:
+        assert (se_out / "accuracy_vs_samples.png").stat().st_size > 0
+    else:
+        assert "matplotlib is not installed" in summary
+
+    tp_out = tmp_path / "tp"
+    cmd = [sys.executable, "benchmarks/throughput.py", "--quick", "--configs", tp.BASELINE]
+    cmd += ["--steps", "2", "--runs-dir", str(tmp_path / "tp_runs"), "--out", str(tp_out)]
+    cmd += ["--cache-dir", str(cache), SHORT_SFT]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tp_out / "throughput.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["status"] == "ok" and float(row["step_s"]) > 0
+    assert float(row["peak_rss_mb_max_rank"]) > 0
+    assert f"| {tp.BASELINE} |" in (tp_out / "throughput.md").read_text()
+    assert "| 7B |" in (tp_out / "memory_estimates.md").read_text()
