@@ -446,6 +446,8 @@ def render_table(target: float | None, rows: list[SummaryRow]) -> str:
         "| sample-efficiency gain | step time vs outcome-only | papers |",
         "|---|---|---|---|---|---|---|",
     ]
+    if not rows:
+        out.append("| (no finished runs) | | | | | | |")
     for r in rows:
         if target is None:
             reach = "n/a (no outcome-only baseline)"
@@ -593,6 +595,8 @@ class Setup:
     runs_dir: Path
     base: tuple[str, ...]
     """Task, budget, size and cache overrides (method overrides come after)."""
+    extra: tuple[str, ...]
+    """The command line's own overrides: last, so they win over everything."""
     steps: int
     eval_every: int
     ranks: int
@@ -629,8 +633,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
     base += [f"trainer.save_every={every}"]
     if args.cache_dir:
         base.append(f"model.cache_dir={Path(args.cache_dir).resolve()}")
-    base += args.overrides
-    return Setup(runs_dir.resolve(), tuple(base), steps, every, args.ranks)
+    return Setup(runs_dir.resolve(), tuple(base), tuple(args.overrides), steps, every, args.ranks)
 
 
 def run_spec(
@@ -639,7 +642,7 @@ def run_spec(
     from benchmarks.launching import RUN_DEFAULTS
 
     overrides = [*RUN_DEFAULTS, *setup.base, *method_overrides(method, params)]
-    overrides += [f"seed={seed}", f"data.eval_split={split}"]
+    overrides += [f"seed={seed}", f"data.eval_split={split}", *setup.extra]
     return RunSpec(
         name=f"{method.name} seed{seed}"
         if split == "eval"
@@ -657,7 +660,7 @@ def verifier_spec(setup: Setup) -> RunSpec:
     """The PAV verifier's training job (trained once, from the shared start model)."""
     out = setup.runs_dir / "pav_verifier"
     keep = [o for o in setup.base if not o.startswith("trainer.")]
-    overrides = ("logging.wandb=false", *keep, f"pav.output_dir={out}")
+    overrides = ("logging.wandb=false", *keep, *setup.extra, f"pav.output_dir={out}")
     return RunSpec(
         name="pav verifier",
         out_dir=out,
@@ -731,7 +734,7 @@ def tune(setup: Setup, methods: list[Method], verifier: dict[str, Any], path: Pa
         "the accuracy-vs-samples curve); ties: final validation accuracy, then candidate order",
         "split": "validation",
         "seed": TUNE_SEED,
-        "base_overrides": list(setup.base),
+        "base_overrides": [*setup.base, *setup.extra],
         "methods": {},
     }
     if path.is_file():  # keep other methods' results when tuning a subset
@@ -821,7 +824,9 @@ def evaluate_methods(
     meta = {
         "command": command,
         "task": list(TASK_OVERRIDES),
-        "budget": f"{setup.steps} steps, eval every {setup.eval_every}, {seeds} seed(s) per method",
+        "budget": f"{setup.steps} step(s), eval every {setup.eval_every}, "
+        f"{seeds} seed(s) per method"
+        + (f"; extra overrides {list(setup.extra)}" if setup.extra else ""),
         "hyperparameters": "; ".join(f"{m.name}: {sources[m.name]}" for m in methods),
     }
     text = render_summary(target, rows, not_run_reasons(results), meta)
@@ -858,7 +863,7 @@ def main(argv: list[str]) -> int:
             )
             print(" ".join(launch_command(spec)))
         return 0
-    prebuild_start_model(CONFIG, setup.base)
+    prebuild_start_model(CONFIG, [*setup.base, *setup.extra])
     verifier: dict[str, Any] = {}
     if any(m.needs_verifier for m in methods):
         path, reason = ensure_pav_verifier(setup)

@@ -39,6 +39,7 @@ from rl.data import PromptRow, PromptSampler, batch_columns, load_rows, prepare_
 from rl.errors import ConfigError, RewardError
 from rl.forward import response_logits
 from rl.losses import aggregate_loss, engine_loss_scale, policy_loss, token_entropy, token_logprobs
+from rl.memory import PhaseMeter
 from rl.metrics import MetricsLogger, truncate_after
 from rl.models import load_policy
 from rl.ppo import dense_token_rewards, gae, last_valid_index, masked_moments, whiten
@@ -671,38 +672,39 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train_step(self) -> dict[str, Any]:
-        times: dict[str, float] = {}
+        meter = PhaseMeter()
         start = time.perf_counter()
-        batch = self.collect()
-        times["time/rollout_s"] = time.perf_counter() - start
-        t = time.perf_counter()
-        rewards, per_fn = self.score(batch)
-        scored = Scored(rewards, per_fn)
-        if self.heads:
-            t_heads = time.perf_counter()
-            scored = self.score_heads(batch, per_fn)
-            scored.outcome = rewards
-            times["time/heads_s"] = time.perf_counter() - t_heads
-        logprobs = None
-        value_targets = None
-        gae_stats: dict[str, float] = {}
-        if self.critic is not None:  # old/ref log-probs first: KL-in-reward needs them
+        with meter.phase("rollout"):
+            batch = self.collect()
+        with meter.phase("reward"):
+            rewards, per_fn = self.score(batch)
+            scored = Scored(rewards, per_fn)
+            if self.heads:
+                t_heads = time.perf_counter()
+                scored = self.score_heads(batch, per_fn)
+                scored.outcome = rewards
+                heads_s = time.perf_counter() - t_heads
+            logprobs = None
+            value_targets = None
+            gae_stats: dict[str, float] = {}
+            if self.critic is not None:  # old/ref log-probs first: KL-in-reward needs them
+                self.rollout.prepare_for_update()
+                logprobs = self.recompute_logprobs(batch)
+                advantages, value_targets, gae_stats = self.gae_credit(batch, scored, *logprobs)
+            elif self.credit_scheme == "outcome":
+                advantages = self.credit(batch, rewards)
+            else:
+                advantages = self.process_credit(batch, scored)
+        with meter.phase("update"):
             self.rollout.prepare_for_update()
-            logprobs = self.recompute_logprobs(batch)
-            advantages, value_targets, gae_stats = self.gae_credit(batch, scored, *logprobs)
-        elif self.credit_scheme == "outcome":
-            advantages = self.credit(batch, rewards)
-        else:
-            advantages = self.process_credit(batch, scored)
-        times["time/reward_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        self.rollout.prepare_for_update()
-        stats = self.update(batch, advantages, logprobs, value_targets)
-        stats.update(gae_stats)
-        times["time/update_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        self.rollout.sync_weights(self.engine)
-        times["time/weight_sync_s"] = time.perf_counter() - t
+            stats = self.update(batch, advantages, logprobs, value_targets)
+            stats.update(gae_stats)
+        with meter.phase("weight_sync"):
+            self.rollout.sync_weights(self.engine)
+        times = {f"time/{name}_s": seconds for name, seconds in meter.times.items()}
+        if self.heads:
+            times["time/heads_s"] = heads_s
+        memory = self._memory_row(meter)
         self.state.step += 1
         self.state.samples += self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
         reward_sums = eng.all_reduce_sum(
@@ -729,6 +731,20 @@ class Trainer:
         row["data/skipped_long_prompts"] = self.skipped_prompts
         times["time/step_s"] = time.perf_counter() - start
         row.update(times)
+        row.update(memory)
+        return row
+
+    @staticmethod
+    def _memory_row(meter: PhaseMeter) -> dict[str, float]:
+        """`mem/<phase>_peak_rss_mb` (and `_peak_gpu_mb` on CUDA), the max over ranks."""
+        names = list(meter.peak_rss_mb)
+        values = [meter.peak_rss_mb[n] for n in names] + [
+            meter.peak_gpu_mb.get(n, 0.0) for n in names
+        ]
+        peaks = eng.all_reduce_max(torch.tensor(values, dtype=torch.float64)).tolist()
+        row = {f"mem/{n}_peak_rss_mb": peaks[i] for i, n in enumerate(names)}
+        if meter.peak_gpu_mb:
+            row.update({f"mem/{n}_peak_gpu_mb": peaks[len(names) + i] for i, n in enumerate(names)})
         return row
 
     def should_eval(self, step: int) -> bool:
