@@ -56,6 +56,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.launching import (  # noqa: E402
+    RUN_DEFAULTS,
     TRAIN_PAV,
     RunResult,
     RunSpec,
@@ -639,8 +640,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
 def run_spec(
     setup: Setup, method: Method, params: dict[str, Any], seed: int, split: str, out_dir: Path
 ) -> RunSpec:
-    from benchmarks.launching import RUN_DEFAULTS
-
+    """One training run of `method` with `params`, evaluated on `split`."""
     overrides = [*RUN_DEFAULTS, *setup.base, *method_overrides(method, params)]
     overrides += [f"seed={seed}", f"data.eval_split={split}", *setup.extra]
     return RunSpec(

@@ -14,9 +14,11 @@ tokens/s, and every configuration's ratio to the baseline (ZeRO-2, transformers,
 Tokens are generated response tokens: train/response_tokens_mean x samples per step (all
 ranks); a phase's tokens/s is those tokens over its mean time.
 
-Memory: the trainer's own `mem/*` metrics when it logs them (max over the timed steps);
-otherwise peak resident memory of each rank process over the whole run (VmHWM from
-/proc, polled from outside) - per run, not per phase. On CUDA it also reports the MFU of the
+Memory, two sources: per phase, the trainer's `mem/<phase>_peak_rss_mb` (and
+`mem/<phase>_peak_gpu_mb` on CUDA): the peak within the phase, max over ranks, here the max
+over the timed steps (phases rollout, reward = heads + credit, update, weight_sync); per run,
+the peak resident memory of each rank process over its whole life (VmHWM from /proc, polled
+from outside; includes model loading and evaluation). On CUDA it also reports the MFU of the
 update phase: 6 x params x tokens / update time / (ranks x peak bf16 dense FLOPs).
 
     .venv/bin/python benchmarks/throughput.py [--quick] [--configs zero2-transformers,...]
@@ -90,6 +92,9 @@ PEAK_BF16_FLOPS: dict[str, float] = {
 }
 """Dense bf16 peak per GPU by a substring of the device name (no sparsity)."""
 
+MEM_PHASES: tuple[str, ...] = ("rollout", "reward", "update", "weight_sync")
+"""Phases the trainer logs `mem/<phase>_peak_rss_mb` for (`reward` includes the heads)."""
+
 TOKEN_PHASES: tuple[str, ...] = ("rollout", "heads", "update", "step")
 """Phases whose tokens/s is reported (credit and weight sync do not scale with tokens)."""
 
@@ -107,18 +112,20 @@ CSV_COLUMNS: tuple[str, ...] = (
     *(f"{phase}_tokens_per_s" for phase in TOKEN_PHASES),
     "step_s_vs_baseline",
     "tokens_per_s_vs_baseline",
-    "peak_rss_mb_max_rank",
-    "peak_rss_mb_per_rank",
-    "memory_source",
+    *(f"{phase}_peak_rss_mb" for phase in MEM_PHASES),
+    *(f"{phase}_peak_gpu_mb" for phase in MEM_PHASES),
+    "run_peak_rss_mb_max_rank",
+    "run_peak_rss_mb_per_rank",
     "update_mfu",
 )
 """throughput.csv: configuration name, ZeRO stage, rollout backend, implicit PRM head on;
 ok / skipped and why; steps averaged; samples and generated response tokens per step (all
 ranks); mean seconds per phase (see the module docstring); tokens/s of the rollout, heads
 (empty without heads) and update phases and of the whole step; the step time and tokens/s
-relative to the baseline; peak memory (MiB) of the largest rank and of each rank
-(`rank0=..;rank1=..`) and where that number comes from; MFU of the update phase (CUDA only,
-else empty)."""
+relative to the baseline; per phase, the trainer's peak resident and GPU memory (MiB, max
+over ranks and timed steps; empty where not logged); the whole run's peak resident memory
+(MiB) of the largest rank and of each rank (`rank0=..;rank1=..`, `other=` the sum of the
+peaks of processes the ranks started); MFU of the update phase (CUDA only, else empty)."""
 
 
 @dataclass(frozen=True)
@@ -181,13 +188,18 @@ def tokens_per_step(rows: list[dict[str, Any]], warmup: int) -> tuple[float, flo
     return per_step, tokens, len(steps)
 
 
-def trainer_memory(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Max over rows of every `mem/*` metric the trainer logs ({} when it logs none)."""
+def trainer_memory(rows: list[dict[str, Any]], warmup: int) -> dict[str, float]:
+    """`{phase}_peak_rss_mb` / `{phase}_peak_gpu_mb`: max over the step rows after the first
+    `warmup` of the trainer's `mem/<phase>_peak_*_mb` ({} when it logs none)."""
+    steps = step_rows(rows)
+    if len(steps) > warmup:
+        steps = steps[warmup:]
     out: dict[str, float] = {}
-    for r in rows:
+    for r in steps:
         for key, value in r.items():
             if key.startswith("mem/") and isinstance(value, (int, float)):
-                out[key] = max(out.get(key, -math.inf), float(value))
+                name = key[len("mem/") :]
+                out[name] = max(out.get(name, -math.inf), float(value))
     return out
 
 
@@ -225,16 +237,13 @@ def measure(
         row[f"{phase}_s"] = times[phase]
         if phase in TOKEN_PHASES:
             row[f"{phase}_tokens_per_s"] = tokens / times[phase] if times[phase] > 0 else math.nan
-    logged = trainer_memory(step_rows(rows))
-    if logged:
-        row["peak_rss_mb_max_rank"] = max(logged.values())
-        row["peak_rss_mb_per_rank"] = ";".join(f"{k}={v:.0f}" for k, v in sorted(logged.items()))
-        row["memory_source"] = "trainer mem/* metrics, max over the timed steps"
-    else:
-        ranks = {k: v for k, v in peak_rss_mb.items() if k.startswith("rank")}
-        row["peak_rss_mb_max_rank"] = max(ranks.values()) if ranks else math.nan
-        row["peak_rss_mb_per_rank"] = ";".join(f"{k}={v:.0f}" for k, v in peak_rss_mb.items())
-        row["memory_source"] = "VmHWM of each rank process, whole run (polled from outside)"
+    logged = trainer_memory(rows, warmup)
+    for phase in MEM_PHASES:
+        for kind in ("rss", "gpu"):
+            row[f"{phase}_peak_{kind}_mb"] = logged.get(f"{phase}_peak_{kind}_mb", math.nan)
+    ranks = {k: v for k, v in peak_rss_mb.items() if k.startswith("rank")}
+    row["run_peak_rss_mb_max_rank"] = max(ranks.values()) if ranks else math.nan
+    row["run_peak_rss_mb_per_rank"] = ";".join(f"{k}={v:.0f}" for k, v in peak_rss_mb.items())
     return row
 
 
@@ -305,16 +314,28 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(f"| {r['config']} | " + " | ".join(cells + tok) + " |")
     lines += [
         "",
-        "Peak memory (MiB); source per row:",
+        "Peak resident memory, MiB (ratio to the baseline): per phase from the trainer's "
+        "`mem/<phase>_peak_rss_mb` (max over ranks and timed steps; `-` where not logged), and "
+        "over each rank's whole run measured from outside (VmHWM):",
         "",
-        "| config | largest rank (ratio) | per rank | source |",
-        "|---|---|---|---|",
+        "| config | rollout | reward (heads incl.) | update | weight sync "
+        "| whole run, largest rank | whole run, per rank |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in ok:
-        peak = ratio_text(r["peak_rss_mb_max_rank"], base["peak_rss_mb_max_rank"] if base else None)
+        cells = [
+            ratio_text(r[key], base[key] if base else None)
+            for key in [*(f"{p}_peak_rss_mb" for p in MEM_PHASES), "run_peak_rss_mb_max_rank"]
+        ]
         lines.append(
-            f"| {r['config']} | {peak} | {r['peak_rss_mb_per_rank']} | {r['memory_source']} |"
+            f"| {r['config']} | " + " | ".join(cells) + f" | {r['run_peak_rss_mb_per_rank']} |"
         )
+    if any(not math.isnan(r.get("update_peak_gpu_mb", math.nan)) for r in ok):
+        lines += ["", "Peak GPU memory allocated per phase, MiB (max over ranks):", ""]
+        lines += ["| config | " + " | ".join(MEM_PHASES) + " |", "|---|---|---|---|---|"]
+        for r in ok:
+            cells = [fmt(r[f"{p}_peak_gpu_mb"]) for p in MEM_PHASES]
+            lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
     if any(r.get("update_mfu") for r in ok):
         lines += ["", "| config | update-phase MFU |", "|---|---|"]
         lines += [

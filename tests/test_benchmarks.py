@@ -228,9 +228,10 @@ def test_failure_lines() -> None:
 
 
 def throughput_metrics(heads: bool, scale: float = 1.0) -> list[dict[str, Any]]:
+    """Three steps; step 1 is warm-up (slow rollout, large memory)."""
     rows: list[dict[str, Any]] = [{"step": 0, "samples": 0, "eval/accuracy": 0.0}]
     for step in (1, 2, 3):
-        warm = 10.0 if step == 1 else 1.0  # step 1 is warm-up
+        warm = 10.0 if step == 1 else 1.0
         row = {
             "step": step,
             "samples": 128 * step,
@@ -241,6 +242,8 @@ def throughput_metrics(heads: bool, scale: float = 1.0) -> list[dict[str, Any]]:
             "time/weight_sync_s": 0.0,
             "time/step_s": (1.2 if heads else 1.0) * scale,
         }
+        for i, phase in enumerate(tp.MEM_PHASES):
+            row[f"mem/{phase}_peak_rss_mb"] = 100.0 * (i + 1) * scale * warm
         if heads:
             row["time/heads_s"] = 0.2 * scale
         rows.append(row)
@@ -272,22 +275,29 @@ def test_throughput_rows_and_ratios() -> None:
     assert rows[0]["update_tokens_per_s"] == pytest.approx(2560.0 / 0.5)
     assert rows[1]["step_s_vs_baseline"] == pytest.approx(2.4)
     assert rows[1]["tokens_per_s_vs_baseline"] == pytest.approx(1 / 2.4)
-    assert rows[1]["peak_rss_mb_max_rank"] == 900.0
-    assert rows[1]["peak_rss_mb_per_rank"] == "rank0=900;rank1=800"
-    assert "VmHWM" in rows[1]["memory_source"]
+    assert rows[1]["run_peak_rss_mb_max_rank"] == 900.0
+    assert rows[1]["run_peak_rss_mb_per_rank"] == "rank0=900;rank1=800"
+    assert rows[1]["update_peak_rss_mb"] == pytest.approx(600.0)  # warm-up step 1 dropped
+    assert math.isnan(rows[1]["update_peak_gpu_mb"])
     md = tp.render_markdown(rows, {"command": "x", "setup": "y"})
     assert "| zero3-transformers-prm | 0.800 (2.00x) | 0.400 | 0.200 (2.00x) |" in md
-    assert "| zero3-transformers-prm | 900 (1.80x) |" in md
+    assert (
+        "| zero3-transformers-prm | 200 (2.00x) | 400 (2.00x) | 600 (2.00x) | 800 (2.00x) "
+        "| 900 (1.80x) | rank0=900;rank1=800 |"
+    ) in md
     assert "| zero2-transformers | 0.400 (1.00x) | 0.000 |" in md  # no ratio to a zero
     assert "- zero2-vllm: skipped: failed: no vllm" in md
 
 
-def test_trainer_memory_metrics_win() -> None:
+def test_trainer_memory_per_phase() -> None:
     rows = throughput_metrics(False)
-    rows[2]["mem/update_peak_rss_mb"] = 700.0
-    rows[3]["mem/update_peak_rss_mb"] = 650.0
-    row = tp.measure(tp.ThroughputConfig(2, "transformers", False), rows, {"rank0": 1.0}, 1)
-    assert row["peak_rss_mb_max_rank"] == 700.0 and "trainer" in row["memory_source"]
+    rows[1]["mem/update_peak_gpu_mb"] = 9999.0  # warm-up step: not counted
+    rows[2]["mem/update_peak_gpu_mb"] = 70.0
+    rows[3]["mem/update_peak_gpu_mb"] = 65.0
+    assert tp.trainer_memory(rows, 1)["update_peak_gpu_mb"] == 70.0
+    row = tp.measure(tp.ThroughputConfig(2, "transformers", False), rows, {}, 1)
+    assert row["update_peak_gpu_mb"] == 70.0 and math.isnan(row["run_peak_rss_mb_max_rank"])
+    assert "Peak GPU memory" in tp.render_markdown([row], {})
 
 
 def test_throughput_csv(tmp_path: Path) -> None:
@@ -384,6 +394,7 @@ def test_quick_benchmarks_end_to_end(tmp_path: Path) -> None:
     with open(tp_out / "throughput.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["status"] == "ok" and float(row["step_s"]) > 0
-    assert float(row["peak_rss_mb_max_rank"]) > 0
+    assert float(row["run_peak_rss_mb_max_rank"]) > 0
+    assert float(row["update_peak_rss_mb"]) > 0
     assert f"| {tp.BASELINE} |" in (tp_out / "throughput.md").read_text()
     assert "| 7B |" in (tp_out / "memory_estimates.md").read_text()
