@@ -4,7 +4,9 @@ Shared by `benchmarks/sample_efficiency.py` and `benchmarks/throughput.py`. A ru
 `RunSpec` (script, config, overrides, output dir). `execute` launches it unless its
 `metrics.jsonl` is already complete for exactly the same command (then it is reused), writes
 the launcher's output to `<out_dir>/launch.log`, and while it runs polls the peak resident
-memory (`VmHWM` from /proc, the kernel's high-water mark) of each rank process.
+memory (`VmHWM` from /proc, the kernel's high-water mark) of each rank process. When the
+job ends it removes the job's DeepSpeed shared-memory buffers from /dev/shm (the CPU backend
+never unlinks them: ~66 MiB of RAM per rank per job otherwise stays taken).
 
 A run that exits non-zero is `skipped` when the trainer reported a user error (a line
 starting with `error: `: a config or prerequisite problem, e.g. an unknown credit scheme or a
@@ -33,6 +35,8 @@ TRAIN_PAV = "launch/train_pav.py"
 SPEC_FILE = "benchmark_run.json"
 """Written into a run's output dir before launch: the exact command, to detect stale runs."""
 LOG_FILE = "launch.log"
+RESULT_FILE = "benchmark_result.json"
+"""Written after a finished run: its wall time and peak memory, reported again when cached."""
 
 RUN_DEFAULTS: tuple[str, ...] = (
     "logging.wandb=false",
@@ -44,6 +48,9 @@ RUN_DEFAULTS: tuple[str, ...] = (
 """Overrides every benchmark training run gets (before its own)."""
 
 Status = Literal["done", "cached", "skipped", "failed"]
+
+PEER_CRASH = r"Connection closed by peer|remote worker crash"
+"""A rank's error that only reports another rank's death (not the cause)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ class RunResult:
     reason: str = ""
     """The trainer's error line for skipped / failed runs."""
     wall_s: float = 0.0
-    """Launch to exit, seconds (0 for a cached run)."""
+    """Launch to exit, seconds (a cached run: its original time, if recorded)."""
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     """Peak resident memory (VmHWM, MiB) over the whole run, per rank process (`rank0`, ...),
     plus `other` = the sum of the peaks of any further processes the ranks started."""
@@ -108,6 +115,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path` ({} if missing or unreadable)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def metrics_complete(rows: list[dict[str, Any]], max_steps: int) -> bool:
     """True when the rows hold the final step's row with its eval accuracy."""
     return any(r.get("step") == max_steps and "eval/accuracy" in r for r in rows)
@@ -119,14 +135,28 @@ def step_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def error_line(log_text: str) -> str:
-    """The trainer's own error line (`error: ...` or `error (rank N): ...`), else the last
-    non-empty line of the log."""
+def error_line(log_text: str, limit: int = 300) -> str:
+    """Why a run failed, from its log, at most `limit` characters: the trainer's own error
+    line (`error: ...` or `error (rank N): ...`; one naming a crashed peer only if there is
+    no other), else a rank killed by a signal, else the last Python exception line, else the
+    last non-empty line."""
     lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
     errors = [ln for ln in lines if re.match(r"^error( \(rank \d+\))?: ", ln)]
-    if errors:
-        return errors[0]
-    return lines[-1] if lines else "no output"
+    primary = [ln for ln in errors if not re.search(PEER_CRASH, ln)]
+    killed = re.search(r"exits with return code = (-\d+)", log_text)
+    exceptions = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*: ", ln)]
+    if primary or (errors and not killed):
+        line = (primary or errors)[0]
+    elif killed:
+        code = int(killed.group(1))
+        line = f"a rank was killed by signal {-code}" + (
+            " (SIGKILL: out of memory?)" if code == -9 else ""
+        )
+    elif exceptions:
+        line = exceptions[-1]
+    else:
+        line = lines[-1] if lines else "no output"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def classify_failure(log_text: str) -> Status:
@@ -261,6 +291,24 @@ class MemoryWatcher:
         return out
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def release_shm(port: int) -> list[Path]:
+    """Remove the shared-memory all-reduce buffers DeepSpeed's CPU backend created for the
+    job on `port` and never unlinks (`deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`,
+    ~66 MiB of RAM per rank each, left in /dev/shm after the job ends). Only this job's
+    files: the name carries its master port. Returns the removed paths."""
+    removed = []
+    for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
 def stop(proc: subprocess.Popen[Any]) -> None:
     """SIGKILL the process group of a launcher this module started (its ranks included)."""
     try:
@@ -273,15 +321,19 @@ def stop(proc: subprocess.Popen[Any]) -> None:
 def execute(spec: RunSpec, poll_s: float = 0.5, timeout_s: float | None = None) -> RunResult:
     """Run `spec` unless cached; returns its result (never raises for a failed run)."""
     if is_cached(spec):
-        return RunResult(spec, "cached")
+        saved = read_json(spec.out_dir / RESULT_FILE)
+        return RunResult(
+            spec, "cached", "", float(saved.get("wall_s", 0.0)), saved.get("peak_rss_mb", {})
+        )
     prepare_dir(spec)
     log_path = spec.out_dir / LOG_FILE
     start = time.perf_counter()
+    port = free_port()
     with open(log_path, "a") as log:
-        log.write(f"# {' '.join(command(spec))}\n")
+        log.write(f"# {' '.join(command(spec, port))}\n")
         log.flush()
         proc = subprocess.Popen(
-            command(spec, free_port()),
+            command(spec, port),
             cwd=REPO,
             env=run_env(),
             stdout=log,
@@ -300,11 +352,16 @@ def execute(spec: RunSpec, poll_s: float = 0.5, timeout_s: float | None = None) 
         except BaseException:  # Ctrl-C: the launcher runs in its own session, end it too
             stop(proc)
             raise
+        finally:
+            release_shm(port)
     wall = time.perf_counter() - start
     text = log_path.read_text()
     complete = is_complete(spec)
     if proc.returncode == 0 and complete:
-        return RunResult(spec, "done", "", wall, watcher.peaks())
+        result = RunResult(spec, "done", "", wall, watcher.peaks())
+        saved = {"wall_s": wall, "peak_rss_mb": result.peak_rss_mb}
+        (spec.out_dir / RESULT_FILE).write_text(json.dumps(saved, indent=2) + "\n")
+        return result
     if proc.returncode == 0:
         return RunResult(spec, "failed", "exited 0 but its outputs are incomplete", wall)
     return RunResult(spec, classify_failure(text), error_line(text), wall, watcher.peaks())

@@ -92,6 +92,10 @@ PEAK_BF16_FLOPS: dict[str, float] = {
 }
 """Dense bf16 peak per GPU by a substring of the device name (no sparsity)."""
 
+MIN_RATIO_BASE_S = 1e-3
+"""Phase times of the baseline below this (e.g. weight sync without vLLM: microseconds) get
+no ratio in throughput.md."""
+
 MEM_PHASES: tuple[str, ...] = ("rollout", "reward", "update", "weight_sync")
 """Phases the trainer logs `mem/<phase>_peak_rss_mb` for (`reward` includes the heads)."""
 
@@ -278,9 +282,10 @@ def fmt(value: float) -> str:
     return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
 
 
-def ratio_text(value: float, base: float | None) -> str:
-    """`0.512 (1.23x)`: a value and its ratio to the baseline's (no ratio to a zero/NaN)."""
-    if base is None or not base or math.isnan(base) or math.isnan(value):
+def ratio_text(value: float, base: float | None, min_base: float = 0.0) -> str:
+    """`0.512 (1.23x)`: a value and its ratio to the baseline's; no ratio where the
+    baseline is missing, NaN or not above `min_base` (a phase that takes no time)."""
+    if base is None or math.isnan(base) or base <= min_base or math.isnan(value):
         return fmt(value)
     return f"{fmt(value)} ({value / base:.2f}x)"
 
@@ -304,7 +309,7 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
     for r in ok:
         cells = [
-            ratio_text(r[f"{phase}_s"], base[f"{phase}_s"] if base else None)
+            ratio_text(r[f"{phase}_s"], base[f"{phase}_s"] if base else None, MIN_RATIO_BASE_S)
             for phase in ("rollout", "heads", "credit", "update", "weight_sync", "step")
         ]
         tok = [
@@ -343,7 +348,7 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         ]
     not_ok = [r for r in rows if r["status"] != "ok"]
     if not_ok:
-        lines += ["", "Not measured:", ""]
+        lines += ["", "Not measured (status: the error):", ""]
         lines += [f"- {r['config']}: {r['status']}: {r['reason']}" for r in not_ok]
     lines += [
         "",
@@ -460,7 +465,7 @@ def main(argv: list[str]) -> int:
     rows = []
     for config, result in zip(configs, results, strict=True):
         if not result.ok:  # e.g. vLLM not installable or unsupported here
-            rows.append(skipped_row(config, "skipped", f"{result.status}: {result.reason}"))
+            rows.append(skipped_row(config, result.status, result.reason))
             continue
         metrics = read_jsonl(result.spec.out_dir / "metrics.jsonl")
         rows.append(measure(config, metrics, result.peak_rss_mb, warmup))

@@ -198,13 +198,14 @@ def test_yaml_number_reads_back_as_number() -> None:
 def test_tuning_choice() -> None:
     pts = points("m", 0, [0.2, 0.6, 0.8], 1.0)
     assert se.validation_score(pts) == pytest.approx((0.7, 0.8))
-    trials = [
+    trials: list[dict[str, Any]] = [
         {"value": 1, "score": [0.5, 0.9]},
         {"value": 2, "score": [0.7, 0.6]},
         {"value": 3, "score": [0.7, 0.6]},
         {"value": 4, "score": None},
     ]
-    assert se.choose(trials)["value"] == 2
+    best = se.choose(trials)
+    assert best is not None and best["value"] == 2
     assert se.choose([{"value": 1, "score": None}]) is None
     prime = se.select_methods("prime")[0]
     tuning = {"methods": {"prime": {"chosen": {"lr": 5e-5, "prm_lr": 1e-3}}}}
@@ -222,6 +223,15 @@ def test_failure_lines() -> None:
     assert error_line(crash) == "error (rank 1): RuntimeError: boom"
     assert classify_failure(crash) == "failed"
     assert error_line("a\nlast line\n\n") == "last line"
+    peer = "error (rank 0): RuntimeError: [pair.cc:553] Connection closed by peer [127.0.0.1]:1"
+    assert error_line(f"{peer}\nerror (rank 1): ValueError: no kv cache\n").endswith("kv cache")
+    killed = "[launch.py:259:sigkill_handler] ['python', 'x'] exits with return code = -9\n"
+    assert (
+        error_line(peer + "\n" + killed)
+        == "a rank was killed by signal 9 (SIGKILL: out of memory?)"
+    )
+    assert error_line("Traceback\n  File x\nValueError: bad\nlast\n") == "ValueError: bad"
+    assert len(error_line("error: " + "x" * 1000)) == 300
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -281,6 +291,7 @@ def test_throughput_rows_and_ratios() -> None:
     assert math.isnan(rows[1]["update_peak_gpu_mb"])
     md = tp.render_markdown(rows, {"command": "x", "setup": "y"})
     assert "| zero3-transformers-prm | 0.800 (2.00x) | 0.400 | 0.200 (2.00x) |" in md
+    assert "| 1.00 (2.00x) | 0.000 | 2.40 (2.40x) |" in md  # weight sync: no ratio to 0 s
     assert (
         "| zero3-transformers-prm | 200 (2.00x) | 400 (2.00x) | 600 (2.00x) | 800 (2.00x) "
         "| 900 (1.80x) | rank0=900;rank1=800 |"
@@ -384,6 +395,8 @@ def test_quick_benchmarks_end_to_end(tmp_path: Path) -> None:
         assert (se_out / "accuracy_vs_samples.png").stat().st_size > 0
     else:
         assert "matplotlib is not installed" in summary
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.count(": cached") == 2  # finished runs reused
 
     tp_out = tmp_path / "tp"
     cmd = [sys.executable, "benchmarks/throughput.py", "--quick", "--configs", tp.BASELINE]
@@ -398,3 +411,18 @@ def test_quick_benchmarks_end_to_end(tmp_path: Path) -> None:
     assert float(row["update_peak_rss_mb"]) > 0
     assert f"| {tp.BASELINE} |" in (tp_out / "throughput.md").read_text()
     assert "| 7B |" in (tp_out / "memory_estimates.md").read_text()
+
+
+def test_release_shm_removes_only_this_jobs_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import launching
+
+    monkeypatch.setattr(launching, "SHM_DIR", tmp_path)
+    uid = os.getuid()
+    mine = [tmp_path / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_4242_{r}" for r in (0, 1)]
+    other = tmp_path / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_4243_0"
+    for path in [*mine, other]:
+        path.write_bytes(b"x")
+    assert sorted(launching.release_shm(4242)) == sorted(mine)
+    assert other.exists() and not any(p.exists() for p in mine)
