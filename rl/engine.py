@@ -57,10 +57,29 @@ def init_distributed() -> DistInfo:
 
 def shutdown() -> None:
     """Leave the process group cleanly (avoids gloo's abort-on-exit noise); a no-op when a
-    vLLM engine's shutdown already destroyed it."""
+    vLLM engine's shutdown already destroyed it. Also removes this rank's DeepSpeed CPU
+    all-reduce buffer from /dev/shm, which DeepSpeed never unlinks (66 MiB per rank)."""
     if dist.is_initialized():
-        dist.barrier()
+        rank = dist.get_rank()
+        dist.barrier()  # every rank has mapped every buffer long ago; unlinking is safe now
+        remove_shm_buffer(rank)
         dist.destroy_process_group()
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """/dev/shm name of DeepSpeed's CPU all-reduce workspace for `rank` (deepspeed 0.19
+    csrc/cpu/comm/shm.cpp: `deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`)."""
+    addr = os.environ.get("MASTER_ADDR", "")
+    port = os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def remove_shm_buffer(rank: int) -> None:
+    """Unlink this rank's buffer name (mappings stay valid until the processes exit)."""
+    try:
+        shm_buffer_path(rank).unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def use_bf16(dtype: str) -> bool:
