@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rl.cli import config_parser, guarded, set_process_defaults  # noqa: E402  (no torch)
 
 BUILTIN_DATA = ("builtin", "builtin:arith")
 """--data values that mean the built-in task's labelled solutions."""
@@ -35,18 +36,8 @@ BUILTIN_N = 512
 """Default number of built-in labelled solutions."""
 
 
-def _set_process_defaults() -> None:
-    """Thread count and the extension cache; must run before torch is imported."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--config", required=True, help="YAML config file")
+    parser = config_parser(__doc__)
     parser.add_argument("--head", default=None, help="registered name or package.module:Class")
     parser.add_argument("--head-kwargs", default=None, help="YAML mapping of head kwargs")
     parser.add_argument("--data", default="builtin", help="'builtin' or a ProcessBench .jsonl")
@@ -62,7 +53,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="solutions per batch (trainer.micro_batch_size)",
     )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     return parser.parse_args(argv)
 
@@ -229,26 +219,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    _set_process_defaults()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from rl.errors import UserError
-
+    set_process_defaults(threads_per_rank=False)  # one process: all cores
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         results = run(args)
         if args.out:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=2) + "\n")
             print(f"wrote {out}", flush=True)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except Exception as err:  # a bug or an environment problem: one line first, then the trace
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        traceback.print_exc()
-        return 1
-    return 0
+
+    return guarded(body)
 
 
 if __name__ == "__main__":

@@ -12,52 +12,19 @@ The verifier is saved to `pav.output_dir`; use it with `reward.heads: [{head: pa
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import traceback
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # launch/ itself, for train_rl
-from train_rl import _set_process_defaults  # noqa: E402
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    return parser.parse_args(argv)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rl.cli import run_distributed_job  # noqa: E402  (imports no torch)
 
 
-def main(argv: list[str]) -> int:
-    _set_process_defaults()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from rl.errors import UserError
+def train_pav(cfg: Any, dist: Any) -> None:
+    from rl.pav_train import run
 
-    args = parse_args(argv)
-    rank = os.environ.get("RANK", "0")
-    try:
-        from rl.config import load_config
-
-        cfg = load_config(args.config, args.overrides)
-        from rl.engine import init_distributed, shutdown
-        from rl.pav_train import run
-
-        dist = init_distributed()
-        run(cfg, dist)
-        shutdown()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except Exception as err:  # a bug or an environment problem: one line first, then the trace
-        print(f"error (rank {rank}): {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        traceback.print_exc()
-        return 1
-    return 0
+    run(cfg, dist)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_distributed_job(sys.argv[1:], __doc__, train_pav))

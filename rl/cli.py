@@ -1,0 +1,71 @@
+"""What every launch/ script shares: process defaults set before torch is imported, the
+`--config` + dotted-overrides command line, and the error contract (a user error prints
+`error: ...` and exits 2; anything else prints a one-line cause, then the traceback, and
+exits 1). Imports nothing heavy at module level, so scripts can call it before torch loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+def set_process_defaults(threads_per_rank: bool = True) -> None:
+    """OMP threads (cores / ranks on this node, or all cores for one-process tools), the
+    compiled-extension cache inside the environment, quiet tokenizers."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // ranks_here) if threads_per_rank else cores
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    # compiled DeepSpeed ops are cached inside the environment, so they build once
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def config_parser(description: str | None) -> argparse.ArgumentParser:
+    """`--config FILE [key=value ...]` (and the `--local_rank` the deepspeed launcher adds)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return parser
+
+
+def guarded(body: Callable[[], Any]) -> int:
+    """Run `body` under the error contract; returns the exit code."""
+    from rl.errors import UserError
+
+    rank = os.environ.get("RANK", "0")
+    try:
+        body()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as err:  # a bug or an environment problem: one line first, then the trace
+        print(f"error (rank {rank}): {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def run_distributed_job(argv: list[str], description: str | None, job: Callable[..., Any]) -> int:
+    """Parse `--config` + overrides, start the process group, run `job(cfg, dist)`, leave."""
+    set_process_defaults()
+    args = config_parser(description).parse_args(argv)
+
+    def body() -> None:
+        from rl.config import load_config
+        from rl.engine import init_distributed, shutdown
+
+        cfg = load_config(args.config, args.overrides)
+        dist = init_distributed()
+        job(cfg, dist)
+        shutdown()
+
+    return guarded(body)
