@@ -6,12 +6,12 @@ import re
 
 import torch
 
-from rewards.heads import HeadBatch, HeadOutput
+from rewards.heads import HeadBatch, HeadOutput, StatelessHead
 
 EQUATION = re.compile(r"^\s*\d+\s*[-+*]\s*\d+\s*=\s*\d+\s*$")
 
 
-class WellFormedSteps:
+class WellFormedSteps(StatelessHead):  # StatelessHead: no online update, no state
     name = "well_formed_steps"
     granularity = "step"  # one reward per step, on the step's last token
     default_credit = "sum"  # used when algo.credit is "auto"
@@ -28,12 +28,3 @@ class WellFormedSteps:
                 if not step.startswith("Answer:"):
                     rewards[row, end] = self.bonus if EQUATION.match(step) else -self.bonus
         return HeadOutput(rewards, {"bonus_mean": float(rewards.sum(1).mean())})
-
-    def update(self, batch: HeadBatch, outcome: torch.Tensor) -> dict[str, float]:
-        return {}  # not an online head
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, d: dict) -> None:
-        pass

@@ -125,6 +125,20 @@ class RewardHead(Protocol):
     def load_state_dict(self, d: dict[str, Any]) -> None: ...
 
 
+class StatelessHead:
+    """Base for heads that neither learn online nor keep state: `update` does nothing and
+    the state is empty. A subclass sets `name` and `granularity` and defines `score`."""
+
+    def update(self, batch: HeadBatch, outcome: Tensor) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        return None
+
+
 # Optional methods the trainer calls when a head defines them (not part of the Protocol, so
 # that a 20-line head needs none of them):
 #   setup(ctx: HeadContext) -> None         once, after construction, on every rank

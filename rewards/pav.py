@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rewards.heads import REWARD_HEADS, HeadBatch, HeadContext, HeadOutput
+from rewards.heads import REWARD_HEADS, HeadBatch, HeadContext, HeadOutput, StatelessHead
 from rl.credit import pav_step_advantages_batched, steps_to_tokens, tokens_to_steps
 from rl.errors import ConfigError
 from rl.pav_data import estimate_prefix_values, prefix_texts, q_table, step_prefixes
@@ -69,7 +69,7 @@ def _device_of(module: Any) -> torch.device:
 
 
 @REWARD_HEADS.register("pav")
-class PAVHead:
+class PAVHead(StatelessHead):
     """Frozen PAV verifier: `A^mu` from `Q^pi = sigmoid(verifier value)` at step ends."""
 
     name = "pav"
@@ -135,15 +135,6 @@ class PAVHead:
         """Q^pi after each step on its last token, 0 elsewhere: [B, Tr]."""
         return self.q_values(batch)[2]
 
-    def update(self, batch: HeadBatch, outcome: Tensor) -> dict[str, float]:
-        return {}  # frozen verifier
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        return None
-
 
 def row_prefixes(batch: HeadBatch, tokenizer: Any) -> tuple[list[list[int]], list[str], list[int]]:
     """Every row's rollout prefixes (`rl.pav_data.step_prefixes`) in row order.
@@ -168,7 +159,7 @@ def row_prefixes(batch: HeadBatch, tokenizer: Any) -> tuple[list[list[int]], lis
 
 
 @REWARD_HEADS.register("pav_mc_oracle")
-class PAVMCOracleHead:
+class PAVMCOracleHead(StatelessHead):
     """PAV with Q^pi from fresh Monte-Carlo rollouts of the current policy (no verifier model)."""
 
     name = "pav_mc_oracle"
@@ -260,12 +251,3 @@ class PAVMCOracleHead:
         """Q^pi after each step on its last token (the outcome after the last), 0 elsewhere."""
         q_pi, step_mask = self.q_values(batch)
         return values_on_step_ends(q_pi, step_mask, batch.step_end.to(q_pi.device))
-
-    def update(self, batch: HeadBatch, outcome: Tensor) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        return None

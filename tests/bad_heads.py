@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from rewards.heads import HeadBatch, HeadOutput
+from rewards.heads import HeadBatch, HeadOutput, StatelessHead
 
 
-class _Base:
+class _Base(StatelessHead):
     granularity = "step"
-
-    def update(self, batch: HeadBatch, outcome: torch.Tensor) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, d: dict) -> None:
-        pass
 
 
 class RaisingHead(_Base):

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rewards.heads import Granularity, HeadBatch, HeadOutput
+from rewards.heads import Granularity, HeadBatch, HeadOutput, StatelessHead
 from rl.tasks import arith
 
 
-class ArithOraclePRM:
+class ArithOraclePRM(StatelessHead):
     """Step values: 1 on every token of a step before the first wrong one, 0 from it on.
 
     Reads the problem from `columns["prompt"]` (the raw prompt, as dataset columns carry it)
@@ -79,17 +79,8 @@ class ArithOraclePRM:
         at_error = batch.step_end.bool() & (batch.step_id == first)
         return HeadOutput(token_rewards=-at_error.float())
 
-    def update(self, batch: HeadBatch, outcome: Tensor) -> dict[str, float]:
-        return {}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        return None
-
-
-class ArithOracleRewardPRM:
+class ArithOracleRewardPRM(StatelessHead):
     """The same oracle as implicit-PRM-style log-odds rewards (no `step_values`): +`margin` on
     the first step's end, -2 * `margin` on the first wrong step's end, so the cumulative sum
     is +margin while right and -margin from the first error on."""
@@ -108,12 +99,3 @@ class ArithOracleRewardPRM:
         r[ends & (batch.step_id == 0)] += self.margin
         r[ends & (batch.step_id == first)] -= 2 * self.margin
         return HeadOutput(token_rewards=r)
-
-    def update(self, batch: HeadBatch, outcome: Tensor) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        return None
