@@ -53,7 +53,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="solutions per batch (trainer.micro_batch_size)",
     )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     return parser.parse_args(argv)
 
 

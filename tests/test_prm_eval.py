@@ -405,3 +405,15 @@ def test_launcher_bad_data_is_a_one_line_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: {data} line 1: 'label' must be an integer")
     assert "Traceback" not in proc.stderr
+
+
+def test_launcher_keeps_dotted_overrides() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_prm", REPO / "launch" / "eval_prm.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--config", "c.yaml", "--head", "pav", "model.path=/m", "a.b=1"])
+    assert args.head == "pav"
+    assert args.overrides == ["model.path=/m", "a.b=1"]
