@@ -87,3 +87,20 @@ def check_ok(proc: subprocess.CompletedProcess[str]) -> None:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     )
+
+
+def assert_resumed_matches(
+    full: Path, resumed: Path, must_have: set[str] | frozenset[str] = frozenset()
+) -> None:
+    """A resumed run's metrics equal the uninterrupted run's from step 3 on (all keys but
+    timings and memory, rel 1e-5); `must_have` keys must be among those compared."""
+    import pytest
+
+    expected, got_rows = read_metrics(full), read_metrics(resumed)
+    assert [r["step"] for r in got_rows] == [0, 1, 2, 3, 4]
+    for want, got in zip(expected[3:], got_rows[3:], strict=True):
+        keys = {k for k in want if not k.startswith(("time/", "mem/"))}
+        assert keys == {k for k in got if not k.startswith(("time/", "mem/"))}
+        assert set(must_have) <= keys, set(must_have) - keys
+        for key in keys:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key

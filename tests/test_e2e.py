@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launcher import FAST_OVERRIDES, check_ok, launch, read_metrics
+from tests.launcher import FAST_OVERRIDES, assert_resumed_matches, check_ok, launch, read_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -91,14 +91,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, model_cache: Path):
     proc = launch(overrides(killed, model_cache, *common, "trainer.resume=auto"))
     check_ok(proc)
     assert "resumed from" in proc.stdout + proc.stderr
-    expected = read_metrics(full)
-    resumed = read_metrics(killed)
-    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
-    for want, got in zip(expected[3:], resumed[3:], strict=True):
-        keys = {k for k in want if not k.startswith(("time/", "mem/"))}
-        assert keys == {k for k in got if not k.startswith(("time/", "mem/"))}
-        for key in keys:
-            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    assert_resumed_matches(full, killed)
 
 
 def test_single_process_and_torchrun(tmp_path: Path, model_cache: Path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from rewards.heads import Granularity, HeadBatch, HeadOutput
+from rewards.heads import Granularity, HeadBatch, HeadOutput, StatelessHead
 from rl import prm_eval
 from rl.errors import DataError, RewardError
 from rl.start_model import build_tokenizer
@@ -291,7 +291,7 @@ def test_head_batch_rejects_bad_steps(steps: list[str], message: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class FixedRewards:
+class FixedRewards(StatelessHead):
     """Token rewards given per row (no `step_values`)."""
 
     name = "fixed"
@@ -302,15 +302,6 @@ class FixedRewards:
 
     def score(self, batch: HeadBatch) -> HeadOutput:
         return HeadOutput(token_rewards=self.rewards[:, : batch.response_length].clone())
-
-    def update(self, batch: HeadBatch, outcome: Tensor) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        return None
 
 
 def test_values_from_rewards_are_sigmoid_of_cumulative_sums() -> None:
