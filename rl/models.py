@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from rl.config import Config
-from rl.engine import DistInfo, barrier
+from rl.engine import DistInfo
 from rl.errors import ConfigError
 
 BUILTIN_TINY = "builtin:arith-tiny"
@@ -32,16 +32,15 @@ def tiny_model_config(cfg: Config) -> Any:
 
 
 def builtin_start_model(cfg: Config, dist: DistInfo) -> Path:
-    """Path of the cached SFT start model; local rank 0 builds it, the others wait."""
-    from rl.start_model import ensure_start_model
+    """Path of the cached SFT start model; local rank 0 builds it, the others poll for it
+    (not a barrier: a first build can outlast the process group's timeout)."""
+    from rl.start_model import ensure_start_model, wait_for_start_model
 
     tiny = tiny_model_config(cfg)
+    cache = Path(cfg.model.cache_dir)
     if dist.local_rank == 0:
-        path = ensure_start_model(Path(cfg.model.cache_dir), tiny, show_progress=dist.is_main)
-    barrier()
-    if dist.local_rank != 0:
-        path = ensure_start_model(Path(cfg.model.cache_dir), tiny, show_progress=False)
-    return path
+        return ensure_start_model(cache, tiny, show_progress=dist.is_main)
+    return wait_for_start_model(cache, tiny)
 
 
 def load_policy(

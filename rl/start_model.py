@@ -209,6 +209,21 @@ def cache_key(cfg: TinyModelConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def start_model_dir(cache_root: Path, cfg: TinyModelConfig) -> Path:
+    """Where the start checkpoint for `cfg` lives (complete once `build_info.json` exists)."""
+    return Path(cache_root) / f"arith-tiny-{cache_key(cfg)}"
+
+
+def wait_for_start_model(cache_root: Path, cfg: TinyModelConfig, poll_s: float = 2.0) -> Path:
+    """Block until another process has finished building the start checkpoint. Polls the
+    file system rather than waiting in a collective, whose timeout (10 min under gloo) a
+    first build on a slow or busy machine can exceed."""
+    final = start_model_dir(cache_root, cfg)
+    while not (final / "build_info.json").exists():
+        time.sleep(poll_s)
+    return final
+
+
 def ensure_start_model(
     cache_root: Path, cfg: TinyModelConfig | None = None, show_progress: bool = True
 ) -> Path:
@@ -221,7 +236,7 @@ def ensure_start_model(
     cfg = cfg or TinyModelConfig()
     cache_root = Path(cache_root)
     cache_root.mkdir(parents=True, exist_ok=True)
-    final = cache_root / f"arith-tiny-{cache_key(cfg)}"
+    final = start_model_dir(cache_root, cfg)
     if (final / "build_info.json").exists():
         return final
     with open(cache_root / f"{final.name}.lock", "w") as lock:
