@@ -412,8 +412,8 @@ def prebuild_start_model(config: str, overrides: list[str] | tuple[str, ...]) ->
     timed run includes the SFT build; returns its directory (None for a non-builtin model)."""
     sys.path.insert(0, str(REPO))
     from rl.config import load_config
-    from rl.models import BUILTIN_TINY, tiny_model_config
-    from rl.start_model import ensure_start_model
+    from rl.engine.models import BUILTIN_TINY, tiny_model_config
+    from rl.engine.start_model import ensure_start_model
 
     cfg = load_config(REPO / config, list(overrides))
     if cfg.model.path != BUILTIN_TINY:

@@ -46,7 +46,7 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def time_generation(backend: Any, model: Any, prompt_ids: list[list[int]], sampling: Any) -> float:
     """Generated tokens per second of one call (all ranks call together)."""
-    from rl.engine import barrier
+    from rl.engine.deepspeed_engine import barrier
 
     barrier()
     start = time.perf_counter()
@@ -63,9 +63,9 @@ def main(argv: list[str]) -> None:
     import torch
 
     from rl.config import load_config
-    from rl.engine import all_reduce_sum, init_distributed, shutdown
-    from rl.rollout import SamplingSettings, TransformersRollout
-    from rl.trainer import Trainer
+    from rl.engine.deepspeed_engine import all_reduce_sum, init_distributed, shutdown
+    from rl.rollout.backend import SamplingSettings, TransformersRollout
+    from rl.trainer.loop import Trainer
 
     overrides = [*args.overrides, "rollout.backend=vllm", "output_dir=/tmp/rollout_bench"]
     cfg = load_config(args.config, overrides)

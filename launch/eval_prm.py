@@ -12,7 +12,7 @@ whose estimated P(still correct) is below --threshold (-1: none); the table show
 accuracy on wrong solutions, on right ones and their harmonic mean (F1) next to the
 constant predictors. Steps are joined with `reward.step_delimiter`; ProcessBench's steps
 are paragraphs: pass 'reward.step_delimiter="\\n\\n"' (YAML double quotes, so that \\n is a
-newline). See rl/prm_eval.py for how a head's per-step values are read.
+newline). See rl/eval/prm.py for how a head's per-step values are read.
 
 Runs as one process (plain `python`): torch.distributed is initialised as a world of one,
 since heads may build DeepSpeed engines in `setup`. Overrides are dotted config keys.
@@ -60,7 +60,7 @@ def head_spec(args: argparse.Namespace, cfg: Any) -> tuple[str, dict[str, Any]]:
     """(head spec, kwargs) from --head/--head-kwargs, else the config's first head."""
     import yaml
 
-    from rl.errors import ConfigError
+    from rl.core.errors import ConfigError
 
     if args.head is None:
         if args.head_kwargs is not None:
@@ -80,8 +80,8 @@ def head_spec(args: argparse.Namespace, cfg: Any) -> tuple[str, dict[str, Any]]:
 
 def load_labelled(args: argparse.Namespace, cfg: Any) -> list[dict[str, Any]]:
     """The labelled solutions of --data."""
-    from rl import prm_eval
-    from rl.errors import ConfigError
+    from rl.core.errors import ConfigError
+    from rl.eval import prm as prm_eval
     from rl.tasks import arith
 
     if args.n is not None and args.n < 1:
@@ -103,8 +103,8 @@ def policy_tokenizer(cfg: Any, dist: Any) -> tuple[Any, str]:
     """(tokenizer, resolved start-policy path); the builtin model is built if not cached."""
     from transformers import AutoTokenizer
 
-    from rl.errors import ConfigError
-    from rl.models import BUILTIN_TINY, builtin_start_model
+    from rl.core.errors import ConfigError
+    from rl.engine.models import BUILTIN_TINY, builtin_start_model
 
     path = cfg.model.path
     if path == BUILTIN_TINY:
@@ -136,7 +136,7 @@ def build_head(
     """The head, after `setup(HeadContext)` if it has one (no policy, rollout or verifier;
     a batch of `batch_size` solutions is one forward micro-batch)."""
     from rewards.heads import HeadContext, resolve_head
-    from rl.engine import build_ds_config, use_bf16
+    from rl.engine.deepspeed_engine import build_ds_config, use_bf16
 
     head = resolve_head(spec, kwargs)
     setup = getattr(head, "setup", None)
@@ -166,10 +166,10 @@ def build_head(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate; returns the results written to --out."""
-    from rl import prm_eval
     from rl.config import load_config, to_dict
-    from rl.engine import init_distributed, shutdown
-    from rl.errors import ConfigError
+    from rl.core.errors import ConfigError
+    from rl.engine.deepspeed_engine import init_distributed, shutdown
+    from rl.eval import prm as prm_eval
 
     cfg = load_config(args.config, args.overrides)
     spec, kwargs = head_spec(args, cfg)

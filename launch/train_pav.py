@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 launch/train_pav.py --config configs/quickstart_pav.yaml [key=value ...]
     python launch/train_pav.py --config configs/quickstart_pav.yaml          (one rank)
 
-The `pav:` section drives it (rl/pav_train.py says what each step does); `model`, `data`,
+The `pav:` section drives it (rl/pav/train.py says what each step does); `model`, `data`,
 `rollout`, `reward.functions[0]` (the verifier) and `deepspeed` are read as train_rl reads
 them. A killed run restarted with the same command resumes data generation where it stopped.
 The verifier is saved to `pav.output_dir`; use it with `reward.heads: [{head: pav, kwargs:
@@ -21,7 +21,7 @@ from rl.cli import run_distributed_job  # noqa: E402  (imports no torch)
 
 
 def train_pav(cfg: Any, dist: Any) -> None:
-    from rl.pav_train import run
+    from rl.pav.train import run
 
     run(cfg, dist)
 

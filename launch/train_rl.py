@@ -18,7 +18,7 @@ from rl.cli import run_distributed_job  # noqa: E402  (imports no torch)
 
 
 def train(cfg: Any, dist: Any) -> None:
-    from rl.trainer import Trainer
+    from rl.trainer.loop import Trainer
 
     Trainer(cfg, dist).fit()
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from rl.errors import ConfigError, RewardError, one_line
-from rl.registry import Registry, import_object
+from rl.core.errors import ConfigError, RewardError, one_line
+from rl.core.registry import Registry, import_object
 
 RewardFn = Callable[..., Sequence[float]]
 

@@ -19,8 +19,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from rl.errors import ConfigError, RewardError, one_line
-from rl.registry import Registry, import_object
+from rl.core.errors import ConfigError, RewardError, one_line
+from rl.core.registry import Registry, import_object
 
 Granularity = Literal["outcome", "step", "token"]
 GRANULARITIES: tuple[str, ...] = ("outcome", "step", "token")
@@ -80,7 +80,7 @@ class HeadContext:
     cfg: Any
     """The run's `rl.config.Config`."""
     dist: Any
-    """`rl.engine.DistInfo` (rank, world size)."""
+    """`rl.engine.deepspeed_engine.DistInfo` (rank, world size)."""
     tokenizer: Any
     """The policy's tokenizer."""
     policy_path: str
@@ -97,11 +97,11 @@ class HeadContext:
     policy: Any = None
     """Callable returning the current policy module (for fresh rollouts), or None."""
     rollout: Any = None
-    """The trainer's `rl.rollout.RolloutBackend`, or None."""
+    """The trainer's `rl.rollout.backend.RolloutBackend`, or None."""
     verifier: Any = None
     """`fn(prompts, completions, columns) -> Tensor [N]` outcome in [0, 1], or None."""
     sampling: Any = None
-    """`rl.rollout.SamplingSettings` of training rollouts, or None."""
+    """`rl.rollout.backend.SamplingSettings` of training rollouts, or None."""
 
 
 @runtime_checkable

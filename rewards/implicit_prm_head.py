@@ -1,6 +1,6 @@
 """The implicit PRM as an online reward head (PRIME): its own DeepSpeed engine plus a frozen
 reference, token rewards `beta * (log pi_phi - log pi_ref)`, updated every RL step with the
-outcome cross-entropy on that step's rollouts (maths in `rewards.implicit_prm`).
+outcome cross-entropy on that step's rollouts (maths in `rl.algos.implicit_prm`).
 
 Registered as `implicit_prm`. Both models start from the SFT policy (`ctx.policy_path`)
 unless `path` / `ref_path` say otherwise. With `update="after"` (default) the step's rewards
@@ -16,18 +16,18 @@ from typing import Any, Literal
 import torch
 
 from rewards.heads import REWARD_HEADS, HeadBatch, HeadContext, HeadOutput
-from rewards.implicit_prm import (
+from rl.algos.credit import steps_to_tokens
+from rl.algos.implicit_prm import (
     implicit_prm_ce_loss,
     implicit_step_rewards,
     implicit_token_rewards,
     sequence_reward,
 )
-from rl import engine as eng
+from rl.algos.losses import engine_loss_scale
 from rl.config import to_float
-from rl.credit import steps_to_tokens
-from rl.errors import ConfigError
-from rl.forward import response_logprobs
-from rl.losses import engine_loss_scale
+from rl.core.errors import ConfigError
+from rl.engine import deepspeed_engine as eng
+from rl.engine.forward import response_logprobs
 
 
 def _rows(batch: HeadBatch, index: list[int]) -> HeadBatch:

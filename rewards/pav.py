@@ -6,7 +6,7 @@ prover's step advantages `A^mu_h = Q^mu(s_h) - Q^mu(s_{h-1})` on each step's las
 `pav` credit scheme adds `alpha * A^mu_h` to every token of step h). They differ in where
 `Q^pi` comes from:
 
-- `pav` (`PAVHead`): a trained verifier (`rl.value_model.ValueModel`, made by
+- `pav` (`PAVHead`): a trained verifier (`rl.engine.value_model.ValueModel`, made by
   `launch/train_pav.py`), `Q^pi = sigmoid(value)` read at the last prompt token and at every
   step-end token. The verifier is frozen (offline PAV, as in the paper).
 - `pav_mc_oracle` (`PAVMCOracleHead`): fresh Monte-Carlo rollouts of the *current* policy
@@ -29,11 +29,11 @@ import torch
 from torch import Tensor
 
 from rewards.heads import REWARD_HEADS, HeadBatch, HeadContext, HeadOutput, StatelessHead
-from rl.credit import pav_step_advantages_batched, steps_to_tokens, tokens_to_steps
-from rl.errors import ConfigError
-from rl.pav_data import estimate_prefix_values, prefix_texts, q_table, step_prefixes
-from rl.types import position_ids_from_mask
-from rl.value_model import check_value_model_dir, load_value_model
+from rl.algos.credit import pav_step_advantages_batched, steps_to_tokens, tokens_to_steps
+from rl.core.errors import ConfigError
+from rl.core.types import position_ids_from_mask
+from rl.engine.value_model import check_value_model_dir, load_value_model
+from rl.pav.data import estimate_prefix_values, prefix_texts, q_table, step_prefixes
 
 
 def pav_output(q_pi: Tensor, step_mask: Tensor, step_end: Tensor, prover_k: int) -> HeadOutput:
@@ -87,7 +87,7 @@ class PAVHead(StatelessHead):
     def setup(self, ctx: HeadContext) -> None:
         """Load the verifier on every rank: a ZeRO-3 inference engine under ZeRO-3 (memory
         like the policy's), else a full frozen copy. Its tokenizer must be the policy's."""
-        from rl.engine import create_reference
+        from rl.engine.deepspeed_engine import create_reference
 
         model, tokenizer = load_value_model(self.path)
         if ctx.tokenizer is not None and tokenizer.get_vocab() != ctx.tokenizer.get_vocab():
@@ -137,7 +137,7 @@ class PAVHead(StatelessHead):
 
 
 def row_prefixes(batch: HeadBatch, tokenizer: Any) -> tuple[list[list[int]], list[str], list[int]]:
-    """Every row's rollout prefixes (`rl.pav_data.step_prefixes`) in row order.
+    """Every row's rollout prefixes (`rl.pav.data.step_prefixes`) in row order.
 
     Returns (prefix token lists [N], the prefixes' partial response texts [N], prefixes per
     row [B]). Prompt tokens are read without their left padding, response tokens up to the
@@ -201,7 +201,7 @@ class PAVMCOracleHead(StatelessHead):
         n = len(prefixes)
         if not getattr(self.ctx.rollout, "synced_gpus", False):
             return n
-        from rl.engine import all_reduce_max
+        from rl.engine.deepspeed_engine import all_reduce_max
 
         extra = int(all_reduce_max(torch.tensor([n]))[0]) - n
         if extra == 0:

@@ -39,7 +39,7 @@ def config_parser(description: str | None) -> argparse.ArgumentParser:
 
 def guarded(body: Callable[[], Any]) -> int:
     """Run `body` under the error contract; returns the exit code."""
-    from rl.errors import UserError
+    from rl.core.errors import UserError
 
     rank = os.environ.get("RANK", "0")
     try:
@@ -61,7 +61,7 @@ def run_distributed_job(argv: list[str], description: str | None, job: Callable[
 
     def body() -> None:
         from rl.config import load_config
-        from rl.engine import init_distributed, shutdown
+        from rl.engine.deepspeed_engine import init_distributed, shutdown
 
         cfg = load_config(args.config, args.overrides)
         dist = init_distributed()

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rl.errors import ConfigError
+from rl.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ModelConfig:
     cache_dir: str = ".cache/start_models"
     """Where builtin start checkpoints are built and reused."""
     tiny: dict[str, Any] = field(default_factory=dict)
-    """Overrides of `rl.start_model.TinyModelConfig` fields for the builtin model."""
+    """Overrides of `rl.engine.start_model.TinyModelConfig` fields for the builtin model."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ class AlgoConfig:
     """Optimizer steps per pass (the rollout batch is split into this many)."""
     credit: str = "auto"
     """Credit assignment: `outcome` (the advantage estimator on outcome rewards only),
-    `prime`, `pav`, `sum`, `min_form` (rl.credit), or `gae` (PPO with the critic).
+    `prime`, `pav`, `sum`, `min_form` (rl.algos.credit), or `gae` (PPO with the critic).
     `auto` = the first head's `default_credit`, or `outcome` without heads."""
     credit_kwargs: dict[str, Any] = field(default_factory=dict)
     """Hyperparameters of the credit scheme (e.g. alpha for pav, gamma for prime)."""
@@ -168,7 +168,7 @@ class AlgoConfig:
 class CriticConfig:
     path: str | None = None
     """Value model start: None = the policy's start model with a fresh scalar head, or a
-    checkpoint written by `rl.value_model.save_value_model`."""
+    checkpoint written by `rl.engine.value_model.save_value_model`."""
     lr: float = 1e-5
     """Critic learning rate (AdamW)."""
     warmup_steps: int = 0

@@ -10,8 +10,8 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A start-model cache holding the end-to-end tests' tiny SFT model, built once here in
     the test process so no launched job spends its time building it."""
     from rl.config import load_config
-    from rl.models import tiny_model_config
-    from rl.start_model import ensure_start_model
+    from rl.engine.models import tiny_model_config
+    from rl.engine.start_model import ensure_start_model
     from tests.launcher import FAST_OVERRIDES, REPO
 
     cache = tmp_path_factory.mktemp("start_models")

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
+from rl.algos.losses import policy_loss, token_logprobs
 from rl.config import load_config
-from rl.engine import init_distributed, shutdown
-from rl.forward import response_logits
-from rl.losses import policy_loss, token_logprobs
-from rl.trainer import Trainer
-from rl.types import RolloutBatch
+from rl.core.types import RolloutBatch
+from rl.engine.deepspeed_engine import init_distributed, shutdown
+from rl.engine.forward import response_logits
+from rl.trainer.loop import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 

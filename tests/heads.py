@@ -1,7 +1,7 @@
 """Test-only reward heads: exact oracles of the built-in arithmetic task.
 
 They check each step with the task's own `first_error_step`, so a perfect PRM run through
-`rl.prm_eval` must score F1 = 1.0 on the built-in labels: an end-to-end check of the
+`rl.eval.prm` must score F1 = 1.0 on the built-in labels: an end-to-end check of the
 labelling, the step mapping and the scores. Not a project feature (they need the task's
 ground truth); resolve them as `tests.heads:ArithOraclePRM` / `tests.heads:ArithOracleRewardPRM`.
 """

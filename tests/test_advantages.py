@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rl.advantages import (
+from rl.algos.advantages import (
     ADVANTAGE_ESTIMATORS,
     GRPO_EPS,
     dr_grpo,
@@ -16,7 +16,7 @@ from rl.advantages import (
     rloo,
     token_advantages,
 )
-from rl.errors import ConfigError
+from rl.core.errors import ConfigError
 
 
 def test_grpo_by_hand() -> None:

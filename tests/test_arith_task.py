@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from rl.errors import DataError
+from rl.core.errors import DataError
 from rl.tasks import builtin_rows
 from rl.tasks.arith import (
     ArithConfig,

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import torch
 
-from rl.checkpoint import COMPLETE, latest_checkpoint, tag_for, write_atomic
-from rl.metrics import truncate_after
-from rl.rollout import left_pad, response_mask_until_eos
-from rl.types import position_ids_from_mask
+from rl.core.types import position_ids_from_mask
+from rl.engine.checkpoint import COMPLETE, latest_checkpoint, tag_for, write_atomic
+from rl.rollout.backend import left_pad, response_mask_until_eos
+from rl.trainer.metrics import truncate_after
 
 
 def test_latest_checkpoint_ignores_half_written(tmp_path: Path):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from rl.config import load_config
-from rl.errors import ConfigError
+from rl.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -62,7 +62,7 @@ def test_engine_logprob_options_need_vllm(override: str):
 def test_missing_vllm_says_what_to_install(monkeypatch: pytest.MonkeyPatch):
     import sys
 
-    from rl.vllm_rollout import import_vllm
+    from rl.rollout.vllm_backend import import_vllm
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(ConfigError, match="rollout.backend=vllm needs vLLM.*install it with: pip"):
@@ -74,7 +74,7 @@ def test_architecture_vllm_cannot_load_is_named(tmp_path: Path):
 
     import vllm
 
-    from rl.vllm_rollout import check_architecture
+    from rl.rollout.vllm_backend import check_architecture
 
     config = {"architectures": ["NoSuchModelForCausalLM"], "model_type": "llama"}
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl.credit import (
+from rl.algos.credit import (
     CREDIT_ASSIGNERS,
     CreditInputs,
     batch_step_tensors,
@@ -21,7 +21,7 @@ from rl.credit import (
     sum_form_returns,
     tokens_to_steps,
 )
-from rl.errors import ConfigError
+from rl.core.errors import ConfigError
 
 # ------------------------------------------------------------------------------------------
 # step spans

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rl.config import load_config
-from rl.critic import explained_variance, response_values
-from rl.errors import ConfigError
-from rl.trainer import resolve_credit
+from rl.core.errors import ConfigError
+from rl.trainer.critic import explained_variance, response_values
+from rl.trainer.loop import resolve_credit
 from tests.launcher import REPO
 
 CONFIG = REPO / "configs" / "quickstart.yaml"

@@ -12,14 +12,14 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from rl.data import (
+from rl.core.errors import ConfigError, DataError
+from rl.data.prompts import (
     PromptSampler,
     batch_columns,
     load_rows,
     prepare_prompts,
     shard,
 )
-from rl.errors import ConfigError, DataError
 
 WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>"]
 WORDS += "what is one plus two three a b c d e f g".split()

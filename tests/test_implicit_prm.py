@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from rewards.implicit_prm import (
+from rl.algos.credit import steps_to_tokens
+from rl.algos.implicit_prm import (
     implicit_prm_ce_loss,
     implicit_step_rewards,
     implicit_token_rewards,
     sequence_reward,
 )
-from rl.credit import steps_to_tokens
-from rl.errors import ConfigError
+from rl.core.errors import ConfigError
 
 
 def test_token_rewards_by_hand() -> None:

@@ -17,9 +17,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from rl.advantages import group_rewards, grpo, token_advantages
-from rl.errors import ConfigError
-from rl.losses import (
+from rl.algos.advantages import group_rewards, grpo, token_advantages
+from rl.algos.losses import (
     AggregationMode,
     aggregate_loss,
     clipped_surrogate,
@@ -30,6 +29,7 @@ from rl.losses import (
     token_entropy,
     token_logprobs,
 )
+from rl.core.errors import ConfigError
 
 # ---------------------------------------------------------------- clipped surrogate
 
@@ -312,7 +312,7 @@ def test_naive_micro_batch_mean_is_not_invariant(
 
 def test_maths_modules_import_without_heavy_deps() -> None:
     code = (
-        "import sys, rl.losses, rl.advantages\n"
+        "import sys, rl.algos.losses, rl.algos.advantages\n"
         "bad = [m for m in ('transformers', 'deepspeed', 'vllm', 'trl') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl.memory import PhaseMeter, peak_rss_mb, peak_rss_resettable
+from rl.engine.memory import PhaseMeter, peak_rss_mb, peak_rss_resettable
 
 
 def test_phase_peaks_separate_phases() -> None:

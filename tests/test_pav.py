@@ -11,11 +11,18 @@ import torch
 from torch import nn
 
 import rewards.pav as pav
-import rl.start_model as sm
+import rl.engine.start_model as sm
 from rewards.heads import HeadBatch, HeadContext, checked_score
-from rl.engine import DistInfo
-from rl.errors import ConfigError
-from rl.pav_data import (
+from rl.core.errors import ConfigError
+from rl.engine.deepspeed_engine import DistInfo
+from rl.engine.value_model import (
+    HEAD_FILE,
+    ValueModel,
+    load_value_model,
+    save_value_model,
+    value_model_from_policy,
+)
+from rl.pav.data import (
     SolutionRecord,
     append_records,
     collate,
@@ -26,14 +33,7 @@ from rl.pav_data import (
     step_prefixes,
     success_rates,
 )
-from rl.pav_train import plan_micro_batches, split_by_prompt
-from rl.value_model import (
-    HEAD_FILE,
-    ValueModel,
-    load_value_model,
-    save_value_model,
-    value_model_from_policy,
-)
+from rl.pav.train import plan_micro_batches, split_by_prompt
 
 # ----------------------------------------------------------------------------------------------
 # Value model on disk

@@ -25,7 +25,7 @@ PAV_OVERRIDES = [
 
 def test_train_pav_zero3_then_resume(tmp_path: Path, model_cache: Path) -> None:
     from rewards.pav import PAVHead
-    from rl.value_model import load_value_model
+    from rl.engine.value_model import load_value_model
 
     out = tmp_path / "verifier"
     common = [

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from rl.credit import sum_form_returns
-from rl.ppo import (
+from rl.algos.credit import sum_form_returns
+from rl.algos.ppo import (
     clipped_value_loss,
     dense_token_rewards,
     discounted_returns,
@@ -147,7 +147,7 @@ def test_discounted_returns_by_hand_and_vs_credit() -> None:
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     got = discounted_returns(t64([[1, 0, 2], [3, 4, NAN]]), mask, 0.5)
     torch.testing.assert_close(got, t64([[1.5, 1.0, 2.0], [5.0, 4.0, 0.0]]))
-    # on right-padded masks it agrees with rl.credit.sum_form_returns
+    # on right-padded masks it agrees with rl.algos.credit.sum_form_returns
     rewards, _, mask, _ = _random_batch(seed=4)
     rewards = torch.where(mask.bool(), rewards, 0.0)
     torch.testing.assert_close(

@@ -65,7 +65,7 @@ def test_ppo_critic_zero3_two_ranks(tmp_path: Path, model_cache: Path):
     ckpt = out / "checkpoints" / "step_00000003"
     assert (ckpt / "COMPLETE").is_file()
     assert list((ckpt / "critic").glob("*optim_states.pt"))
-    from rl.value_model import load_value_model
+    from rl.engine.value_model import load_value_model
 
     critic, _ = load_value_model(out / "final_critic")
     assert critic.value_head.weight.abs().sum() > 0, "critic head never trained"

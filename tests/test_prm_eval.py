@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from rewards.heads import Granularity, HeadBatch, HeadOutput, StatelessHead
-from rl import prm_eval
-from rl.errors import DataError, RewardError
-from rl.start_model import build_tokenizer
-from rl.steps import response_step_spans
+from rl.core.errors import DataError, RewardError
+from rl.engine.start_model import build_tokenizer
+from rl.eval import prm as prm_eval
+from rl.rollout.steps import response_step_spans
 from rl.tasks import arith
 from tests.heads import ArithOraclePRM, ArithOracleRewardPRM
 from tests.launcher import REPO, run_env
@@ -251,7 +251,7 @@ class SlowView:
 
 @pytest.mark.parametrize("merges", [[], [("1", "\n"), ("\n", "A"), ("=", "1")]])
 def test_spans_are_the_trainers(merges: list[tuple[str, str]]) -> None:
-    """Offset-mapping spans = incremental-decoding spans = `rl.steps.response_step_spans`
+    """Offset-mapping spans = incremental-decoding spans = `rl.rollout.steps.response_step_spans`
     (what the trainer computes from the same ids)."""
     tok = merging_tokenizer(merges)
     steps = ["3+5=1", "1*2=2", "Answer: 1"]

@@ -16,7 +16,7 @@ from rewards.heads import (
     checked_score,
     resolve_head,
 )
-from rl.errors import ConfigError, RewardError
+from rl.core.errors import ConfigError, RewardError
 
 
 class ToyHead:

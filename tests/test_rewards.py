@@ -22,7 +22,7 @@ from rewards.base import (
     score_outcomes,
 )
 from rewards.verifiers import extract_final_answer, normalize_answer
-from rl.errors import ConfigError, RewardError
+from rl.core.errors import ConfigError, RewardError
 
 # ---- built-in verifiers ----------------------------------------------------------------------
 

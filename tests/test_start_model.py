@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import rl.start_model as sm
+import rl.engine.start_model as sm
 from rl.tasks.arith import ArithConfig, rows
 
 TINY = sm.TinyModelConfig(

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from rl.config import load_config
-from rl.errors import ConfigError
-from rl.steps import batch_steps, decode_offsets, response_step_spans
-from rl.types import RolloutBatch
+from rl.core.errors import ConfigError
+from rl.core.types import RolloutBatch
+from rl.rollout.steps import batch_steps, decode_offsets, response_step_spans
 
 
 def _bpe_tokenizer():  # type: ignore[no-untyped-def]
@@ -59,7 +59,7 @@ def test_no_delimiter_is_one_step_and_padding_is_off() -> None:
 
 
 def test_credit_and_head_config_errors() -> None:
-    from rl.trainer import build_heads, resolve_credit
+    from rl.trainer.loop import build_heads, resolve_credit
 
     cfg = load_config(None, ["algo.credit=prime"])
     with pytest.raises(ConfigError, match="algo.credit=prime needs at least one"):

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from rl.config import load_config
-from rl.engine import init_distributed, shutdown
-from rl.rollout import SamplingSettings, TransformersRollout
-from rl.trainer import Trainer
+from rl.engine.deepspeed_engine import init_distributed, shutdown
+from rl.rollout.backend import SamplingSettings, TransformersRollout
+from rl.trainer.loop import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 

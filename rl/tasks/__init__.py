@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rl.errors import ConfigError, DataError
+from rl.core.errors import ConfigError, DataError
 
 BUILTINS: tuple[str, ...] = ("arith",)
 """Names of the built-in tasks `builtin_rows` can make."""

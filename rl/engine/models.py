@@ -9,15 +9,15 @@ from typing import Any
 import torch
 
 from rl.config import Config
-from rl.engine import DistInfo
-from rl.errors import ConfigError
+from rl.core.errors import ConfigError
+from rl.engine.deepspeed_engine import DistInfo
 
 BUILTIN_TINY = "builtin:arith-tiny"
 
 
 def tiny_model_config(cfg: Config) -> Any:
     """The builtin model's `TinyModelConfig`: `model.tiny` overrides, trained on `data.task`."""
-    from rl.start_model import TinyModelConfig
+    from rl.engine.start_model import TinyModelConfig
     from rl.tasks.arith import ArithConfig
 
     valid = {f.name for f in fields(TinyModelConfig)} - {"task"}
@@ -34,7 +34,7 @@ def tiny_model_config(cfg: Config) -> Any:
 def builtin_start_model(cfg: Config, dist: DistInfo) -> Path:
     """Path of the cached SFT start model; local rank 0 builds it, the others poll for it
     (not a barrier: a first build can outlast the process group's timeout)."""
-    from rl.start_model import ensure_start_model, wait_for_start_model
+    from rl.engine.start_model import ensure_start_model, wait_for_start_model
 
     tiny = tiny_model_config(cfg)
     cache = Path(cfg.model.cache_dir)

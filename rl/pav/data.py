@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rl.errors import ConfigError, RewardError
-from rl.rollout import RolloutBackend, SamplingSettings
-from rl.steps import response_step_spans
+from rl.core.errors import ConfigError, RewardError
+from rl.rollout.backend import RolloutBackend, SamplingSettings
+from rl.rollout.steps import response_step_spans
 
 Verifier = Callable[[list[str], list[str], dict[str, list[Any]]], Tensor]
 """`fn(prompts [N], completions [N], columns {name: [N]}) -> outcome [N]` in [0, 1]."""
@@ -95,7 +95,7 @@ def solution_labels(prefix_values: Sequence[float], outcome: float) -> list[floa
 def q_table(
     prefix_values: Tensor, prefix_counts: Sequence[int], outcome: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Per-row Q^pi table for `rl.credit.pav_step_advantages_batched`.
+    """Per-row Q^pi table for `rl.algos.credit.pav_step_advantages_batched`.
 
     prefix_values: [sum(counts)] the rollout values of every row's prefixes in order (row b has
     `prefix_counts[b]` = H_b of them: s_0..s_{H_b-1}); outcome: [B] -> (q_pi [B, H+1] with
@@ -271,9 +271,9 @@ def label_solutions(
     n_mc: int,
     delimiter: str,
 ) -> tuple[list[SolutionRecord], int]:
-    """Sample `samples_per_prompt` solutions for each `rl.data.PromptRow` and label their step
+    """Sample `samples_per_prompt` solutions for each `PromptRow` and label their step
     prefixes by rollouts. Returns (records, number of prefixes rolled out)."""
-    from rl.data import batch_columns
+    from rl.data.prompts import batch_columns
 
     sols = rollout.rollout(
         model,

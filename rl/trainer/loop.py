@@ -29,23 +29,36 @@ from tqdm import tqdm
 
 from rewards.base import RewardSpec, build_reward_fns, score_outcomes
 from rewards.heads import HeadBatch, HeadContext, RewardHead, checked_score, resolve_head
-from rl import checkpoint as ckpt
-from rl import engine as eng
-from rl.advantages import ADVANTAGE_ESTIMATORS, group_rewards, token_advantages
+from rl.algos.advantages import ADVANTAGE_ESTIMATORS, group_rewards, token_advantages
+from rl.algos.credit import CREDIT_ASSIGNERS, CreditInputs, tokens_to_steps
+from rl.algos.losses import (
+    aggregate_loss,
+    engine_loss_scale,
+    policy_loss,
+    token_entropy,
+    token_logprobs,
+)
+from rl.algos.ppo import dense_token_rewards, gae, last_valid_index, masked_moments, whiten
 from rl.config import Config, to_dict
-from rl.credit import CREDIT_ASSIGNERS, CreditInputs, tokens_to_steps
-from rl.critic import Critic, explained_variance
-from rl.data import PromptRow, PromptSampler, batch_columns, load_rows, prepare_prompts, shard
-from rl.errors import ConfigError, RewardError
-from rl.forward import response_logits
-from rl.losses import aggregate_loss, engine_loss_scale, policy_loss, token_entropy, token_logprobs
-from rl.memory import PhaseMeter
-from rl.metrics import MetricsLogger, truncate_after
-from rl.models import load_policy
-from rl.ppo import dense_token_rewards, gae, last_valid_index, masked_moments, whiten
-from rl.rollout import RolloutBackend, SamplingSettings, TransformersRollout
-from rl.steps import head_batch
-from rl.types import RolloutBatch
+from rl.core.errors import ConfigError, RewardError
+from rl.core.types import RolloutBatch
+from rl.data.prompts import (
+    PromptRow,
+    PromptSampler,
+    batch_columns,
+    load_rows,
+    prepare_prompts,
+    shard,
+)
+from rl.engine import checkpoint as ckpt
+from rl.engine import deepspeed_engine as eng
+from rl.engine.forward import response_logits
+from rl.engine.memory import PhaseMeter
+from rl.engine.models import load_policy
+from rl.rollout.backend import RolloutBackend, SamplingSettings, TransformersRollout
+from rl.rollout.steps import head_batch
+from rl.trainer.critic import Critic, explained_variance
+from rl.trainer.metrics import MetricsLogger, truncate_after
 
 BUILTIN_TRAIN_ROWS = 20000
 """Training rows drawn from a builtin task when `data.train_size` is not set."""
@@ -171,7 +184,7 @@ def make_rollout(
         return TransformersRollout(
             tokenizer, rollout.generation_batch_size, synced_gpus=zero_stage == 3
         )
-    from rl.vllm_rollout import VLLMRollout
+    from rl.rollout.vllm_backend import VLLMRollout
 
     max_len = rollout.vllm_max_model_len or min(
         cfg.data.max_prompt_tokens + rollout.max_new_tokens,

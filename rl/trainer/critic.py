@@ -1,17 +1,17 @@
-"""PPO's critic: a value model (`rl.value_model.ValueModel`) trained as its own DeepSpeed engine.
+"""PPO's critic: a value model (`ValueModel`) trained as its own DeepSpeed engine.
 
 The critic starts from the policy's start model with a fresh, zero-initialised scalar head
 (`critic.path` unset) or from a saved value model (`critic.path`), and has its own AdamW
 (`critic.lr`; betas and gradient clipping as the policy's). Its DeepSpeed config is the
 policy's, so micro-batch size and gradient accumulation match: the trainer runs one critic
 micro-step beside each policy micro-step and the critic takes one optimizer step per policy
-mini-batch. Its loss is `rl.ppo.clipped_value_loss` in sum form over the global mini-batch
-(times `rl.losses.engine_loss_scale`), so the update does not depend on how the batch is
+mini-batch. Its loss is `rl.algos.ppo.clipped_value_loss` in sum form over the global mini-batch
+(times `rl.algos.losses.engine_loss_scale`), so the update does not depend on how the batch is
 split over ranks or micro-batches.
 
 `V_t` (column t of `values`) is the value of the state *before* response token t: the
 model's output at input position `prompt_length - 1 + t`, the position whose logits predict
-token t (`response_values`). The value after the last token is 0 (terminal, `rl.ppo.gae`).
+token t (`response_values`). The value after the last token is 0 (terminal, `rl.algos.ppo.gae`).
 
 Checkpoints: weights, optimizer and scheduler in `<checkpoint>/critic/` (DeepSpeed format,
 sharded as the engine keeps them); `save_pretrained` writes a value-model directory that
@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
-from rl import engine as eng
-from rl.errors import ConfigError
-from rl.forward import TokenBatch
-from rl.losses import AggregationMode
-from rl.ppo import clipped_value_loss
-from rl.types import position_ids_from_mask
-from rl.value_model import load_value_model, save_value_model, value_model_from_policy
+from rl.algos.losses import AggregationMode
+from rl.algos.ppo import clipped_value_loss
+from rl.core.errors import ConfigError
+from rl.core.types import position_ids_from_mask
+from rl.engine import deepspeed_engine as eng
+from rl.engine.forward import TokenBatch
+from rl.engine.value_model import load_value_model, save_value_model, value_model_from_policy
 
 CRITIC_DIR = "critic"
 """The critic's subdirectory of a trainer checkpoint."""

@@ -4,7 +4,7 @@ Pure tensor maths (imports torch and pure `rl.*` modules only). Conventions:
 
 - Token tensors are `[B, T]` over *response* tokens (column 0 is the first response token,
   right padding), with a float 0/1 `mask`. Rows are grouped contiguously: rows
-  `p*K .. p*K+K-1` are the K samples of prompt p (as in `rl.types.RolloutBatch`).
+  `p*K .. p*K+K-1` are the K samples of prompt p (as in `rl.core.types.RolloutBatch`).
 - A response is cut into steps `h = 0..H-1` (0-based here; 1-based in ALGORITHMS.md).
   `step_id: [B, T]` (int64) is the step of each token, -1 off the response;
   `step_end: [B, T]` (float 0/1) is 1 on each step's last token. A step-level quantity lives
@@ -57,9 +57,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rl.advantages import ADVANTAGE_ESTIMATORS, group_rewards
-from rl.errors import ConfigError
-from rl.registry import Registry
+from rl.algos.advantages import ADVANTAGE_ESTIMATORS, group_rewards
+from rl.core.errors import ConfigError
+from rl.core.registry import Registry
 
 Span = tuple[int, int]
 PrimeBaseline = Literal["per_step", "last_token", "per_token_mean"]

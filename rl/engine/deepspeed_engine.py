@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rl.errors import ConfigError
+from rl.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

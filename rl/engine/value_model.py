@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rl.errors import ConfigError
-from rl.types import position_ids_from_mask
+from rl.core.errors import ConfigError
+from rl.core.types import position_ids_from_mask
 
 HEAD_FILE = "value_head.pt"
 """The value head's weights; its presence marks a complete value-model directory."""
@@ -150,7 +150,7 @@ def save_value_model(
     """Write `model` (a `ValueModel`) to `out_dir`; returns `out_dir`.
 
     `state_dict`: full weights to write instead of `model.state_dict()` (under ZeRO-3 the
-    module's own parameters are partitioned: pass `rl.engine.full_state_dict(engine)`; call
+    module's own parameters are partitioned: pass `full_state_dict(engine)`; call
     this on one rank only). Everything is written into a temporary sibling directory first.
     A new `out_dir` is created by renaming it; an existing one (which may hold other files,
     e.g. PAV's Monte-Carlo data) has its old `value_head.pt` removed first and the new files

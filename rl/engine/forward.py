@@ -2,7 +2,7 @@
 and critic: logits and log-probs of the response tokens.
 
 Any batch object with `input_ids [B, Tp + Tr]`, `attention_mask [B, Tp + Tr]` and
-`prompt_length` (Tp) works: `rl.types.RolloutBatch` and `rewards.heads.HeadBatch` both do.
+`prompt_length` (Tp) works: `rl.core.types.RolloutBatch` and `rewards.heads.HeadBatch` both do.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any, Protocol
 
 import torch
 
-from rl.losses import token_logprobs
-from rl.types import position_ids_from_mask
+from rl.algos.losses import token_logprobs
+from rl.core.types import position_ids_from_mask
 
 
 class TokenBatch(Protocol):

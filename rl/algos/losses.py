@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rl.errors import ConfigError
+from rl.core.errors import ConfigError
 
 AggregationMode = Literal["token_mean", "seq_mean"]
 AGGREGATION_MODES: tuple[str, ...] = ("token_mean", "seq_mean")

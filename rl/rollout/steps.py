@@ -3,7 +3,7 @@
 Offsets come from incremental decodes of the generated ids (decode(ids[:i+1]) against
 decode(ids[:i])), not from re-tokenising the text, so the spans describe exactly the tokens
 the policy sampled even where a tokenizer would merge the delimiter differently on a second
-pass. The token -> step rule is `rl.credit.step_spans_from_offsets`'s.
+pass. The token -> step rule is `rl.algos.credit.step_spans_from_offsets`'s.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from rewards.heads import HeadBatch
-from rl.credit import Span, batch_step_tensors, step_spans_from_offsets
-from rl.types import RolloutBatch
+from rl.algos.credit import Span, batch_step_tensors, step_spans_from_offsets
+from rl.core.types import RolloutBatch
 
 CONTEXT_TOKENS = 8
 """Tokens of left context used to decode each token's text in the linear pass (enough for

@@ -1,13 +1,13 @@
 """The PAV pipeline behind `launch/train_pav.py`: Monte-Carlo labels, then the verifier.
 
-1. Data (`rl.pav_data`): the first `pav.prompts` prompts of a seeded order of the training
+1. Data (`rl.pav.data`): the first `pav.prompts` prompts of a seeded order of the training
    split, split over the ranks; `pav.samples_per_prompt` solutions each from the base policy
    (the configured rollout backend, at `rollout.temperature` / `rollout.top_p`), and `Q^pi` of
    every step prefix from `pav.n_mc` continuations, judged by the first reward function
    (`reward.functions[0]`, the verifier). Generation runs on a full copy of the base policy on
    every rank (no ZeRO: each rank generates on its own, at its own pace); records are appended
    to `<pav.output_dir>/mc_data.rank{r}.jsonl`, and a restarted run skips the prompts done.
-2. Verifier: a `rl.value_model.ValueModel` initialised from the base policy (fresh zero head),
+2. Verifier: a `ValueModel` initialised from the base policy (fresh zero head),
    wrapped as a DeepSpeed engine with the run's `deepspeed` settings, trained for
    `pav.epochs` epochs at `pav.lr` (AdamW, no warm-up) with binary cross-entropy on the soft
    labels at every labelled position (the last prompt token, every step-end token). Losses are
@@ -15,7 +15,7 @@
    step per micro-batch. `pav.val_fraction` of the prompts (with all their solutions) are held
    out; each epoch logs train/val BCE and val accuracy (`Q > 0.5` vs `label > 0.5`) against a
    constant predictor (the mean training label) and the labels' own entropy (the floor).
-3. The verifier is saved by rank 0 with `rl.value_model.save_value_model` into
+3. The verifier is saved by rank 0 with `rl.engine.value_model.save_value_model` into
    `pav.output_dir`, with `train_pav_metrics.json`.
 """
 
@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rl import engine as eng
+from rl.algos.losses import engine_loss_scale
 from rl.config import Config, to_dict
-from rl.data import PromptRow, PromptSampler, load_rows, prepare_prompts, seeded
-from rl.errors import ConfigError, DataError
-from rl.losses import engine_loss_scale
-from rl.pav_data import (
+from rl.core.errors import ConfigError, DataError
+from rl.data.prompts import PromptRow, PromptSampler, load_rows, prepare_prompts, seeded
+from rl.engine import deepspeed_engine as eng
+from rl.pav.data import (
     DATA_GLOB,
     META_FILE,
     LabelBatch,
@@ -50,7 +50,7 @@ from rl.pav_data import (
     make_verifier,
     read_records,
 )
-from rl.rollout import RolloutBackend, SamplingSettings
+from rl.rollout.backend import RolloutBackend, SamplingSettings
 
 METRICS_FILE = "train_pav_metrics.json"
 
@@ -79,7 +79,7 @@ def check_pav_config(cfg: Config) -> None:
 def select_prompts(cfg: Config, tokenizer: Any) -> list[PromptRow]:
     """The first `pav.prompts` prepared training prompts in a seeded order, drawn from the same
     rows as the RL trainer's (so a larger `pav.prompts` extends a smaller run's data)."""
-    from rl.trainer import BUILTIN_TRAIN_ROWS
+    from rl.trainer.loop import BUILTIN_TRAIN_ROWS
 
     data = cfg.data
     n = data.train_size
@@ -125,7 +125,7 @@ def make_data(
 ) -> tuple[RolloutBackend, int]:
     """Generate this rank's missing MC records. Returns (the rollout backend, which the caller
     closes last: a vLLM engine's shutdown ends the process group; prefixes rolled out here)."""
-    from rl.trainer import make_rollout, seed_everything
+    from rl.trainer.loop import make_rollout, seed_everything
 
     out = Path(cfg.pav.output_dir)
     meta = data_meta(cfg, model_path)
@@ -332,7 +332,7 @@ def train_verifier(
     pad_id: int,
 ) -> VerifierRun:
     """Build the verifier engine and train it; returns it with per-epoch metrics."""
-    from rl.value_model import value_model_from_policy
+    from rl.engine.value_model import value_model_from_policy
 
     pav = cfg.pav
     ds_config = eng.build_ds_config(
@@ -384,9 +384,9 @@ def train_verifier(
 
 def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
     """Data, then verifier, then save; returns the metrics written to `METRICS_FILE`."""
-    from rl.models import load_policy
-    from rl.trainer import seed_everything
-    from rl.value_model import save_value_model
+    from rl.engine.models import load_policy
+    from rl.engine.value_model import save_value_model
+    from rl.trainer.loop import seed_everything
 
     check_pav_config(cfg)
     out = Path(cfg.pav.output_dir)

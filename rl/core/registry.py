@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from rl.errors import ConfigError, UserError, one_line
+from rl.core.errors import ConfigError, UserError, one_line
 
 T = TypeVar("T")
 

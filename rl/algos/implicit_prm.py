@@ -1,18 +1,18 @@
 """Implicit PRM maths (Yuan et al. 2024) as used online by PRIME (Cui et al. 2025).
 
-Pure tensor maths (imports torch and pure `rl.*` modules only). Shapes follow `rl.credit`:
+Pure tensor maths (imports torch and pure `rl.*` modules only). Shapes follow `rl.algos.credit`:
 token tensors are `[B, T]` over *response* tokens (right padding) with a float 0/1 `mask`;
 `step_id: [B, T]` (int64) is each token's step (0-based), -1 off the response; step-level
 quantities are `[B, H]` with a `step_mask: [B, H]`.
 
 - `implicit_token_rewards`: `r_t = beta * (log pi_phi(y_t) - log pi_ref(y_t))`.
 - `implicit_step_rewards`: `sum_{t in step h} r_t` -> `[B, H]` (place them on step-end tokens
-  with `rl.credit.steps_to_tokens` for `rl.credit.prime_advantages`).
+  with `rl.algos.credit.steps_to_tokens` for `rl.algos.credit.prime_advantages`).
 - `sequence_reward`: `r_phi(y) = sum_t r_t`.
 - `implicit_prm_ce_loss`: the outcome cross-entropy
   `-[r_o log sigma(r_phi) + (1 - r_o) log(1 - sigma(r_phi))]` in sum form (divided by the
   global sequence count), so micro-batches on all ranks sum to the global-batch mean, like
-  `rl.losses.aggregate_loss`.
+  `rl.algos.losses.aggregate_loss`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rl.errors import ConfigError
+from rl.core.errors import ConfigError
 
 
 def _check_same_shape(names: str, *tensors: Tensor) -> None:
@@ -55,7 +55,7 @@ def implicit_step_rewards(
     token, -1 off the response; tokens with -1 are ignored) -> (step_rewards [B, H],
     step_mask [B, H] float 0/1 on steps that own at least one token). H = `n_steps` if given
     (it must cover every step id), else the largest step id + 1 (0 if there is none).
-    Step ids are expected to be 0..H_b-1 in each row (as `rl.credit.batch_step_tensors`
+    Step ids are expected to be 0..H_b-1 in each row (as `rl.algos.credit.batch_step_tensors`
     makes them), so valid steps come first.
     """
     if token_rewards.shape != step_id.shape or token_rewards.ndim != 2:

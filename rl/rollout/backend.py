@@ -4,7 +4,7 @@
 a backend implements `generate_tokens` and, if it keeps its own copy of the weights,
 `sync_weights`. Backend `transformers` runs `generate` on the DeepSpeed engine's module
 (with `synced_gpus=True` under ZeRO-3 so ranks that finish early keep joining the
-parameter gathers); backend `vllm` is in `rl/vllm_rollout.py`.
+parameter gathers); backend `vllm` is in `rl/rollout/vllm_backend.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from rl.types import RolloutBatch
+from rl.core.types import RolloutBatch
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ Departures from / choices the papers leave open:
   K >= 2 (the unbiased std of one sample is undefined).
 - **dr_grpo** (Liu et al. 2025): `r - mean`, no std division. Dr.GRPO's other change, the
   constant length normaliser, lives in the loss aggregation, not here: use
-  `rl.losses.aggregate_loss(mode="token_mean", global_tokens=global_seqs * max_new_tokens)`.
+  `rl.algos.losses.aggregate_loss(mode="token_mean", global_tokens=global_seqs * max_new_tokens)`.
 - **rloo** (Ahmadian et al. 2024): `r_i - mean_{j != i} r_j`, computed as
   `K / (K - 1) * (r_i - mean)`. Needs K >= 2.
 
@@ -26,8 +26,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from rl.errors import ConfigError
-from rl.registry import Registry
+from rl.core.errors import ConfigError
+from rl.core.registry import Registry
 
 AdvantageEstimator = Callable[[Tensor], Tensor]
 

@@ -12,7 +12,7 @@ What is implemented (ALGORITHMS.md, "PPO with a critic (GAE)" and "KL to the ref
   `lam = 1` and `V = 0`).
 - `whiten` / `masked_moments`: masked whitening with optional global (all-reduced) moments.
 - `clipped_value_loss`: `max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2) / 2` per token,
-  aggregated by `rl.losses.aggregate_loss` (sum form, like `rl.losses.policy_loss`).
+  aggregated by `rl.algos.losses.aggregate_loss` (sum form, like `rl.algos.losses.policy_loss`).
 - `dense_token_rewards`: outcome reward on the last response token + process rewards already
   on step-end tokens `- kl_coef * kl` per token (classic RLHF KL-in-reward).
 
@@ -28,7 +28,7 @@ Conventions:
   *skipped*: the recursion carries `V_{next}` and the running advantage across them, so the
   step after token t is the next *valid* token and `gamma` counts valid tokens. For
   right-padded masks (no holes) this is exactly the textbook recursion. Note that
-  `rl.credit.sum_form_returns` instead keeps discounting across holes (gamma counts positions);
+  `sum_form_returns` instead keeps discounting across holes (gamma counts positions);
   the two agree on right-padded masks or with `gamma = 1`.
 - `gae`, `discounted_returns`, `whiten` and `dense_token_rewards` do not propagate gradients
   (inputs are detached); `clipped_value_loss` differentiates through `values` only.
@@ -48,7 +48,7 @@ import math
 import torch
 from torch import Tensor
 
-from rl.losses import AggregationMode, aggregate_loss, masked_sum
+from rl.algos.losses import AggregationMode, aggregate_loss, masked_sum
 
 WHITEN_EPS = 1e-8
 """Added to the variance inside the rsqrt in `whiten` (TRL's `masked_whiten` value)."""
@@ -200,7 +200,7 @@ def clipped_value_loss(
     *,
     stats_tokens: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Sum-form micro-batch PPO value loss, aggregated like `rl.losses.policy_loss`.
+    """Sum-form micro-batch PPO value loss, aggregated like `rl.algos.losses.policy_loss`.
 
     values: [b, T] V under the current critic (carries the gradient); old_values: [b, T] V at
     rollout time (the values `gae` used; a constant); returns: [b, T] the `gae` returns (a
@@ -209,7 +209,7 @@ def clipped_value_loss(
         vf_t = max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2) / 2
 
     aggregated by `aggregate_loss(vf, mask, mode, global_tokens, global_seqs)`. Multiply the
-    loss (times the value coefficient) by `rl.losses.engine_loss_scale` before backward.
+    loss (times the value coefficient) by `rl.algos.losses.engine_loss_scale` before backward.
 
     Returns (loss scalar, stats); stats are detached SUM-form contributions (all-reduce-SUM
     over every micro-batch of every rank), token means over `stats_tokens` (default
@@ -280,14 +280,14 @@ def dense_token_rewards(
     response token (must be the row's last masked-in position: `last_valid_index(mask)`; rows
     with no masked-in token are ignored, and their outcome is dropped); step_rewards: [B, T]
     process rewards already placed on step-end tokens (0 elsewhere; e.g.
-    `rl.credit.steps_to_tokens`) or None; kl: [B, T] per-token KL estimate or None (then
+    `rl.algos.credit.steps_to_tokens`) or None; kl: [B, T] per-token KL estimate or None (then
     kl_coef must be 0); mask: [B, T].
 
         r_t = outcome * [t == last] + step_rewards_t - kl_coef * kl_t   (0 where mask is 0)
 
     For KL-in-reward pass the *rollout* policy's log-probs against the reference, e.g.
     `kl = old_logp - ref_logp` (k1: its sum over a response is an unbiased estimate of the
-    sequence KL) or `rl.losses.k3_kl(old_logp, ref_logp)`. Returns [B, T] detached, dtype at
+    sequence KL) or `rl.algos.losses.k3_kl(old_logp, ref_logp)`. Returns [B, T] detached, dtype at
     least float32; values at masked-out positions of step_rewards / kl are ignored.
     """
     if mask.ndim != 2 or outcome.shape != (mask.shape[0],):

@@ -22,9 +22,9 @@ Per-step values of a head (`head_step_values`):
   with the default threshold only the last step can be flagged.
 
 The batch a head sees (`build_head_batch`) is what the trainer hands it for a rollout: the
-problem as the prompt (chat template as in `rl.data.prepare_prompts`, left padded), the
+problem as the prompt (chat template as in `rl.data.prompts.prepare_prompts`, left padded), the
 steps joined with the step delimiter plus EOS as the response (right padded), and step ends
-by the trainer's rule (`rl.credit.step_spans_from_offsets`). The steps found must be
+by the trainer's rule (`rl.algos.credit.step_spans_from_offsets`). The steps found must be
 exactly the given ones, so a given step may not contain the delimiter: for ProcessBench,
 whose steps are paragraphs, use `reward.step_delimiter="\\n\\n"`. As in training, the
 delimiter's token ends the step before it and EOS closes the last step, so the last step's
@@ -50,11 +50,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from rewards.heads import HeadBatch, RewardHead, checked_score
-from rl.credit import Span, batch_step_tensors, step_spans_from_offsets, tokens_to_steps
-from rl.data import ChatTemplateMode, prepare_prompts
-from rl.errors import ConfigError, DataError, RewardError, one_line
-from rl.rollout import left_pad
-from rl.steps import decode_offsets
+from rl.algos.credit import Span, batch_step_tensors, step_spans_from_offsets, tokens_to_steps
+from rl.core.errors import ConfigError, DataError, RewardError, one_line
+from rl.data.prompts import ChatTemplateMode, prepare_prompts
+from rl.rollout.backend import left_pad
+from rl.rollout.steps import decode_offsets
 from rl.tasks import arith
 
 Row = dict[str, Any]
@@ -262,7 +262,7 @@ def _ids_and_offsets(tokenizer: Any, text: str) -> tuple[list[int], str, list[tu
     """(ids, text the offsets index, per-token char offsets) of `text`, no special tokens.
 
     A fast tokenizer's offset mapping when it has one; else incremental decoding as in
-    training (`rl.steps.decode_offsets`), which costs O(T^2) decoded characters: too slow for
+    training (`decode_offsets`), which costs O(T^2) decoded characters: too slow for
     long solutions with a fast tokenizer at hand, and the same spans for text tokenised here.
     """
     if getattr(tokenizer, "is_fast", False):
@@ -278,7 +278,7 @@ def response_ids_and_spans(
     tokenizer: Any, steps: Sequence[str], delimiter: str, where: str = "row"
 ) -> tuple[list[int], list[Span]]:
     """(response token ids `[Tr_b]`: the steps joined with `delimiter` then EOS, step spans)
-    of one solution, by `rl.credit.step_spans_from_offsets` (the trainer's rule). DataError
+    of one solution, by `rl.algos.credit.step_spans_from_offsets` (the trainer's rule). DataError
     if the spans do not reproduce `steps` (a step with the delimiter or blank, or a token
     that runs across a step boundary)."""
     _check_step_texts(steps, delimiter, where)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from rl.errors import ConfigError, DataError, one_line
+from rl.core.errors import ConfigError, DataError, one_line
 
 BUILTIN_PREFIX = "builtin:"
 _FILE_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}

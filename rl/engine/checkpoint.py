@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rl.engine import barrier
-from rl.errors import ConfigError
+from rl.core.errors import ConfigError
+from rl.engine.deepspeed_engine import barrier
 
 COMPLETE = "COMPLETE"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")

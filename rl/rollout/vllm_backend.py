@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from rl.errors import ConfigError
-from rl.rollout import Generated, RolloutBackend, SamplingSettings, left_pad
+from rl.core.errors import ConfigError
+from rl.rollout.backend import Generated, RolloutBackend, SamplingSettings, left_pad
 
 
 def vllm_install_hint() -> str:
