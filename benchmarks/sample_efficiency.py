@@ -162,7 +162,8 @@ METHODS: tuple[Method, ...] = (
         (
             "reward.heads=[{head: implicit_prm, kwargs: {beta: 0.05, lr: $prm_lr, update: after}}]",
             "algo.credit=prime",
-            "algo.credit_kwargs={gamma: 1.0, process_coef: 1.0, outcome_coef: 1.0}",
+            "algo.gamma=1.0",
+            "algo.credit_kwargs={process_coef: 1.0, outcome_coef: 1.0}",
             "optim.lr=$lr",
         ),
         tunables=(LR, PRM_LR),

@@ -7,8 +7,8 @@ tokens/s, and every configuration's ratio to the baseline (ZeRO-2, transformers,
 
     rollout      time/rollout_s      generation
     heads        time/heads_s        reward heads, PRM scoring and its update included
-    credit       time/reward_s - time/heads_s   outcome scoring and advantages
-    update       time/update_s       old log-probs + policy optimizer steps
+    credit       time/reward_s - time/heads_s + time/credit_s   outcome scoring, advantages
+    update       time/logprobs_s + time/update_s   old log-probs + optimizer steps
     weight_sync  time/weight_sync_s  policy weights into the vLLM engine
 
 Tokens are generated response tokens: train/response_tokens_mean x samples per step (all
@@ -174,7 +174,11 @@ def phase_times(rows: list[dict[str, Any]], warmup: int) -> dict[str, float]:
         values = [float(r.get(key, 0.0) or 0.0) for r in steps]
         if phase == "credit":
             heads = [float(r.get("time/heads_s", 0.0) or 0.0) for r in steps]
-            values = [v - h for v, h in zip(values, heads, strict=True)]
+            credit = [float(r.get("time/credit_s", 0.0) or 0.0) for r in steps]
+            values = [v - h + c for v, h, c in zip(values, heads, credit, strict=True)]
+        if phase == "update":
+            logprobs = [float(r.get("time/logprobs_s", 0.0) or 0.0) for r in steps]
+            values = [v + lp for v, lp in zip(values, logprobs, strict=True)]
         out[phase] = statistics.fmean(values)
     return out
 

@@ -133,34 +133,33 @@ def build_head(
     policy_path: str,
     batch_size: int,
 ) -> Any:
-    """The head, after `setup(HeadContext)` if it has one (no policy, rollout or verifier;
-    a batch of `batch_size` solutions is one forward micro-batch)."""
-    from rewards.heads import HeadContext, resolve_head
+    """The head after `setup(HeadContext)` (no policy, rollout or verifier; a batch of
+    `batch_size` solutions is one forward micro-batch)."""
+    from rewards.build import resolve_head
+    from rewards.heads import HeadContext
     from rl.engine.deepspeed_engine import build_ds_config, use_bf16
 
     head = resolve_head(spec, kwargs)
-    setup = getattr(head, "setup", None)
-    if callable(setup):
-        ds_config = build_ds_config(
-            cfg.deepspeed.config,
-            zero_stage=cfg.deepspeed.zero_stage,
+    ds_config = build_ds_config(
+        cfg.deepspeed.config,
+        zero_stage=cfg.deepspeed.zero_stage,
+        micro_batch_size=batch_size,
+        grad_accum_steps=1,
+        world_size=dist.world_size,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        bf16=use_bf16(cfg.model.dtype),
+    )
+    head.setup(
+        HeadContext(
+            cfg=cfg,
+            dist=dist,
+            tokenizer=tokenizer,
+            policy_path=policy_path,
+            ds_config=ds_config,
             micro_batch_size=batch_size,
-            grad_accum_steps=1,
-            world_size=dist.world_size,
-            max_grad_norm=cfg.optim.max_grad_norm,
-            bf16=use_bf16(cfg.model.dtype),
+            local_batch_size=batch_size,
         )
-        setup(
-            HeadContext(
-                cfg=cfg,
-                dist=dist,
-                tokenizer=tokenizer,
-                policy_path=policy_path,
-                ds_config=ds_config,
-                micro_batch_size=batch_size,
-                local_batch_size=batch_size,
-            )
-        )
+    )
     return head
 
 
@@ -199,9 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         source=args.data,
         progress=cfg.logging.progress_bar,
     )
-    close = getattr(head, "close", None)
-    if callable(close):
-        close()
+    head.close()
     shutdown()
     print(prm_eval.format_table(result["scores"], result["baselines"]), flush=True)
     return {

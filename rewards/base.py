@@ -12,7 +12,6 @@ completion has a well-defined, finite reward.
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -21,8 +20,8 @@ from typing import Any
 
 import torch
 
-from rl.core.errors import ConfigError, RewardError, one_line
-from rl.core.registry import Registry, import_object
+from rl.core.errors import RewardError, one_line
+from rl.core.registry import Registry
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -40,32 +39,6 @@ class RewardSpec:
     fn: str
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_reward_fn(spec: str) -> RewardFn:
-    """The function for a registered name (e.g. "math_verify") or a `package.module:function`."""
-    import rewards.verifiers  # noqa: F401  (registers the built-in verifiers)
-
-    if ":" not in spec:
-        try:
-            return REWARD_FUNCTIONS.get(spec)
-        except ConfigError as e:
-            hint = "; for your own function use 'package.module:function'" if "." in spec else ""
-            raise ConfigError(f"{e}{hint}") from None
-    obj = import_object(spec, "reward function", "package.module:function", RewardError)
-    if not callable(obj):
-        raise RewardError(f"reward function {spec!r} is not callable ({type(obj).__name__})")
-    fn: RewardFn = obj
-    return fn
-
-
-def build_reward_fns(specs: Sequence[RewardSpec]) -> list[tuple[RewardSpec, RewardFn]]:
-    """Resolve each spec and bind its kwargs: the input `score_outcomes` expects."""
-    out: list[tuple[RewardSpec, RewardFn]] = []
-    for spec in specs:
-        fn = resolve_reward_fn(spec.fn)
-        out.append((spec, functools.partial(fn, **spec.kwargs) if spec.kwargs else fn))
-    return out
 
 
 def score_outcomes(
@@ -155,3 +128,15 @@ def _unique_key(existing: Mapping[str, Any], name: str) -> str:
 def _short(v: Any, limit: int = 40) -> str:
     s = repr(v).replace("\n", " ")
     return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def checked_verifier_scores(name: str, scores: torch.Tensor) -> torch.Tensor:
+    """The verifier's scores `[N]` as float32, or a RewardError naming the function and the
+    first rows outside [0, 1] (online heads learn from them as labels, PAV as successes)."""
+    bad = ((scores < 0) | (scores > 1)).nonzero().flatten().tolist()
+    if bad:
+        raise RewardError(
+            f"reward function {name!r} is the verifier (the first in reward.functions) and "
+            f"must score in [0, 1]; rows {bad[:8]} are outside (e.g. {float(scores[bad[0]])})"
+        )
+    return scores.float()

@@ -4,7 +4,8 @@ A reward head turns a batch of rollouts into dense rewards on response tokens. I
 outcome verifier (reward on the last token), a step-level PRM (reward on each step's last
 token) or a token-level one (e.g. an implicit PRM), and it may learn online (PRIME's `update`
 on each RL step's rollouts and their outcomes). No model code lives here: heads are plug-ins
-that implement `RewardHead` and are resolved by registered name or `package.module:ClassName`.
+that subclass `RewardHead` and are resolved (`rewards.build`) by registered name or
+`package.module:ClassName`.
 
 Shapes: B rollouts (grouped contiguously, `group_size` per prompt), Tp prompt tokens (left
 padded), Tr response tokens (right padded); response column 0 is the first response token.
@@ -13,51 +14,34 @@ padded), Tr response tokens (right padded); response column 0 is the first respo
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
+import torch.distributed as torch_dist
 from torch import Tensor
 
 from rl.core.errors import ConfigError, RewardError, one_line
-from rl.core.registry import Registry, import_object
+from rl.core.registry import Registry
+from rl.core.schema import parse_options
+from rl.core.types import HeadBatch
+
+__all__ = [
+    "GRANULARITIES",
+    "REWARD_HEADS",
+    "Granularity",
+    "HeadBatch",
+    "HeadContext",
+    "HeadOutput",
+    "RewardHead",
+    "StatelessHead",
+    "checked_score",
+]
 
 Granularity = Literal["outcome", "step", "token"]
 GRANULARITIES: tuple[str, ...] = ("outcome", "step", "token")
-
-
-@dataclass
-class HeadBatch:
-    """What a reward head receives for one batch of B rollouts."""
-
-    input_ids: Tensor
-    """[B, Tp + Tr] int64, prompt (left padded) then response (right padded)."""
-    attention_mask: Tensor
-    """[B, Tp + Tr] 0/1."""
-    response_mask: Tensor
-    """[B, Tr] float 0/1 on response tokens."""
-    prompt_length: int
-    """Tp: response token t is column `prompt_length + t` of `input_ids`."""
-    step_id: Tensor
-    """[B, Tr] int64, each response token's step (0-based), -1 off the response."""
-    step_end: Tensor
-    """[B, Tr] float 0/1 on each step's last token."""
-    completions: list[str]
-    """[B] decoded responses."""
-    group_size: int
-    """K, samples per prompt (rows p*K .. p*K+K-1 share a prompt)."""
-    prompts: list[str] = field(default_factory=list)
-    """[B] prompt texts (after the chat template)."""
-    columns: dict[str, list[Any]] = field(default_factory=dict)
-    """Dataset columns (e.g. the reference answer), each a list of length B."""
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.response_mask.shape[0])
-
-    @property
-    def response_length(self) -> int:
-        return int(self.response_mask.shape[1])
 
 
 @dataclass
@@ -104,100 +88,97 @@ class HeadContext:
     """`rl.rollout.backend.SamplingSettings` of training rollouts, or None."""
 
 
-@runtime_checkable
-class RewardHead(Protocol):
-    """The plug-in protocol for process reward heads."""
+class RewardHead(ABC):
+    """Base class of every reward head. A subclass sets `name` and `granularity` and defines
+    `score`; every other hook has a no-op default here, so a 20-line head needs none of them.
 
-    name: str
-    granularity: Granularity
+    Hooks the trainer calls, in order: `setup(ctx)` once on every rank; each step, `score`
+    and `update` (`update` first when `update_first`); at checkpoints the collective
+    `save_checkpoint` / `load_checkpoint`; at the end `save_pretrained` and `close`. PRM
+    evaluation reads `step_values`.
+    """
 
+    name: str = ""
+    """Unique among the run's heads: it keys metrics (`head/<name>/...`) and checkpoints."""
+    granularity: Granularity = "step"
+    """Where the rewards sit: `outcome` (last token), `step` (each step's last token) or
+    `token` (every token; credit then treats each token as a step)."""
+    default_credit: ClassVar[str] = "sum"
+    """The credit scheme `algo.credit: auto` picks when this is the first head."""
+    update_first: bool = False
+    """Learn from the step's outcomes before scoring it (default: score, then learn)."""
+    Options: ClassVar[type | None] = None
+    """A dataclass of the head's keyword arguments: when set, `reward.heads[i].kwargs` are
+    checked against it at load time (unknown keys and wrong types name the key)."""
+
+    def setup(self, ctx: HeadContext) -> None:
+        """Build models and engines once the run's context is known (every rank)."""
+        return None  # no-op default
+
+    @abstractmethod
     def score(self, batch: HeadBatch) -> HeadOutput:
-        """Dense rewards for the batch (no gradient needed)."""
-        ...
+        """Dense rewards `[B, Tr]` for the batch (no gradient needed)."""
 
     def update(self, batch: HeadBatch, outcome: Tensor) -> dict[str, float]:
         """Learn from the batch's verifier outcomes `outcome: [B]` (online heads such as
-        PRIME's implicit PRM); heads that do not learn return {}. Returns metrics to log."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, d: dict[str, Any]) -> None: ...
-
-
-class StatelessHead:
-    """Base for heads that neither learn online nor keep state: `update` does nothing and
-    the state is empty. A subclass sets `name` and `granularity` and defines `score`."""
-
-    def update(self, batch: HeadBatch, outcome: Tensor) -> dict[str, float]:
+        PRIME's implicit PRM). Returns metrics to log; heads that do not learn keep this."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
+        """Small picklable state saved by the default `save_checkpoint`."""
         return {}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        return None
+        """Restore what `state_dict` returned."""
+        return None  # no-op default
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Collective: write the head's state under `directory`. Default: rank 0 saves
+        `state_dict()` to `directory/state.pt`. Heads with sharded engines override this."""
+        if not torch_dist.is_initialized() or torch_dist.get_rank() == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            torch.save(self.state_dict(), directory / "state.pt")
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Collective: restore what `save_checkpoint` wrote."""
+        file = directory / "state.pt"
+        if not file.is_file():
+            raise ConfigError(f"trainer.resume: no state for reward head {self.name!r} in {file}")
+        self.load_state_dict(torch.load(file, weights_only=False))
+
+    def save_pretrained(self, directory: Path) -> None:
+        """At the end of training: write a learned model in Hugging Face format (collective)."""
+        return None  # no-op default
+
+    def close(self) -> None:
+        """Release engines and files at the end of the run."""
+        return None  # no-op default
+
+    def step_values(self, batch: HeadBatch) -> Tensor:
+        """Each response token's probability `[B, Tr]` that the solution is still right
+        (read at step ends by PRM evaluation). Default: the token rewards as log-odds
+        increments, `sigmoid(sum_{t' <= t} r_t')`; heads with values of their own (PAV's
+        Q^pi) override this."""
+        rewards = checked_score(self, batch).token_rewards.double().cpu()  # [B, Tr]
+        return torch.sigmoid(torch.cumsum(rewards, dim=1)).float()
 
 
-# Optional methods the trainer calls when a head defines them (not part of the Protocol, so
-# that a 20-line head needs none of them):
-#   setup(ctx: HeadContext) -> None         once, after construction, on every rank
-#   save_checkpoint(directory: Path) -> None collective, instead of state_dict() (heads with
-#   load_checkpoint(directory: Path) -> None  their own DeepSpeed engine: sharded state)
-#   close() -> None                          at the end of the run
+class StatelessHead(RewardHead):
+    """A head that neither learns online nor keeps state: the base class's defaults."""
 
 
-REWARD_HEADS: Registry[Any] = Registry("reward head")
-"""Registered head classes (or factories): `@REWARD_HEADS.register("name")`."""
-
-BUILTIN_HEAD_MODULES = ("rewards.implicit_prm_head", "rewards.pav")
-"""Modules that register the built-in heads; imported on first resolution (they pull in
-transformers/DeepSpeed, which this module does not)."""
+REWARD_HEADS: Registry[type[RewardHead]] = Registry("reward head")
+"""Registered head classes: `@REWARD_HEADS.register("name")` (the built-in heads register
+in their modules, which `rewards.build.resolve_head` imports)."""
 
 
-def _register_builtin_heads() -> None:
-    import importlib
-
-    for module in BUILTIN_HEAD_MODULES:
-        importlib.import_module(module)
-
-
-def resolve_head(spec: str, kwargs: dict[str, Any] | None = None) -> RewardHead:
-    """Instantiate the head `spec` (a registered name or `package.module:ClassName`) with
-    `kwargs`. Every failure is a one-line ConfigError/RewardError naming the spec."""
-    kwargs = dict(kwargs or {})
-    if ":" not in spec:
-        _register_builtin_heads()
-        try:
-            factory = REWARD_HEADS.get(spec)
-        except ConfigError as e:
-            hint = "; for your own head use 'package.module:ClassName'" if "." in spec else ""
-            raise ConfigError(f"{e}{hint}") from None
-    else:
-        factory = import_object(spec, "reward head", "package.module:ClassName", RewardError)
-    if not callable(factory):
-        raise RewardError(f"reward head {spec!r} is not a class ({type(factory).__name__})")
-    try:
-        head = factory(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"reward head {spec!r}: bad arguments {kwargs}: {one_line(e)}") from e
-    except Exception as e:
-        raise RewardError(f"reward head {spec!r}: constructing it raised {one_line(e)}") from e
-    missing = [
-        a
-        for a in ("name", "granularity", "score", "update", "state_dict", "load_state_dict")
-        if not hasattr(head, a)
-    ]
-    if missing:
-        raise RewardError(
-            f"reward head {spec!r} does not implement RewardHead: missing {', '.join(missing)}"
-        )
-    if head.granularity not in GRANULARITIES:
-        raise RewardError(
-            f"reward head {spec!r} has granularity {head.granularity!r}; "
-            f"valid: {', '.join(GRANULARITIES)}"
-        )
-    return head
+def head_options(cls: type[RewardHead], kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check `kwargs` against the head's `Options` dataclass (when it has one) and return
+    them with defaults filled in; errors name `where.<key>`."""
+    if cls.Options is None:
+        return dict(kwargs)
+    options: Any = parse_options(cls.Options, kwargs, where)
+    return {f: getattr(options, f) for f in options.__dataclass_fields__}
 
 
 def checked_score(head: RewardHead, batch: HeadBatch, max_rows: int = 5) -> HeadOutput:
@@ -205,7 +186,7 @@ def checked_score(head: RewardHead, batch: HeadBatch, max_rows: int = 5) -> Head
     values become a one-line RewardError naming the head (and the first `max_rows` offending
     batch rows), chaining the original exception. Returns the output with `token_rewards` as
     float32 (float64 kept) zeroed outside `batch.response_mask`."""
-    name = getattr(head, "name", type(head).__name__)
+    name = head.name
     try:
         out = head.score(batch)
     except Exception as e:

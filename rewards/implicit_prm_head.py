@@ -10,12 +10,13 @@ come from the PRM as it was before seeing the step's outcomes and the update fol
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from rewards.heads import REWARD_HEADS, HeadBatch, HeadContext, HeadOutput
+from rewards.heads import REWARD_HEADS, HeadBatch, HeadContext, HeadOutput, RewardHead
 from rl.algos.credit import steps_to_tokens
 from rl.algos.implicit_prm import (
     implicit_prm_ce_loss,
@@ -24,33 +25,32 @@ from rl.algos.implicit_prm import (
     sequence_reward,
 )
 from rl.algos.losses import engine_loss_scale
-from rl.config import to_float
+from rl.core.batching import micro_batches
 from rl.core.errors import ConfigError
 from rl.engine import deepspeed_engine as eng
 from rl.engine.forward import response_logprobs
 
 
-def _rows(batch: HeadBatch, index: list[int]) -> HeadBatch:
-    """A sub-batch of `batch` holding `index` (tensors only; text fields emptied)."""
-    rows = torch.tensor(index, dtype=torch.long)
-    return HeadBatch(
-        input_ids=batch.input_ids[rows],
-        attention_mask=batch.attention_mask[rows],
-        response_mask=batch.response_mask[rows],
-        prompt_length=batch.prompt_length,
-        step_id=batch.step_id[rows],
-        step_end=batch.step_end[rows],
-        completions=[],
-        group_size=batch.group_size,
-    )
+@dataclass(frozen=True)
+class ImplicitPRMOptions:
+    """`reward.heads[i].kwargs` of the `implicit_prm` head."""
 
-
-def _chunks(n: int, size: int) -> list[list[int]]:
-    return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+    beta: float = 0.05
+    """Scale of the log-ratio: r_t = beta * (log pi_phi - log pi_ref)."""
+    lr: float = 1e-6
+    """PRM learning rate (AdamW)."""
+    update: Literal["after", "before", "never"] = "after"
+    """Learn after scoring each step's rollouts, before, or never (an offline PRM)."""
+    granularity: Literal["step", "token"] = "step"
+    """Step sums on step-end tokens, or every token's reward."""
+    path: str | None = None
+    """PRM start checkpoint (default: the SFT policy)."""
+    ref_path: str | None = None
+    """Reference checkpoint (default: the trainer's reference, else the SFT policy)."""
 
 
 @REWARD_HEADS.register("implicit_prm")
-class ImplicitPRMHead:
+class ImplicitPRMHead(RewardHead):
     """Online implicit PRM (PRIME). kwargs: beta (0.05), lr (PRM learning rate), update
     ("after" | "before" | "never": frozen, an offline PRM), granularity ("step": step sums on
     step-end tokens | "token": every token's reward), path / ref_path (PRM and reference
@@ -58,6 +58,7 @@ class ImplicitPRMHead:
 
     name = "implicit_prm"
     default_credit = "prime"
+    Options = ImplicitPRMOptions
 
     def __init__(
         self,
@@ -68,18 +69,8 @@ class ImplicitPRMHead:
         path: str | None = None,
         ref_path: str | None = None,
     ) -> None:
-        beta = to_float(beta, "implicit_prm.beta")  # YAML reads 1e-6 as a string
-        lr = to_float(lr, "implicit_prm.lr")
         if beta <= 0:
             raise ConfigError(f"implicit_prm: beta must be positive, got {beta}")
-        if update not in ("after", "before", "never"):
-            raise ConfigError(
-                f"implicit_prm: update must be after, before or never, got {update!r}"
-            )
-        if granularity not in ("step", "token"):
-            raise ConfigError(
-                f"implicit_prm: granularity must be step or token, got {granularity!r}"
-            )
         self.beta = beta
         self.lr = lr
         self.update_mode = update
@@ -139,8 +130,8 @@ class ImplicitPRMHead:
     def _token_rewards(self, batch: HeadBatch) -> torch.Tensor:
         """`beta * (log pi_phi - log pi_ref)` on response tokens: [B, Tr]."""
         prm, ref = [], []
-        for index in _chunks(batch.batch_size, self.micro_batch_size):
-            micro = _rows(batch, index)
+        for index in micro_batches(batch.batch_size, self.micro_batch_size):
+            micro = batch.select(index)
             prm.append(response_logprobs(self.engine, micro))
             ref.append(response_logprobs(self.reference, micro))
         ref_logp = torch.cat(ref)
@@ -173,8 +164,8 @@ class ImplicitPRMHead:
         with torch.no_grad():
             return torch.cat(
                 [
-                    response_logprobs(self.reference, _rows(batch, index))
-                    for index in _chunks(batch.batch_size, self.micro_batch_size)
+                    response_logprobs(self.reference, batch.select(index))
+                    for index in micro_batches(batch.batch_size, self.micro_batch_size)
                 ]
             )
 
@@ -187,8 +178,8 @@ class ImplicitPRMHead:
         scale = engine_loss_scale(self.world_size, self.grad_accum_steps)
         sums = torch.zeros(2, dtype=torch.float64)
         self.engine.train()
-        for index in _chunks(batch.batch_size, self.micro_batch_size):
-            micro = _rows(batch, index)
+        for index in micro_batches(batch.batch_size, self.micro_batch_size):
+            micro = batch.select(index)
             rows = torch.tensor(index)
             logp = response_logprobs(self.engine, micro)  # [b, Tr]
             token_r = implicit_token_rewards(logp, ref_logp[rows], micro.response_mask, self.beta)
@@ -203,12 +194,6 @@ class ImplicitPRMHead:
         return {"ce_loss": float(reduced[0]), "acc": float(reduced[1])}
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        pass
-
     def save_checkpoint(self, directory: Path) -> None:
         """PRM weights + optimizer (sharded as the engine keeps them); collective."""
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)

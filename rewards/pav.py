@@ -23,17 +23,18 @@ rollout backend's generation is collective (transformers `generate` with `synced
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rewards.heads import REWARD_HEADS, HeadBatch, HeadContext, HeadOutput, StatelessHead
+from rewards.heads import REWARD_HEADS, HeadBatch, HeadContext, HeadOutput, RewardHead
 from rl.algos.credit import pav_step_advantages_batched, steps_to_tokens, tokens_to_steps
 from rl.core.errors import ConfigError
 from rl.core.types import position_ids_from_mask
 from rl.engine.value_model import check_value_model_dir, load_value_model
-from rl.pav.data import estimate_prefix_values, prefix_texts, q_table, step_prefixes
+from rl.rollout.mc_values import estimate_prefix_values, prefix_texts, q_table, step_prefixes
 
 
 def pav_output(q_pi: Tensor, step_mask: Tensor, step_end: Tensor, prover_k: int) -> HeadOutput:
@@ -68,13 +69,34 @@ def _device_of(module: Any) -> torch.device:
     return next(module.parameters()).device
 
 
+@dataclass(frozen=True)
+class PAVOptions:
+    """`reward.heads[i].kwargs` of the `pav` head."""
+
+    path: str
+    """The verifier written by `launch/train_pav.py` (HF backbone + `value_head.pt`)."""
+    prover_k: int = 4
+    """K of the Best-of-K prover: Q^mu = 1 - (1 - Q^pi)^K."""
+
+
+@dataclass(frozen=True)
+class PAVMCOracleOptions:
+    """`reward.heads[i].kwargs` of the `pav_mc_oracle` head."""
+
+    n_mc: int = 4
+    """Monte-Carlo continuations of the current policy from every step prefix."""
+    prover_k: int = 4
+    """K of the Best-of-K prover."""
+
+
 @REWARD_HEADS.register("pav")
-class PAVHead(StatelessHead):
+class PAVHead(RewardHead):
     """Frozen PAV verifier: `A^mu` from `Q^pi = sigmoid(verifier value)` at step ends."""
 
     name = "pav"
     granularity = "step"
     default_credit = "pav"
+    Options = PAVOptions
 
     def __init__(self, path: str, prover_k: int = 4) -> None:
         if prover_k < 1:
@@ -159,12 +181,13 @@ def row_prefixes(batch: HeadBatch, tokenizer: Any) -> tuple[list[list[int]], lis
 
 
 @REWARD_HEADS.register("pav_mc_oracle")
-class PAVMCOracleHead(StatelessHead):
+class PAVMCOracleHead(RewardHead):
     """PAV with Q^pi from fresh Monte-Carlo rollouts of the current policy (no verifier model)."""
 
     name = "pav_mc_oracle"
     granularity = "step"
     default_credit = "pav"
+    Options = PAVMCOracleOptions
 
     def __init__(self, n_mc: int = 4, prover_k: int = 4) -> None:
         if n_mc < 1 or prover_k < 1:
@@ -176,9 +199,13 @@ class PAVMCOracleHead(StatelessHead):
         self.ctx: HeadContext | None = None
 
     def setup(self, ctx: HeadContext) -> None:
-        missing = [
-            k for k in ("policy", "rollout", "verifier", "sampling") if getattr(ctx, k) is None
-        ]
+        provided = {
+            "policy": ctx.policy,
+            "rollout": ctx.rollout,
+            "verifier": ctx.verifier,
+            "sampling": ctx.sampling,
+        }
+        missing = [k for k, v in provided.items() if v is None]
         if missing:
             raise ConfigError(
                 f"pav_mc_oracle needs the trainer's {', '.join(missing)} (it rolls out the "
@@ -199,7 +226,7 @@ class PAVMCOracleHead(StatelessHead):
         none), so every rank makes the same generate calls. Returns the real prefix count."""
         assert self.ctx is not None
         n = len(prefixes)
-        if not getattr(self.ctx.rollout, "synced_gpus", False):
+        if not self.ctx.rollout.synced_gpus:
             return n
         from rl.engine.deepspeed_engine import all_reduce_max
 

@@ -9,16 +9,15 @@ after loading.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from rl.algos.credit import CREDIT_OPTIONS
 from rl.core.errors import ConfigError
+from rl.core.schema import build_dataclass, parse_options
 
 
 @dataclass(frozen=True)
@@ -131,8 +130,10 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class AlgoConfig:
-    advantage: str = "grpo"
-    """Advantage estimator by registered name: grpo, dr_grpo, rloo."""
+    advantage: str | None = None
+    """Outcome advantage estimator by registered name: grpo, dr_grpo, rloo (None: grpo).
+    Used by the `outcome` and `pav` credit schemes; `prime`, `sum` and `min_form` are
+    leave-one-out by definition (only rloo is accepted) and `gae` has the critic instead."""
     clip_low: float = 0.2
     """Lower clip range: ratio clipped at 1 - clip_low."""
     clip_high: float = 0.28
@@ -152,12 +153,14 @@ class AlgoConfig:
     `prime`, `pav`, `sum`, `min_form` (rl.algos.credit), or `gae` (PPO with the critic).
     `auto` = the first head's `default_credit`, or `outcome` without heads."""
     credit_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Hyperparameters of the credit scheme (e.g. alpha for pav, gamma for prime)."""
+    """Options of the credit scheme, checked against its dataclass at load time
+    (`rl.algos.credit`: PAVCreditOptions, PrimeCreditOptions, SumCreditOptions,
+    MinFormCreditOptions); `outcome` and `gae` take none."""
     kl_mode: Literal["loss", "reward"] = "loss"
     """Where the KL to the reference enters: a k3 loss term, or subtracted from the token
     rewards (`kl_coef * (log pi - log pi_ref)` per token; gae only)."""
     gamma: float = 1.0
-    """Discount over token positions (gae)."""
+    """Discount over token positions: GAE, and the return-to-go of prime / sum / min_form."""
     lam: float = 0.95
     """GAE lambda."""
     whiten_advantages: bool = True
@@ -225,7 +228,10 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     """How many complete checkpoints to keep."""
     resume: str = "none"
-    """`none`, `auto` (newest complete checkpoint in output_dir, if any) or a checkpoint dir."""
+    """`none`, `auto` (newest complete checkpoint in output_dir, if any) or a checkpoint dir.
+    With `none`, an output_dir that holds an earlier run is refused (see `overwrite`)."""
+    overwrite: bool = False
+    """With resume=none, delete an earlier run in output_dir instead of refusing to start."""
     save_final_model: bool = True
     """Write the final policy in Hugging Face format to `<output_dir>/final`."""
 
@@ -302,79 +308,50 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[keys[-1]] = yaml.safe_load(value_text)
 
 
-def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
-    """Instantiate dataclass `cls` from mapping `raw`; unknown keys raise naming the key."""
-    where = prefix.rstrip(".") or "config"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-    kwargs = {key: convert(hints[key], value, f"{prefix}{key}") for key, value in raw.items()}
-    return cls(**kwargs)
+LEAVE_ONE_OUT_SCHEMES = ("prime", "sum", "min_form")
+"""Credit schemes whose outcome term is RLOO by definition."""
 
 
-def convert(hint: Any, value: Any, key: str) -> Any:
-    """Check/convert one value against its type hint; errors name the dotted key."""
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return build_dataclass(hint, value, prefix=f"{key}.")  # type: ignore[arg-type]
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return convert(option, value, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: invalid value {value!r}")
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_hint,) = typing.get_args(hint)
-        return [convert(item_hint, v, f"{key}.{i}") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(convert(h, v, key) for h, v in zip(typing.get_args(hint), value, strict=True))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is float:
-        return to_float(value, key)
-    if hint in (int, str, bool) and type(value) is not hint:
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
-    return value
+def outcome_estimator(algo: AlgoConfig) -> str:
+    """The outcome advantage estimator's registered name (`algo.advantage`, default grpo)."""
+    return algo.advantage or "grpo"
 
 
-def to_float(value: Any, key: str) -> float:
-    """A float from a number or a numeric string (YAML 1.1 reads `1e-3` as a string)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise ConfigError(f"{key}: expected a number, got {value!r}")
+def credit_options(algo: AlgoConfig, scheme: str) -> Any:
+    """`algo.credit_kwargs` as the options dataclass of step-credit `scheme`; errors name
+    the key."""
+    if "gamma" in algo.credit_kwargs:
+        raise ConfigError(
+            "algo.credit_kwargs.gamma: the discount is one setting for every scheme: use algo.gamma"
+        )
+    return parse_options(CREDIT_OPTIONS[scheme], algo.credit_kwargs, "algo.credit_kwargs")
+
+
+def check_credit_settings(algo: AlgoConfig, scheme: str) -> None:
+    """ConfigError for an option the (resolved) credit scheme would silently ignore."""
+    if scheme in CREDIT_OPTIONS:
+        credit_options(algo, scheme)
+    elif algo.credit_kwargs:
+        key = next(iter(algo.credit_kwargs))
+        raise ConfigError(f"algo.credit_kwargs.{key}: algo.credit={scheme} takes no options")
+    if scheme in LEAVE_ONE_OUT_SCHEMES and algo.advantage not in (None, "rloo"):
+        raise ConfigError(
+            f"algo.advantage={algo.advantage}: algo.credit={scheme} uses a leave-one-out "
+            "(rloo) outcome baseline by definition; remove algo.advantage or set it to rloo"
+        )
+    if scheme == "gae" and algo.advantage is not None:
+        raise ConfigError(
+            f"algo.advantage={algo.advantage}: algo.credit=gae takes its baseline from the "
+            "critic; remove algo.advantage"
+        )
 
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single type hint cannot express."""
+    if cfg.trainer.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps: must be at least 1, got {cfg.trainer.max_steps}")
+    if cfg.algo.credit != "auto":
+        check_credit_settings(cfg.algo, cfg.algo.credit)
     if cfg.rollout.group_size < 2:
         raise ConfigError("rollout.group_size: must be at least 2 for group baselines")
     if cfg.deepspeed.zero_stage not in (None, 0, 1, 2, 3):

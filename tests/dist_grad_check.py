@@ -17,7 +17,7 @@ import torch
 
 from rl.algos.losses import policy_loss, token_logprobs
 from rl.config import load_config
-from rl.core.types import RolloutBatch
+from rl.core.types import Credit, RolloutBatch
 from rl.engine.deepspeed_engine import init_distributed, shutdown
 from rl.engine.forward import response_logits
 from rl.trainer.loop import Trainer
@@ -83,7 +83,8 @@ def main() -> None:
     engine.step = step_and_capture
     per_rank = GLOBAL_SEQS // dist.world_size
     rows = list(range(dist.rank * per_rank, (dist.rank + 1) * per_rank))
-    trainer.update(batch.select(rows), advantages[rows])
+    mine = batch.select(rows)
+    trainer.update(mine, trainer.compute_logprobs(mine), Credit(advantages[rows]))
     diffs = [(captured[n] - want[n]).abs().max().item() for n in want]
     scale = max(w.abs().max().item() for w in want.values())
     result = {

@@ -8,18 +8,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from rewards.heads import (
-    REWARD_HEADS,
-    HeadBatch,
-    HeadOutput,
-    RewardHead,
-    checked_score,
-    resolve_head,
-)
+from rewards.build import resolve_head
+from rewards.heads import REWARD_HEADS, HeadBatch, HeadOutput, RewardHead, checked_score
 from rl.core.errors import ConfigError, RewardError
 
 
-class ToyHead:
+class ToyHead(RewardHead):
     """Outcome head: `scale * len(completion)` on each row's last response token."""
 
     granularity = "outcome"
@@ -99,7 +93,7 @@ def test_resolve_errors_name_the_spec() -> None:
         resolve_head("tests.test_reward_heads:Nope", {})
     with pytest.raises(ConfigError, match="'tests.test_reward_heads:ToyHead': bad arguments"):
         resolve_head("tests.test_reward_heads:ToyHead", {"bogus": 1})
-    with pytest.raises(RewardError, match="'tests.test_reward_heads:_batch'.*missing name"):
+    with pytest.raises(RewardError, match="'tests.test_reward_heads:_batch' must be a class"):
         resolve_head("tests.test_reward_heads:_batch", {})
 
 

@@ -15,12 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.base import (
-    RewardSpec,
-    build_reward_fns,
-    resolve_reward_fn,
-    score_outcomes,
-)
+from rewards.base import RewardSpec, score_outcomes
+from rewards.build import build_reward_fns, resolve_reward_fn
 from rewards.verifiers import extract_final_answer, normalize_answer
 from rl.core.errors import ConfigError, RewardError
 

@@ -453,21 +453,77 @@ class CreditInputs:
     (beta * sum of q over the step); "sum" / "min_form": the PRM's step reward PR_h."""
     step_mask: Tensor
     """[B, H] float 0/1 on valid steps (a prefix of each row)."""
+    gamma: float = 1.0
+    """Discount over token positions for return-to-go schemes (the run's `algo.gamma`)."""
+    outcome_estimator: str = "rloo"
+    """Advantage estimator of the outcome term where a scheme lets it be chosen ("pav")."""
 
 
 CreditAssigner = Callable[..., Tensor]
-"""`fn(inputs: CreditInputs, **hyperparameters) -> advantages [B, T]` (0 off the response)."""
+"""`fn(inputs: CreditInputs, **options) -> advantages [B, T]` (0 off the response)."""
 
 CREDIT_ASSIGNERS: Registry[CreditAssigner] = Registry("credit assigner")
+CREDIT_OPTIONS: dict[str, type] = {}
+"""Each scheme's options dataclass (`algo.credit_kwargs` is checked against it at load)."""
 
 
-@CREDIT_ASSIGNERS.register("pav")
-def pav_credit(inputs: CreditInputs, alpha: float = 0.5, outcome_estimator: str = "rloo") -> Tensor:
+def register_credit(name: str, options: type) -> Callable[[CreditAssigner], CreditAssigner]:
+    """Register a step-credit function under `name` with its options dataclass."""
+
+    def add(fn: CreditAssigner) -> CreditAssigner:
+        CREDIT_ASSIGNERS.register(name)(fn)
+        CREDIT_OPTIONS[name] = options
+        return fn
+
+    return add
+
+
+@dataclass(frozen=True)
+class PAVCreditOptions:
+    """`algo.credit_kwargs` of `pav`. The outcome term uses `algo.advantage`."""
+
+    alpha: float = 0.5
+    """Weight of the prover's step advantage A^mu (the paper searches 0.5-5)."""
+
+
+@dataclass(frozen=True)
+class PrimeCreditOptions:
+    """`algo.credit_kwargs` of `prime`. Discount: `algo.gamma`; outcome term: RLOO."""
+
+    process_coef: float = 1.0
+    """Weight of the process return."""
+    outcome_coef: float = 1.0
+    """Weight of the outcome RLOO advantage."""
+    baseline: PrimeBaseline = "per_step"
+    """Where the leave-one-out baseline of the implicit reward is subtracted (see
+    `prime_advantages`): per_step (Eq. 5 literally), last_token, per_token_mean."""
+
+
+@dataclass(frozen=True)
+class SumCreditOptions:
+    """`algo.credit_kwargs` of `sum`. Discount: `algo.gamma`; outcome term: RLOO."""
+
+    process_coef: float = 1.0
+    """Weight of the process return."""
+    outcome_coef: float = 1.0
+    """Weight of the outcome RLOO advantage."""
+
+
+@dataclass(frozen=True)
+class MinFormCreditOptions(SumCreditOptions):
+    """`algo.credit_kwargs` of `min_form`. Discount: `algo.gamma`; outcome term: RLOO."""
+
+    temperature: float = 0.1
+    """Softmax temperature T of the PURE weights (T -> 0: the minimum)."""
+
+
+@register_credit("pav", PAVCreditOptions)
+def pav_credit(inputs: CreditInputs, alpha: float = 0.5) -> Tensor:
     """PAV: `outcome_estimator(r_o)` on every token + `alpha * A^mu_h` on step h's tokens.
 
     `step_scores` are the prover's step advantages A^mu_h (the PAV head computes them from
     its Q^pi values with `pav_step_advantages_batched`)."""
-    est = ADVANTAGE_ESTIMATORS.get(outcome_estimator)
+    est = ADVANTAGE_ESTIMATORS.get(inputs.outcome_estimator)
     outcome = inputs.outcome if inputs.outcome.is_floating_point() else inputs.outcome.float()
     outcome_adv = est(group_rewards(outcome, inputs.group_size)).reshape(-1)  # [P, K] -> [B]
     step_adv = inputs.step_scores * inputs.step_mask  # [B, H]
@@ -476,10 +532,9 @@ def pav_credit(inputs: CreditInputs, alpha: float = 0.5, outcome_estimator: str 
     return adv * inputs.mask.to(adv.dtype)
 
 
-@CREDIT_ASSIGNERS.register("prime")
+@register_credit("prime", PrimeCreditOptions)
 def prime_credit(
     inputs: CreditInputs,
-    gamma: float = 1.0,
     process_coef: float = 1.0,
     outcome_coef: float = 1.0,
     baseline: PrimeBaseline = "per_step",
@@ -491,7 +546,7 @@ def prime_credit(
         inputs.mask,
         inputs.outcome,
         inputs.group_size,
-        gamma,
+        inputs.gamma,
         process_coef,
         outcome_coef,
         step_end=inputs.step_end,
@@ -500,11 +555,7 @@ def prime_credit(
 
 
 def _loo_returns(
-    inputs: CreditInputs,
-    step_rewards: Tensor,
-    gamma: float,
-    process_coef: float,
-    outcome_coef: float,
+    inputs: CreditInputs, step_rewards: Tensor, process_coef: float, outcome_coef: float
 ) -> Tensor:
     """Return-to-go of `step_rewards` [B, H] placed on step ends, minus the others' mean
     total (once, on the last token), plus the outcome RLOO on every token."""
@@ -514,31 +565,30 @@ def _loo_returns(
         inputs.mask,
         inputs.outcome,
         inputs.group_size,
-        gamma,
+        inputs.gamma,
         process_coef,
         outcome_coef,
         baseline="last_token",
     )
 
 
-@CREDIT_ASSIGNERS.register("sum")
+@register_credit("sum", SumCreditOptions)
 def sum_credit(
-    inputs: CreditInputs, gamma: float = 1.0, process_coef: float = 1.0, outcome_coef: float = 1.0
+    inputs: CreditInputs, process_coef: float = 1.0, outcome_coef: float = 1.0
 ) -> Tensor:
     """Sum-form: return-to-go of PR_h, minus the others' mean total (once, on the last token),
     plus the outcome RLOO on every token (= `prime_advantages(..., baseline="last_token")`)."""
     step_rewards = inputs.step_scores * inputs.step_mask  # [B, H]
-    return _loo_returns(inputs, step_rewards, gamma, process_coef, outcome_coef)
+    return _loo_returns(inputs, step_rewards, process_coef, outcome_coef)
 
 
-@CREDIT_ASSIGNERS.register("min_form")
+@register_credit("min_form", MinFormCreditOptions)
 def min_form_credit(
     inputs: CreditInputs,
-    temperature: float = 0.1,
-    gamma: float = 1.0,
     process_coef: float = 1.0,
     outcome_coef: float = 1.0,
+    temperature: float = 0.1,
 ) -> Tensor:
     """Min-form: like "sum" but on the PURE-weighted step rewards `w_h * PR_h`."""
     weighted = min_form_step_rewards(inputs.step_scores, inputs.step_mask, temperature)  # [B, H]
-    return _loo_returns(inputs, weighted, gamma, process_coef, outcome_coef)
+    return _loo_returns(inputs, weighted, process_coef, outcome_coef)

@@ -1,4 +1,5 @@
-"""Rollout batch: what the trainer carries from generation to the policy update.
+"""The types that move through a training step: rollouts (`RolloutBatch`, and `HeadBatch`
+with step spans), rewards (`Scored`), log-probs (`LogProbs`) and credit (`Credit`).
 
 Shapes: `B` sequences on this rank (= local prompts x group size, grouped contiguously:
 rows `p*K .. p*K+K-1` are the K samples of prompt p), `Tp` padded prompt length (left
@@ -7,8 +8,9 @@ padding), `Tr` padded response length (right padding after EOS).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -41,26 +43,94 @@ class RolloutBatch:
         """[B, Tr] response token ids."""
         return self.input_ids[:, self.prompt_length :]
 
+    @property
+    def batch_size(self) -> int:
+        return int(self.response_mask.shape[0])
+
+    @property
+    def response_length(self) -> int:
+        return int(self.response_mask.shape[1])
+
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def select(self, rows: torch.Tensor | list[int]) -> RolloutBatch:
-        """Sub-batch of the given rows (tensors only are sliced; text is kept per row)."""
+    def select(self: B_, rows: torch.Tensor | list[int]) -> B_:
+        """The same kind of batch holding only `rows`: every per-row tensor, text list and
+        dataset column is indexed; per-batch fields (prompt_length, group_size) are kept."""
         index = torch.as_tensor(rows, dtype=torch.long)
         picked = index.tolist()
-        return RolloutBatch(
-            input_ids=self.input_ids[index],
-            attention_mask=self.attention_mask[index],
-            response_mask=self.response_mask[index],
-            prompt_length=self.prompt_length,
-            prompts=[self.prompts[i] for i in picked],
-            completions=[self.completions[i] for i in picked],
-            columns={k: [v[i] for i in picked] for k, v in self.columns.items()},
-            group_size=self.group_size,
-            behaviour_logprobs=(
-                self.behaviour_logprobs[index] if self.behaviour_logprobs is not None else None
-            ),
-        )
+        n = len(self)
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == n:
+                changes[f.name] = value[index]
+            elif isinstance(value, list) and len(value) == n:
+                changes[f.name] = [value[i] for i in picked]
+            elif f.name == "columns":
+                changes[f.name] = {k: [v[i] for i in picked] for k, v in value.items()}
+        return dataclasses.replace(self, **changes)
+
+
+B_ = TypeVar("B_", bound=RolloutBatch)
+
+
+@dataclass(kw_only=True)
+class HeadBatch(RolloutBatch):
+    """Rollouts with their reasoning steps: what reward heads score (`rl.rollout.steps`
+    cuts the steps from the generated ids)."""
+
+    step_id: torch.Tensor
+    """[B, Tr] int64, each response token's step (0-based), -1 off the response."""
+    step_end: torch.Tensor
+    """[B, Tr] float 0/1 on each step's last token."""
+    prompts: list[str] = field(default_factory=list)
+    """[B] prompt texts (after the chat template); may be empty for heads that need none."""
+
+
+@dataclass
+class Scored:
+    """One step's rewards on this rank: what the reward pipeline hands to credit."""
+
+    outcome: torch.Tensor
+    """[B] weighted outcome reward (all reward functions)."""
+    per_fn: dict[str, torch.Tensor]
+    """Each reward function's [B] scores (the first is the verifier)."""
+    process: torch.Tensor | None = None
+    """[B, Tr] weighted token rewards of the heads (None without heads)."""
+    step_id: torch.Tensor | None = None
+    """[B, Tr] the step of each response token the process rewards refer to (every token
+    its own step when a head rewards tokens); None without heads."""
+    step_end: torch.Tensor | None = None
+    """[B, Tr] 0/1 on the last token of each of those steps; None without heads."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Head metrics (`head/<name>/<key>`), averaged over ranks."""
+
+
+@dataclass
+class LogProbs:
+    """Log-probs of the sampled response tokens, all [B, Tr], computed before credit."""
+
+    old: torch.Tensor
+    """The trainer's policy before this step's update."""
+    ref: torch.Tensor | None = None
+    """The frozen reference (None without a KL term)."""
+    behaviour: torch.Tensor | None = None
+    """The sampling engine's own (vLLM), else None."""
+
+
+@dataclass
+class Credit:
+    """What a credit scheme assigns: the learners' targets."""
+
+    advantages: torch.Tensor
+    """[B, Tr] per-token advantages, 0 off the response."""
+    values: torch.Tensor | None = None
+    """[B, Tr] the critic's values at rollout time (GAE only; the value loss clips to them)."""
+    returns: torch.Tensor | None = None
+    """[B, Tr] value targets (GAE only)."""
+    stats: dict[str, float] = field(default_factory=dict)
+    """Global (all-rank) scalars to log."""
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -189,6 +189,11 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def world_size() -> int:
+    """Ranks in the process group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -8,16 +8,14 @@ ProcessBench (Zheng et al. 2024) scores the exact-index accuracy on wrong soluti
 (`acc_error`), the accuracy on right ones (predicting -1, `acc_correct`) and their
 harmonic mean `F1 = 2 a_err a_cor / (a_err + a_cor)`.
 
-Per-step values of a head (`head_step_values`):
-
-- a head with a method `step_values(batch) -> Tensor [B, Tr]` (probabilities in [0, 1]; a
-  PAV's `Q^pi`) is read at the step-end tokens;
-- any other head is scored with `score` (validated by `checked_score`) and its token rewards
-  are taken as log-odds increments: the value after step h is
-  `sigmoid(sum_{t <= end_h} r_t)`. For an implicit PRM the partial sum of its rewards is its
-  Q-value, trained as the log-odds of a correct outcome (ALGORITHMS.md, "Implicit PRM"), so
-  this is its estimate that the solution is still correct. A head whose rewards are
-  normalised or baselined (not raw log-odds) should provide `step_values` instead. An
+Per-step values of a head (`head_step_values`) are its `step_values(batch) -> Tensor [B, Tr]`
+(probabilities in [0, 1], checked) read at the step-end tokens. PAV heads return their
+`Q^pi`; the `RewardHead` default takes the token rewards of `score` (validated by
+`checked_score`) as log-odds increments: the value after step h is
+`sigmoid(sum_{t <= end_h} r_t)`. For an implicit PRM the partial sum of its rewards is its
+Q-value, trained as the log-odds of a correct outcome (docs/algorithms.md, "Implicit PRM"),
+so this is its estimate that the solution is still correct. A head whose rewards are
+normalised or baselined (not raw log-odds) should override `step_values`. An
   outcome head reads sigmoid(0) = 0.5 on every step but the last, which is not below 0.5, so
   with the default threshold only the last step can be flagged.
 
@@ -49,7 +47,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from rewards.heads import HeadBatch, RewardHead, checked_score
+from rewards.heads import HeadBatch, RewardHead
 from rl.algos.credit import Span, batch_step_tensors, step_spans_from_offsets, tokens_to_steps
 from rl.core.errors import ConfigError, DataError, RewardError, one_line
 from rl.data.prompts import ChatTemplateMode, prepare_prompts
@@ -353,9 +351,9 @@ def build_head_batch(
 # --------------------------------------------------------------------------------------------
 
 
-def _checked_step_values(head: Any, batch: HeadBatch) -> Tensor:
+def _checked_step_values(head: RewardHead, batch: HeadBatch) -> Tensor:
     """`head.step_values(batch)` validated: [B, Tr], finite and in [0, 1] at step ends."""
-    name = getattr(head, "name", type(head).__name__)
+    name = head.name
     try:
         values = head.step_values(batch)
     except Exception as e:
@@ -380,13 +378,8 @@ def _checked_step_values(head: Any, batch: HeadBatch) -> Tensor:
 
 def head_step_values(head: RewardHead, batch: HeadBatch) -> tuple[Tensor, Tensor]:
     """(values [B, H] float, step_mask [B, H]): each step's P(still correct after it) by the
-    head, from `step_values` or else sigmoid of the cumulative `score` rewards (see the
-    module docstring)."""
-    if callable(getattr(head, "step_values", None)):
-        token_values = _checked_step_values(head, batch)  # [B, Tr]
-    else:
-        rewards = checked_score(head, batch).token_rewards.double().cpu()  # [B, Tr]
-        token_values = torch.sigmoid(torch.cumsum(rewards, dim=1)).float()
+    head's `step_values` (see the module docstring)."""
+    token_values = _checked_step_values(head, batch)  # [B, Tr]
     return tokens_to_steps(token_values, batch.step_end.cpu())
 
 

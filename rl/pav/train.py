@@ -33,10 +33,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from rewards.base import RewardSpec
+from rewards.build import make_verifier
 from rl.algos.losses import engine_loss_scale
 from rl.config import Config, to_dict
 from rl.core.errors import ConfigError, DataError
-from rl.data.prompts import PromptRow, PromptSampler, load_rows, prepare_prompts, seeded
+from rl.data.prompts import PromptRow, PromptSampler, seeded
 from rl.engine import deepspeed_engine as eng
 from rl.pav.data import (
     DATA_GLOB,
@@ -47,10 +49,10 @@ from rl.pav.data import (
     collate,
     complete_prompts,
     generate_mc_data,
-    make_verifier,
     read_records,
 )
 from rl.rollout.backend import RolloutBackend, SamplingSettings
+from rl.setup import make_rollout, prompt_rows, seed_everything
 
 METRICS_FILE = "train_pav_metrics.json"
 
@@ -79,24 +81,9 @@ def check_pav_config(cfg: Config) -> None:
 def select_prompts(cfg: Config, tokenizer: Any) -> list[PromptRow]:
     """The first `pav.prompts` prepared training prompts in a seeded order, drawn from the same
     rows as the RL trainer's (so a larger `pav.prompts` extends a smaller run's data)."""
-    from rl.trainer.loop import BUILTIN_TRAIN_ROWS
-
-    data = cfg.data
-    n = data.train_size
-    if n is None and data.train.startswith("builtin:"):
-        n = BUILTIN_TRAIN_ROWS
-    rows = load_rows(data.train, split=data.train_split, n=n, seed=cfg.seed, task_kwargs=data.task)
-    kept, _ = prepare_prompts(
-        rows,
-        tokenizer,
-        source=data.train,
-        prompt_column=data.prompt_column,
-        answer_column=data.answer_column,
-        max_prompt_tokens=data.max_prompt_tokens,
-        apply_chat_template=data.apply_chat_template,
-    )
+    kept, _ = prompt_rows(cfg, tokenizer, "train")
     if not kept:
-        raise DataError(f"{data.train}: no usable training prompts for PAV data")
+        raise DataError(f"{cfg.data.train}: no usable training prompts for PAV data")
     order = PromptSampler(len(kept), cfg.seed).take(min(cfg.pav.prompts, len(kept)))
     return [kept[i] for i in order]
 
@@ -125,8 +112,6 @@ def make_data(
 ) -> tuple[RolloutBackend, int]:
     """Generate this rank's missing MC records. Returns (the rollout backend, which the caller
     closes last: a vLLM engine's shutdown ends the process group; prefixes rolled out here)."""
-    from rl.trainer.loop import make_rollout, seed_everything
-
     out = Path(cfg.pav.output_dir)
     meta = data_meta(cfg, model_path)
     check_meta(out, meta)
@@ -161,7 +146,9 @@ def make_data(
         tokenizer,
         mine,
         out / f"mc_data.rank{dist.rank}.jsonl",
-        make_verifier(cfg.reward.functions[0]),
+        make_verifier(
+            RewardSpec(cfg.reward.functions[0].fn, 1.0, dict(cfg.reward.functions[0].kwargs))
+        ),
         sampling,
         samples_per_prompt=cfg.pav.samples_per_prompt,
         n_mc=cfg.pav.n_mc,
@@ -386,7 +373,6 @@ def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
     """Data, then verifier, then save; returns the metrics written to `METRICS_FILE`."""
     from rl.engine.models import load_policy
     from rl.engine.value_model import save_value_model
-    from rl.trainer.loop import seed_everything
 
     check_pav_config(cfg)
     out = Path(cfg.pav.output_dir)

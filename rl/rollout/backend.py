@@ -70,6 +70,9 @@ class Generated:
 class RolloutBackend(ABC):
     """Shared part of every generation backend."""
 
+    synced_gpus: bool = False
+    """True when `generate` is collective (every rank must make the same calls)."""
+
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 
-from rewards.heads import HeadBatch
 from rl.algos.credit import Span, batch_step_tensors, step_spans_from_offsets
-from rl.core.types import RolloutBatch
+from rl.core.types import HeadBatch, RolloutBatch
 
 CONTEXT_TOKENS = 8
 """Tokens of left context used to decode each token's text in the linear pass (enough for

@@ -1,0 +1,78 @@
+"""Run setup shared by the trainer and the PAV pipeline: seeding, the prepared prompt rows of
+a configured source, and the configured rollout backend."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from rl.config import Config
+from rl.data.prompts import PromptRow, load_rows, prepare_prompts
+from rl.engine.deepspeed_engine import DistInfo
+from rl.rollout.backend import RolloutBackend, TransformersRollout
+
+BUILTIN_TRAIN_ROWS = 20000
+"""Training rows drawn from a builtin task when `data.train_size` is not set."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prompt_rows(cfg: Config, tokenizer: Any, which: str) -> tuple[list[PromptRow], int]:
+    """The prepared rows of `data.train` (`which="train"`) or `data.eval` (`"eval"`), and how
+    many were skipped as too long."""
+    data = cfg.data
+    if which == "train":
+        source, split, n = data.train, data.train_split, data.train_size
+        if n is None and source.startswith("builtin:"):
+            n = BUILTIN_TRAIN_ROWS
+    else:
+        source, split, n = data.eval, data.eval_split, data.eval_size
+    rows = load_rows(source, split=split, n=n, seed=cfg.seed, task_kwargs=data.task)
+    return prepare_prompts(
+        rows,
+        tokenizer,
+        source=source,
+        prompt_column=data.prompt_column,
+        answer_column=data.answer_column,
+        max_prompt_tokens=data.max_prompt_tokens,
+        apply_chat_template=data.apply_chat_template,
+    )
+
+
+def make_rollout(
+    cfg: Config, tokenizer: Any, model_path: str, policy: Any, dist: DistInfo, zero_stage: int
+) -> RolloutBackend:
+    """The configured generation backend (a vLLM engine is created on every rank at once)."""
+    rollout = cfg.rollout
+    if rollout.backend == "transformers":
+        return TransformersRollout(
+            tokenizer, rollout.generation_batch_size, synced_gpus=zero_stage == 3
+        )
+    from rl.rollout.vllm_backend import VLLMRollout
+
+    max_len = rollout.vllm_max_model_len or min(
+        cfg.data.max_prompt_tokens + rollout.max_new_tokens, max_positions(policy)
+    )
+    return VLLMRollout(
+        tokenizer,
+        model_path,
+        seed=cfg.seed * 1000 + dist.rank,
+        max_model_len=max_len,
+        tensor_parallel_size=rollout.vllm_tensor_parallel_size,
+        gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+        kv_cache_gib=rollout.vllm_kv_cache_gib,
+        sleep_mode=rollout.vllm_sleep_mode,
+        log=print if dist.is_main else (lambda *_: None),
+    )
+
+
+def max_positions(model: Any) -> int:
+    """The model's context length (`max_position_embeddings`; huge when it sets none)."""
+    return int(getattr(model.config, "max_position_embeddings", None) or 10**9)

@@ -1,0 +1,209 @@
+"""Learners and the update loop: `algo.epochs` x `algo.mini_batches` optimizer steps over one
+step's rollouts, each learner (the policy; the critic under PPO) taking a micro-step on every
+micro-batch.
+
+Losses are sums over the micro-batch divided by the *global* mini-batch's token (or sequence)
+count, so the gradient does not depend on how the batch is split over ranks and
+micro-batches; `engine_loss_scale` undoes DeepSpeed's own averaging.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rl.algos.losses import (
+    aggregate_loss,
+    engine_loss_scale,
+    policy_loss,
+    token_entropy,
+    token_logprobs,
+)
+from rl.config import AlgoConfig
+from rl.core.batching import micro_batches
+from rl.core.types import Credit, LogProbs, RolloutBatch
+from rl.engine import deepspeed_engine as eng
+from rl.engine.forward import response_logits
+from rl.trainer.critic import Critic
+
+
+@dataclass(frozen=True)
+class GlobalCounts:
+    """The global mini-batch a micro-step's loss is normalised by, and DeepSpeed's scale."""
+
+    tokens: float
+    seqs: float
+    scale: float
+
+
+class Learner(ABC):
+    """One model trained on the rollouts (its own DeepSpeed engine)."""
+
+    prefix: str
+    """Metric prefix: `train` for the policy, `critic` for the critic."""
+
+    @abstractmethod
+    def micro_step(
+        self, micro: RolloutBatch, index: torch.Tensor, logprobs: LogProbs, credit: Credit,
+        counts: GlobalCounts,
+    ) -> dict[str, float]:  # fmt: skip
+        """Forward, loss, backward and (at the accumulation boundary) the optimizer step on
+        rows `index` of the step's batch; returns sum-form stats (no prefix)."""
+
+    @abstractmethod
+    def grad_norm(self) -> float | None:
+        """The last optimizer step's global gradient norm (None if unknown)."""
+
+    @abstractmethod
+    def step_stats(self) -> dict[str, float]:
+        """Stats logged once per step (learning rate ...), with the prefix."""
+
+
+class PolicyLearner(Learner):
+    """The clipped surrogate (+ k3 KL in the loss, + entropy bonus) on the policy engine."""
+
+    prefix = "train"
+
+    def __init__(self, engine: Any, algo: AlgoConfig, temperature: float, engine_old: bool):
+        self.engine = engine
+        self.algo = algo
+        self.temperature = temperature
+        self.engine_old = engine_old
+        """Take the sampler's log-probs as the old policy's (`rollout.old_logprobs=engine`)."""
+
+    def micro_step(
+        self, micro: RolloutBatch, index: torch.Tensor, logprobs: LogProbs, credit: Credit,
+        counts: GlobalCounts,
+    ) -> dict[str, float]:  # fmt: skip
+        algo = self.algo
+        old = logprobs.behaviour if self.engine_old else logprobs.old
+        assert old is not None
+        logits = response_logits(self.engine, micro, self.temperature)  # [b, Tr, V]
+        logp = token_logprobs(logits, micro.response_ids)  # [b, Tr]
+        loss, stats = policy_loss(
+            logp,
+            old[index],
+            logprobs.ref[index] if logprobs.ref is not None else None,
+            credit.advantages[index],
+            micro.response_mask,
+            clip_low=algo.clip_low,
+            clip_high=algo.clip_high,
+            kl_coef=algo.kl_coef if algo.kl_mode == "loss" else 0.0,  # else in the rewards
+            mode=algo.loss_agg,
+            global_tokens=counts.tokens,
+            global_seqs=counts.seqs,
+        )
+        with torch.no_grad() if algo.entropy_coef == 0 else nullcontext():
+            entropy = token_entropy(logits)  # [b, Tr]
+        if algo.entropy_coef:
+            loss = loss - algo.entropy_coef * aggregate_loss(
+                entropy, micro.response_mask, algo.loss_agg, counts.tokens, counts.seqs
+            )
+        self.engine.backward(loss * counts.scale)
+        self.engine.step()
+        out = {key: float(value) for key, value in stats.items()}
+        out["entropy"] = float((entropy.detach() * micro.response_mask).sum()) / counts.tokens
+        return out
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def step_stats(self) -> dict[str, float]:
+        return {"train/lr": float(self.engine.get_lr()[0])}
+
+
+class CriticLearner(Learner):
+    """The critic's clipped value loss towards the GAE returns."""
+
+    prefix = "critic"
+
+    def __init__(self, critic: Critic, loss_agg: Any, policy_frozen: bool) -> None:
+        self.critic = critic
+        self.loss_agg = loss_agg
+        self.policy_frozen = policy_frozen
+
+    def micro_step(
+        self, micro: RolloutBatch, index: torch.Tensor, logprobs: LogProbs, credit: Credit,
+        counts: GlobalCounts,
+    ) -> dict[str, float]:  # fmt: skip
+        assert credit.values is not None and credit.returns is not None
+        return self.critic.micro_step(
+            micro,
+            credit.values[index],
+            credit.returns[index],
+            mode=self.loss_agg,
+            global_tokens=counts.tokens,
+            global_seqs=counts.seqs,
+            scale=counts.scale,
+        )
+
+    def grad_norm(self) -> float | None:
+        return self.critic.grad_norm()
+
+    def step_stats(self) -> dict[str, float]:
+        return {"critic/lr": self.critic.lr(), "critic/policy_frozen": float(self.policy_frozen)}
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """How the update walks one rank's rollouts."""
+
+    epochs: int
+    mini_batch_seqs: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+    shuffle_seed: int
+    """Seeds the per-epoch row order (used when epochs > 1)."""
+
+
+def run_updates(
+    learners: list[Learner],
+    frozen: list[Learner],
+    batch: RolloutBatch,
+    logprobs: LogProbs,
+    credit: Credit,
+    plan: UpdatePlan,
+) -> dict[str, float]:
+    """Every epoch and mini-batch: each learner in `learners` takes a micro-step on every
+    micro-batch. Returns the stats averaged over optimizer steps and summed over ranks, and
+    each learner's (also each frozen one's) mean grad norm and step stats."""
+    scale = engine_loss_scale(plan.world_size, plan.grad_accum_steps)
+    order_gen = torch.Generator().manual_seed(plan.shuffle_seed)
+    sums: dict[str, float] = {}
+    norms: dict[str, list[float]] = {learner.prefix: [] for learner in learners + frozen}
+    n_updates = 0
+    for _ in range(plan.epochs):
+        order = torch.randperm(len(batch), generator=order_gen) if plan.epochs > 1 else None
+        for mb in micro_batches(len(batch), plan.mini_batch_seqs):
+            rows = order[mb] if order is not None else torch.tensor(mb)
+            totals = eng.all_reduce_sum(
+                torch.tensor([float(batch.response_mask[rows].sum()), float(len(rows))])
+            )
+            counts = GlobalCounts(float(totals[0]), float(totals[1]), scale)
+            for micro_rows in micro_batches(len(rows), plan.micro_batch_size):
+                index = rows[micro_rows]
+                micro = batch.select(index)
+                for learner in learners:
+                    stats = learner.micro_step(micro, index, logprobs, credit, counts)
+                    for key, value in stats.items():
+                        name = f"{learner.prefix}/{key}"
+                        sums[name] = sums.get(name, 0.0) + value
+            for learner in learners:
+                norm = learner.grad_norm()
+                if norm is not None:
+                    norms[learner.prefix].append(norm)
+            n_updates += 1
+    keys = sorted(sums)
+    reduced = eng.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+    out = {k: float(v) / n_updates for k, v in zip(keys, reduced, strict=True)}
+    for learner in learners + frozen:
+        values = norms[learner.prefix]
+        out[f"{learner.prefix}/grad_norm"] = sum(values) / max(1, len(values))
+        out.update(learner.step_stats())
+    return out
