@@ -52,6 +52,17 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def repo_relative(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it (results name no machine's
+    absolute paths), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -502,7 +513,7 @@ def render_summary(
         "accuracy divided by the method's. Step time: mean over seeds of each run's mean "
         "training-step time (steps 2..N), relative to outcome-only.",
         "",
-        "Papers' reference numbers (different models and scale, see /work/shared/ALGORITHMS.md): "
+        "Papers' reference numbers (different models and scale, see docs/algorithms.md): "
         "PAV (Setlur et al. 2024) 5-6x sample efficiency and >6% accuracy over outcome-only RL "
         "(Gemma-2 2B/9B/27B, MATH); PRIME (Cui et al. 2025) 2.5x sample efficiency over RLOO "
         "with the outcome verifier, at about 28% more time per step (680 s vs 531 s, "
@@ -766,7 +777,7 @@ def tune(setup: Setup, methods: list[Method], verifier: dict[str, Any], path: Pa
                         "status": result.status,
                         "reason": result.reason,
                         "score": list(score) if score else None,
-                        "run_dir": str(result.spec.out_dir),
+                        "run_dir": repo_relative(result.spec.out_dir),
                     }
                 )
             trials += coordinate

@@ -5,7 +5,7 @@ Pure tensor maths (imports torch and pure `rl.*` modules only). Conventions:
 - Token tensors are `[B, T]` over *response* tokens (column 0 is the first response token,
   right padding), with a float 0/1 `mask`. Rows are grouped contiguously: rows
   `p*K .. p*K+K-1` are the K samples of prompt p (as in `rl.core.types.RolloutBatch`).
-- A response is cut into steps `h = 0..H-1` (0-based here; 1-based in ALGORITHMS.md).
+- A response is cut into steps `h = 0..H-1` (0-based here; 1-based in docs/algorithms.md).
   `step_id: [B, T]` (int64) is the step of each token, -1 off the response;
   `step_end: [B, T]` (float 0/1) is 1 on each step's last token. A step-level quantity lives
   either as `[B, H]` with a `step_mask: [B, H]` (valid steps first, padding after) or as a
@@ -21,7 +21,7 @@ What is implemented:
   `Q^pi` after each step into the Best-of-K prover's step advantages
   `A^mu_h = Q^mu(s_h) - Q^mu(s_{h-1})`, `Q^mu = 1 - (1 - Q^pi)^K`;
   `pav_token_advantages` gives every token of step h `outcome_adv + alpha * A^mu_h` (the
-  step's own advantage, not a return-to-go), as ALGORITHMS.md says.
+  step's own advantage, not a return-to-go), as docs/algorithms.md says.
 - **PRIME** (Cui et al. 2025), `prime_advantages`: Eq. 5, a leave-one-out baseline per reward
   source, a discounted return-to-go of the baselined process rewards, plus the outcome RLOO
   advantage on every token. Eq. 5 subtracts the baseline *inside* the sum over positions s;

@@ -4,7 +4,7 @@ Pure tensor maths (imports torch and pure `rl.*` modules only). Shapes: B sequen
 token positions (column 0 is the first response token); `mask: [B, T]` is 1 on response tokens
 (any dtype, nonzero = counted). Responses are right-padded.
 
-What is implemented (ALGORITHMS.md, "PPO with a critic (GAE)" and "KL to the reference"):
+What is implemented (docs/algorithms.md, "PPO with a critic" and "Policy loss"):
 
 - `gae`: `delta_t = r_t + gamma V_{t+1} - V_t`, `A_t = sum_l (gamma lam)^l delta_{t+l}`,
   `R_t = A_t + V_t`, one backward loop over T vectorised over B.

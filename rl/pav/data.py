@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from rl.core.errors import ConfigError
+from rl.data.prompts import batch_columns
 from rl.rollout.backend import RolloutBackend, SamplingSettings
 from rl.rollout.mc_values import (  # noqa: F401  (re-exported for the PAV pipeline)
     Verifier,
@@ -148,6 +149,10 @@ def check_meta(output_dir: Path, meta: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+Solution = tuple[list[int], list[int], list[int]]
+"""(prompt ids, response ids, response index of each step's last token) of one solution."""
+
+
 def label_solutions(
     rollout: RolloutBackend,
     model: Any,
@@ -161,8 +166,6 @@ def label_solutions(
 ) -> tuple[list[SolutionRecord], int]:
     """Sample `samples_per_prompt` solutions for each `PromptRow` and label their step
     prefixes by rollouts. Returns (records, number of prefixes rolled out)."""
-    from rl.data.prompts import batch_columns
-
     sols = rollout.rollout(
         model,
         [r.prompt_ids for r in rows],
@@ -176,12 +179,12 @@ def label_solutions(
     prefixes: list[list[int]] = []
     texts: list[str] = []
     owner: list[int] = []  # solution row of each prefix
-    per_sol: list[tuple[list[int], list[int], list[int]]] = []
+    solutions: list[Solution] = []
     for b, n in enumerate(lengths):
         row = rows[b // samples_per_prompt]
         response = sols.response_ids[b, :n].tolist()
         ends = [end for _, end in response_step_spans(tokenizer, response, delimiter)]
-        per_sol.append((row.prompt_ids, response, ends))
+        solutions.append((row.prompt_ids, response, ends))
         prefixes += step_prefixes(row.prompt_ids, response, ends)
         texts += prefix_texts(tokenizer, response, ends)
         owner += [b] * len(ends)
@@ -196,23 +199,37 @@ def label_solutions(
         sampling,
         n_mc,
     )  # [N]
+    indices = [rows[b // samples_per_prompt].index for b in range(len(solutions))]
+    records = _records(solutions, indices, samples_per_prompt, values, outcome, sols.completions)
+    return records, len(prefixes)
+
+
+def _records(
+    solutions: Sequence[Solution],
+    prompt_indices: Sequence[int],
+    samples_per_prompt: int,
+    values: Tensor,
+    outcome: Tensor,
+    completions: Sequence[str],
+) -> list[SolutionRecord]:
+    """One record per solution b; its step prefixes' values are the next H_b of `values`."""
     records = []
     start = 0
-    for b, (prompt_ids, response, ends) in enumerate(per_sol):
+    for b, (prompt_ids, response, ends) in enumerate(solutions):
         h = len(ends)
         records.append(
             SolutionRecord(
-                prompt_index=rows[b // samples_per_prompt].index,
+                prompt_index=prompt_indices[b],
                 sample=b % samples_per_prompt,
                 prompt_ids=list(prompt_ids),
                 response_ids=response,
                 step_ends=ends,
                 labels=solution_labels(values[start : start + h].tolist(), float(outcome[b])),
-                completion=sols.completions[b],
+                completion=completions[b],
             )
         )
         start += h
-    return records, len(prefixes)
+    return records
 
 
 def generate_mc_data(

@@ -27,7 +27,13 @@ from rewards.heads import RewardHead
 from rl.algos.advantages import ADVANTAGE_ESTIMATORS, group_rewards, token_advantages
 from rl.algos.credit import CREDIT_ASSIGNERS, CreditInputs, tokens_to_steps
 from rl.algos.ppo import dense_token_rewards, gae, last_valid_index, masked_moments, whiten
-from rl.config import AlgoConfig, Config, credit_options, outcome_estimator
+from rl.config import (
+    AlgoConfig,
+    Config,
+    check_credit_settings,
+    credit_options,
+    outcome_estimator,
+)
 from rl.core.errors import ConfigError
 from rl.core.registry import Registry
 from rl.core.types import Credit, LogProbs, RolloutBatch, Scored
@@ -167,6 +173,7 @@ def resolve_credit(cfg: Config, heads: list[tuple[RewardHead, float]]) -> str:
         raise ConfigError(
             f"algo.credit={credit} needs at least one process reward head in reward.heads"
         )
+    check_credit_settings(cfg.algo, credit)  # again: `auto` is resolved only now
     return credit
 
 

@@ -1,0 +1,186 @@
+"""The trainer's parts as plain functions: off-policy corrections, credit schemes, typed
+options of credit schemes and reward heads, the run-directory rule and the length check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rewards.build import resolve_head
+from rl.algos.credit import CREDIT_ASSIGNERS, CreditInputs, tokens_to_steps
+from rl.algos.offpolicy import logprob_mismatch_sums, tis_weights
+from rl.config import load_config
+from rl.core.errors import ConfigError
+from rl.core.types import HeadBatch, LogProbs, RolloutBatch, Scored
+from rl.engine.deepspeed_engine import DistInfo
+from rl.trainer.credit import OutcomeCredit, StepCredit, build_credit, resolve_credit
+from rl.trainer.loop import check_lengths
+from rl.trainer.run_dir import earlier_run_files, prepare_output_dir
+
+# ---------------------------------------------------------------- off-policy corrections
+
+
+def test_tis_weights_by_hand() -> None:
+    trainer = torch.tensor([[0.0, -1.0, -2.0]])
+    engine = torch.tensor([[-1.0, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    # exp(1) = 2.718 capped at 2; exp(0) = 1; masked token -> 0
+    got = tis_weights(trainer, engine, mask, cap=2.0)
+    torch.testing.assert_close(got, torch.tensor([[2.0, 1.0, 0.0]]))
+
+
+def test_logprob_mismatch_sums_by_hand() -> None:
+    engine = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, 0.0, 0.0]])
+    trainer = torch.tensor([[-1.5, -2.0, -1.0], [-0.5, 5.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # |diffs| on masked tokens: 0.5, 0, 2, 0.5 -> 3.0 over 4 tokens
+    got = logprob_mismatch_sums(engine, trainer, mask)
+    assert got.dtype == torch.float64
+    assert got.tolist() == [3.0, 4.0]
+
+
+# ---------------------------------------------------------------- credit schemes
+
+
+def _batch() -> RolloutBatch:
+    # 2 prompts x K=2; responses of 3, 2, 3, 1 tokens
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    return RolloutBatch(
+        input_ids=torch.zeros(4, 5, dtype=torch.long),
+        attention_mask=torch.cat([torch.ones(4, 2), mask], dim=1).long(),
+        response_mask=mask,
+        prompt_length=2,
+        prompts=["a", "a", "b", "b"],
+        completions=["x", "y", "z", "w"],
+        group_size=2,
+    )
+
+
+def test_outcome_credit_is_the_estimator_on_every_token() -> None:
+    batch = _batch()
+    scored = Scored(torch.tensor([1.0, 0.0, 1.0, 1.0]), {})
+    credit = OutcomeCredit(load_config(None, ["algo.advantage=rloo"]).algo).assign(
+        batch, scored, LogProbs(torch.zeros(4, 3))
+    )
+    # RLOO with K=2: r_i - r_j -> [1, -1, 0, 0]
+    want = torch.tensor([[1.0, 1, 1], [-1, -1, 0], [0, 0, 0], [0, 0, 0]])
+    torch.testing.assert_close(credit.advantages, want)
+    assert credit.returns is None and credit.values is None
+
+
+def test_step_credit_reads_steps_and_options_from_config() -> None:
+    batch = _batch()
+    step_end = torch.tensor([[1.0, 0, 1], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
+    step_id = torch.tensor([[0, 1, 1], [0, 0, -1], [0, 0, 0], [0, -1, -1]])
+    process = step_end * torch.tensor([[0.5, 0, -0.5], [0, 0.2, 0], [0, 0, 0.1], [-1, 0, 0]])
+    scored = Scored(torch.tensor([1.0, 0.0, 1.0, 1.0]), {}, process, step_id, step_end)
+    algo = load_config(None, ["algo.credit=pav", "algo.credit_kwargs={alpha: 2.0}"]).algo
+    got = StepCredit("pav", algo).assign(batch, scored, LogProbs(torch.zeros(4, 3))).advantages
+    scores, step_mask = tokens_to_steps(process, step_end)
+    inputs = CreditInputs(
+        batch.response_mask, step_id, step_end, scored.outcome, 2, scores, step_mask,
+        outcome_estimator="grpo",
+    )  # fmt: skip
+    torch.testing.assert_close(got, CREDIT_ASSIGNERS.get("pav")(inputs, alpha=2.0))
+
+
+def test_every_scheme_is_registered_and_resolved() -> None:
+    cfg = load_config(None)
+    assert resolve_credit(cfg, []) == "outcome"
+    assert isinstance(build_credit("outcome", cfg.algo, None), OutcomeCredit)
+    with pytest.raises(ConfigError, match="gae needs the critic"):
+        build_credit("gae", load_config(None, ["algo.credit=gae"]).algo, None)
+
+
+# ---------------------------------------------------------------- typed options
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algo.credit=pav", "algo.credit_kwargs={alpah: 1}"], "'algo.credit_kwargs.alpah'"),
+        (["algo.credit=pav", "algo.credit_kwargs={alpha: x}"], "algo.credit_kwargs.alpha"),
+        (["algo.credit=prime", "algo.credit_kwargs={gamma: 0.9}"], "use algo.gamma"),
+        (["algo.credit=prime", "algo.credit_kwargs={baseline: mean}"], "baseline"),
+        (["algo.credit=prime", "algo.advantage=grpo"], "algo.advantage=grpo: .*leave-one-out"),
+        (["algo.credit=gae", "algo.advantage=rloo"], "algo.advantage=rloo: .*critic"),
+        (["algo.credit=outcome", "algo.credit_kwargs={alpha: 1}"], "takes no options"),
+        (["trainer.max_steps=0"], "trainer.max_steps: must be at least 1"),
+    ],
+)
+def test_config_errors_at_load_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_auto_credit_checks_the_resolved_scheme() -> None:
+    spec = "examples.custom_head:WellFormedSteps"  # default_credit: sum
+    cfg = load_config(None, [f"reward.heads=[{{head: '{spec}'}}]", "algo.advantage=dr_grpo"])
+    head = resolve_head(spec)
+    with pytest.raises(ConfigError, match="algo.advantage=dr_grpo: algo.credit=sum"):
+        resolve_credit(cfg, [(head, 1.0)])
+
+
+def test_builtin_head_kwargs_are_typed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'reward.heads.0.kwargs.bta'"):
+        resolve_head("implicit_prm", {"bta": 0.1}, "reward.heads.0.kwargs")
+    with pytest.raises(ConfigError, match="reward.heads.0.kwargs.update"):
+        resolve_head("implicit_prm", {"update": "sometimes"}, "reward.heads.0.kwargs")
+    with pytest.raises(ConfigError, match="kwargs.prover_k: expected int"):
+        resolve_head("pav_mc_oracle", {"prover_k": "four"}, "reward.heads.0.kwargs")
+    head = resolve_head("implicit_prm", {"beta": "1e-2"})  # YAML 1.1 reads 1e-2 as a string
+    assert head.beta == pytest.approx(0.01)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_head_batch_select_keeps_steps() -> None:
+    batch = _batch()
+    steps = HeadBatch(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        response_mask=batch.response_mask,
+        prompt_length=2,
+        completions=batch.completions,
+        group_size=2,
+        step_id=torch.arange(12).reshape(4, 3),
+        step_end=torch.ones(4, 3),
+    )
+    picked = steps.select([3, 1])
+    assert isinstance(picked, HeadBatch)
+    assert picked.step_id.tolist() == [[9, 10, 11], [3, 4, 5]]
+    assert picked.completions == ["w", "y"] and picked.prompts == []
+
+
+# ---------------------------------------------------------------- run directory and lengths
+
+
+def test_run_dir_refused_then_overwritten(tmp_path: Path) -> None:
+    dist = DistInfo(0, 1, 0)
+    prepare_output_dir(tmp_path / "new", "none", False, dist)  # nothing there: fine
+    (tmp_path / "checkpoints").mkdir()
+    assert earlier_run_files(tmp_path) == []  # an empty checkpoints/ is not a run
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    (tmp_path / "checkpoints" / "step_00000040").mkdir()
+    with pytest.raises(ConfigError) as err:
+        prepare_output_dir(tmp_path, "none", False, dist)
+    message = str(err.value)
+    assert str(tmp_path) in message and "metrics.jsonl, checkpoints" in message
+    assert "trainer.resume=auto" in message and "trainer.overwrite=true" in message
+    prepare_output_dir(tmp_path, "auto", False, dist)  # continuing is allowed
+    assert (tmp_path / "metrics.jsonl").exists()
+    prepare_output_dir(tmp_path, "none", True, dist)
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_length_check_names_both_numbers() -> None:
+    policy = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=128))
+    cfg = load_config(None, ["rollout.max_new_tokens=100"])
+    check_lengths(cfg, policy, longest_prompt=28)  # 128 fits
+    with pytest.raises(ConfigError, match=r"max_new_tokens=100 plus .*\(29 tokens\).*128"):
+        check_lengths(cfg, policy, longest_prompt=29)
