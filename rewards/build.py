@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import Tensor
 
@@ -24,7 +24,9 @@ from rewards.base import (
 )
 from rewards.heads import GRANULARITIES, REWARD_HEADS, RewardHead, head_options
 from rl.core.errors import ConfigError, RewardError, one_line
-from rl.core.registry import import_object
+from rl.core.registry import Registry, import_object
+
+T = TypeVar("T")
 
 BUILTIN_FUNCTION_MODULES = ("rewards.verifiers",)
 """Modules that register the built-in reward functions (arith, exact_match, math_verify)."""
@@ -37,20 +39,24 @@ Verifier = Callable[[list[str], list[str], dict[str, list[Any]]], Tensor]
 """`fn(prompts [N], completions [N], columns {name: [N]}) -> outcome [N]` in [0, 1]."""
 
 
-def _import_all(modules: Sequence[str]) -> None:
+def _registered(registry: Registry[T], spec: str, modules: Sequence[str], form: str) -> T:
+    """`registry[spec]` after importing the modules that fill it; an unknown name is a
+    ConfigError that points to `form` when the spec looks like an import path."""
     for module in modules:
         importlib.import_module(module)
+    try:
+        return registry.get(spec)
+    except ConfigError as e:
+        hint = f"; for your own {registry.kind} use {form!r}" if "." in spec else ""
+        raise ConfigError(f"{e}{hint}") from None
 
 
 def resolve_reward_fn(spec: str) -> RewardFn:
     """The function for a registered name (e.g. "math_verify") or a `package.module:function`."""
     if ":" not in spec:
-        _import_all(BUILTIN_FUNCTION_MODULES)
-        try:
-            return REWARD_FUNCTIONS.get(spec)
-        except ConfigError as e:
-            hint = "; for your own function use 'package.module:function'" if "." in spec else ""
-            raise ConfigError(f"{e}{hint}") from None
+        return _registered(
+            REWARD_FUNCTIONS, spec, BUILTIN_FUNCTION_MODULES, "package.module:function"
+        )
     obj = import_object(spec, "reward function", "package.module:function", RewardError)
     if not callable(obj):
         raise RewardError(f"reward function {spec!r} is not callable ({type(obj).__name__})")
@@ -81,12 +87,7 @@ def make_verifier(spec: RewardSpec) -> Verifier:
 def head_class(spec: str) -> type[RewardHead]:
     """The head class named by `spec` (a registered name or `package.module:ClassName`)."""
     if ":" not in spec:
-        _import_all(BUILTIN_HEAD_MODULES)
-        try:
-            return REWARD_HEADS.get(spec)
-        except ConfigError as e:
-            hint = "; for your own head use 'package.module:ClassName'" if "." in spec else ""
-            raise ConfigError(f"{e}{hint}") from None
+        return _registered(REWARD_HEADS, spec, BUILTIN_HEAD_MODULES, "package.module:ClassName")
     cls = import_object(spec, "reward head", "package.module:ClassName", RewardError)
     if not (isinstance(cls, type) and issubclass(cls, RewardHead)):
         raise RewardError(

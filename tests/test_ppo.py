@@ -16,7 +16,6 @@ from rl.algos.credit import sum_form_returns
 from rl.algos.ppo import (
     clipped_value_loss,
     dense_token_rewards,
-    discounted_returns,
     gae,
     last_valid_index,
     masked_moments,
@@ -121,7 +120,7 @@ def test_gae_gamma1_lam1_is_returns_minus_values() -> None:
     # lam = gamma = 1: A_t = sum_{s>=t} r_s - V_t (the V terms telescope, V_end = 0)
     rewards, values, mask, _ = _random_batch(seed=2)
     adv, ret = gae(rewards, values, mask, 1.0, 1.0)
-    mc = discounted_returns(rewards, mask, 1.0)
+    mc = sum_form_returns(torch.where(mask.bool(), rewards, 0.0), mask, 1.0)
     m = mask.bool()
     torch.testing.assert_close(adv[m], (mc - values)[m])
     torch.testing.assert_close(ret, mc)
@@ -141,18 +140,17 @@ def test_gae_lam0_is_one_step_td() -> None:
     torch.testing.assert_close(ret[m], (rewards + gamma * next_v)[m])  # R = r + gamma V'
 
 
-def test_discounted_returns_by_hand_and_vs_credit() -> None:
+def test_monte_carlo_returns_by_hand_and_vs_gae() -> None:
     # gamma = 0.5, r = [1, 0, 2] -> R_2 = 2, R_1 = 0 + 0.5*2 = 1, R_0 = 1 + 0.5*1 = 1.5
-    # row 1 (length 2, garbage pad): r = [3, 4] -> R = [3 + 0.5*4, 4] = [5, 4]
+    # row 1 (length 2): r = [3, 4] -> R = [3 + 0.5*4, 4] = [5, 4]
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    got = discounted_returns(t64([[1, 0, 2], [3, 4, NAN]]), mask, 0.5)
+    got = sum_form_returns(t64([[1, 0, 2], [3, 4, 0]]), mask, 0.5)
     torch.testing.assert_close(got, t64([[1.5, 1.0, 2.0], [5.0, 4.0, 0.0]]))
-    # on right-padded masks it agrees with rl.algos.credit.sum_form_returns
+    # on right-padded masks GAE with lam = 1 and V = 0 returns the same
     rewards, _, mask, _ = _random_batch(seed=4)
     rewards = torch.where(mask.bool(), rewards, 0.0)
-    torch.testing.assert_close(
-        discounted_returns(rewards, mask, 0.9), sum_form_returns(rewards, mask, 0.9)
-    )
+    _, returns = gae(rewards, torch.zeros_like(rewards), mask, 0.9, 1.0)
+    torch.testing.assert_close(returns, sum_form_returns(rewards, mask, 0.9))
 
 
 def test_gae_skips_masked_holes_and_is_detached() -> None:

@@ -81,9 +81,13 @@ def rloo(rewards: Tensor) -> Tensor:
     rewards: [P, K] -> advantages: [P, K]. Raises ConfigError when K < 2.
     """
     r = _check_groups(rewards, "rloo", min_k=2)
-    k = r.shape[1]
-    others_mean = (r.sum(dim=1, keepdim=True) - r) / (k - 1)  # [P, K]
-    return r - others_mean  # [P, K]
+    return r - leave_one_out_mean(r)  # [P, K]
+
+
+def leave_one_out_mean(grouped: Tensor) -> Tensor:
+    """`mean_{j != i} x_j` within each group: [P, K] -> [P, K] (K >= 2)."""
+    k = grouped.shape[1]
+    return (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)  # [P, K]
 
 
 def group_rewards(rewards: Tensor, group_size: int) -> Tensor:

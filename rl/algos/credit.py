@@ -57,7 +57,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rl.algos.advantages import ADVANTAGE_ESTIMATORS, group_rewards
+from rl.algos.advantages import ADVANTAGE_ESTIMATORS, group_rewards, leave_one_out_mean
 from rl.core.errors import ConfigError
 from rl.core.registry import Registry
 
@@ -328,8 +328,7 @@ def _leave_one_out_mean(values: Tensor, group_size: int) -> Tensor:
         raise ConfigError(
             f"leave-one-out baselines need a group size of at least 2, got {group_size}"
         )
-    g = group_rewards(values, group_size)  # [P, K]
-    return ((g.sum(dim=1, keepdim=True) - g) / (group_size - 1)).reshape(-1)  # [B]
+    return leave_one_out_mean(group_rewards(values, group_size)).reshape(-1)  # [P, K] -> [B]
 
 
 def prime_advantages(
@@ -540,7 +539,20 @@ def prime_credit(
     baseline: PrimeBaseline = "per_step",
 ) -> Tensor:
     """PRIME Eq. 5 on the implicit-PRM step rewards (see `prime_advantages`)."""
-    rewards = steps_to_tokens(inputs.step_scores, inputs.step_end)  # [B, T]
+    return _loo_returns(inputs, inputs.step_scores, process_coef, outcome_coef, baseline)
+
+
+def _loo_returns(
+    inputs: CreditInputs,
+    step_rewards: Tensor,
+    process_coef: float,
+    outcome_coef: float,
+    baseline: PrimeBaseline = "last_token",
+) -> Tensor:
+    """Return-to-go of `step_rewards` [B, H] placed on step ends, minus the others' mean
+    total placed by `baseline` (default once, on the last token), plus the outcome RLOO on
+    every token: `prime_advantages` on step rewards."""
+    rewards = steps_to_tokens(step_rewards, inputs.step_end)  # [B, T]
     return prime_advantages(
         rewards,
         inputs.mask,
@@ -551,24 +563,6 @@ def prime_credit(
         outcome_coef,
         step_end=inputs.step_end,
         baseline=baseline,
-    )
-
-
-def _loo_returns(
-    inputs: CreditInputs, step_rewards: Tensor, process_coef: float, outcome_coef: float
-) -> Tensor:
-    """Return-to-go of `step_rewards` [B, H] placed on step ends, minus the others' mean
-    total (once, on the last token), plus the outcome RLOO on every token."""
-    rewards = steps_to_tokens(step_rewards, inputs.step_end)  # [B, T]
-    return prime_advantages(
-        rewards,
-        inputs.mask,
-        inputs.outcome,
-        inputs.group_size,
-        inputs.gamma,
-        process_coef,
-        outcome_coef,
-        baseline="last_token",
     )
 
 

@@ -8,8 +8,8 @@ What is implemented (docs/algorithms.md, "PPO with a critic" and "Policy loss"):
 
 - `gae`: `delta_t = r_t + gamma V_{t+1} - V_t`, `A_t = sum_l (gamma lam)^l delta_{t+l}`,
   `R_t = A_t + V_t`, one backward loop over T vectorised over B.
-- `discounted_returns`: Monte-Carlo return-to-go `sum_{s >= t} gamma^(s-t) r_s` (GAE with
-  `lam = 1` and `V = 0`).
+- The Monte-Carlo return-to-go is `rl.algos.credit.sum_form_returns` (GAE's returns with
+  `lam = 1` and `V = 0` on right-padded masks).
 - `whiten` / `masked_moments`: masked whitening with optional global (all-reduced) moments.
 - `clipped_value_loss`: `max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2) / 2` per token,
   aggregated by `rl.algos.losses.aggregate_loss` (sum form, like `rl.algos.losses.policy_loss`).
@@ -30,7 +30,7 @@ Conventions:
   right-padded masks (no holes) this is exactly the textbook recursion. Note that
   `sum_form_returns` instead keeps discounting across holes (gamma counts positions);
   the two agree on right-padded masks or with `gamma = 1`.
-- `gae`, `discounted_returns`, `whiten` and `dense_token_rewards` do not propagate gradients
+- `gae`, `whiten` and `dense_token_rewards` do not propagate gradients
   (inputs are detached); `clipped_value_loss` differentiates through `values` only.
 
 Departures / choices:
@@ -109,26 +109,6 @@ def gae(
         adv[:, t] = torch.where(valid, running, zero)
     returns = torch.where(m, adv + v, zero)  # [B, T]
     return adv, returns
-
-
-def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
-    """Monte-Carlo return-to-go `R_t = sum_{s >= t, s valid} gamma^(#valid tokens t..s-1) r_s`.
-
-    rewards: [B, T], mask: [B, T] -> [B, T] (detached, 0 where mask is 0). Equals the returns
-    of `gae(rewards, 0, mask, gamma, lam=1)`; masked positions are skipped as in `gae`.
-    """
-    _check_bt("rewards", rewards, mask)
-    dtype = _float_dtype(rewards)
-    r = rewards.detach().to(dtype)
-    m = mask.bool()
-    zero = torch.zeros((), dtype=dtype, device=r.device)
-    out = torch.zeros_like(r)  # [B, T]
-    running = r.new_zeros(r.shape[0])  # [B]
-    for t in range(r.shape[1] - 1, -1, -1):
-        valid = m[:, t]  # [B]
-        running = torch.where(valid, r[:, t] + gamma * running, running)
-        out[:, t] = torch.where(valid, running, zero)
-    return out
 
 
 # --------------------------------------------------------------------------------------------

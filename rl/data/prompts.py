@@ -14,7 +14,6 @@ line numbers for JSONL files are 1-based (`line 3`), as in an editor.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from rl.core.errors import ConfigError, DataError, one_line
+from rl.data.jsonl import jsonl_values
 
 BUILTIN_PREFIX = "builtin:"
 _FILE_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -73,26 +73,11 @@ def _load_builtin(
 
 def load_jsonl(path: Path, n: int | None = None) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file; a bad line is a DataError naming the file and line number."""
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if n is not None and len(rows) >= n:
-                break
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno})"
-                ) from e
-            if not isinstance(obj, dict):
-                raise DataError(
-                    f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}"
-                )
-            rows.append(obj)
+    for where, obj in jsonl_values(path, n):
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
     return rows
 
 

@@ -35,7 +35,6 @@ labels; see that function. Importable without DeepSpeed.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
@@ -50,6 +49,7 @@ from tqdm import tqdm
 from rewards.heads import HeadBatch, RewardHead
 from rl.algos.credit import Span, batch_step_tensors, step_spans_from_offsets, tokens_to_steps
 from rl.core.errors import ConfigError, DataError, RewardError, one_line
+from rl.data.jsonl import jsonl_values
 from rl.data.prompts import ChatTemplateMode, prepare_prompts
 from rl.rollout.backend import left_pad
 from rl.rollout.steps import decode_offsets
@@ -154,23 +154,7 @@ def load_processbench_jsonl(path: str | Path, n: int | None = None) -> list[Row]
     """Labelled solutions from a JSON-lines file in ProcessBench's format (keys `problem`,
     `steps`, `label`; others are kept as columns). Blank lines are skipped; the first `n`
     rows are taken. Errors are DataErrors naming the file and the 1-based line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    rows: list[Row] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if n is not None and len(rows) >= n:
-                break
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-            rows.append(check_row(obj, where))
-    return rows
+    return [check_row(obj, where) for where, obj in jsonl_values(path, n)]
 
 
 def builtin_labelled_solutions(

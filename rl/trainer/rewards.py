@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from rewards.base import RewardFn, RewardSpec, checked_verifier_scores, score_outcomes
+from rewards.build import make_verifier
 from rewards.heads import HeadContext, RewardHead, checked_score
 from rl.core.errors import RewardError, one_line
 from rl.core.types import HeadBatch, RolloutBatch, Scored
@@ -37,6 +38,8 @@ class RewardPipeline:
         self.heads = list(heads)
         self.tokenizer = tokenizer
         self.step_delimiter = step_delimiter
+        self.verifier = make_verifier(self.functions[0][0])
+        """The first reward function on any completions: [N] in [0, 1] (for heads)."""
         self.heads_seconds = 0.0
         """Wall time of the heads (steps, scoring, updates) in the last `score`."""
 
@@ -53,13 +56,6 @@ class RewardPipeline:
         if bad:
             raise RewardError(f"outcome reward is not finite at batch rows {bad[:8]}")
         return total, per_fn
-
-    def verifier(
-        self, prompts: list[str], completions: list[str], columns: dict[str, list[object]]
-    ) -> torch.Tensor:
-        """The verifier (first reward function) on any completions: [N] in [0, 1]."""
-        _, per_fn = score_outcomes(self.functions[:1], prompts, completions, columns)
-        return checked_verifier_scores(self.functions[0][0].fn, next(iter(per_fn.values())))
 
     def score(self, batch: RolloutBatch) -> Scored:
         """Outcome rewards, then (with heads) the combined process rewards and their steps."""
