@@ -31,6 +31,7 @@ from torch import Tensor
 
 from rewards.heads import REWARD_HEADS, HeadBatch, HeadContext, HeadOutput, RewardHead
 from rl.algos.credit import pav_step_advantages_batched, steps_to_tokens, tokens_to_steps
+from rl.core.batching import micro_batches
 from rl.core.errors import ConfigError
 from rl.core.types import position_ids_from_mask
 from rl.engine.value_model import check_value_model_dir, load_value_model
@@ -132,8 +133,7 @@ class PAVHead(RewardHead):
         device = _device_of(self.model)
         tp = batch.prompt_length
         q_prompt, q_tokens = [], []
-        for start in range(0, batch.batch_size, self.micro_batch_size):
-            rows = slice(start, start + self.micro_batch_size)
+        for rows in micro_batches(batch.batch_size, self.micro_batch_size):
             mask = batch.attention_mask[rows]
             logits = self.model(
                 input_ids=batch.input_ids[rows].to(device),

@@ -115,3 +115,21 @@ def test_bad_reward_head_is_named(head: str, message: str, tmp_path: Path, model
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert first_line(proc.stderr).startswith(message), first_line(proc.stderr)
+
+
+def test_a_used_output_dir_is_refused_then_overwritten(tmp_path: Path, model_cache: Path):
+    # an earlier run's rows and checkpoint: a new run must neither append to nor resume them
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in range(41)))
+    (tmp_path / "checkpoints" / "step_00000040").mkdir(parents=True)
+    args = [*FAST_OVERRIDES, f"output_dir={tmp_path}", f"model.cache_dir={model_cache}"]
+    proc = launch(args, launcher="python")
+    assert proc.returncode == 2
+    assert first_line(proc.stderr) == (
+        f"error: output_dir {tmp_path} already holds a run (metrics.jsonl, checkpoints); "
+        "continue it with trainer.resume=auto, or start over with trainer.overwrite=true "
+        "(deletes it)"
+    )
+    proc = launch([*args, "trainer.overwrite=true"], launcher="python")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [row["step"] for row in read_metrics(tmp_path)] == [0, 1, 2, 3]
+    assert not (tmp_path / "checkpoints" / "step_00000040").exists()

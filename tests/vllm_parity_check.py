@@ -49,7 +49,7 @@ def main() -> None:
     transformers_greedy = greedy(reference, trainer.engine.module, rows, max_new)
 
     batch = trainer.collect()  # sampled at T=1 by vLLM, with its log-probs
-    trainer_logp, _ = trainer.recompute_logprobs(batch)
+    trainer_logp = trainer.compute_logprobs(batch).old
     assert batch.behaviour_logprobs is not None
     diff = (batch.behaviour_logprobs - trainer_logp).abs() * batch.response_mask
     result = {

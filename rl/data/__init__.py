@@ -1,0 +1,1 @@
+"""Prompt sources (builtin tasks, JSONL, `datasets`), chat templates, the resumable sampler."""

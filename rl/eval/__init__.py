@@ -1,0 +1,1 @@
+"""Evaluation pipelines: PRM first-error F1 (ProcessBench)."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from rl.core.batching import micro_batches
 from rl.core.types import RolloutBatch
 
 
@@ -172,10 +173,10 @@ class TransformersRollout(RolloutBackend):
         was_training = model.training
         model.eval()
         chunks = []
-        for start in range(0, len(prompt_ids), self.batch_size):
+        for rows in micro_batches(len(prompt_ids), self.batch_size):
             out = model.generate(
-                input_ids=ids[start : start + self.batch_size],
-                attention_mask=mask[start : start + self.batch_size],
+                input_ids=ids[rows],
+                attention_mask=mask[rows],
                 generation_config=config,
                 synced_gpus=self.synced_gpus,
             )

@@ -27,6 +27,7 @@ import torch
 
 from rl.algos.losses import AggregationMode
 from rl.algos.ppo import clipped_value_loss
+from rl.core.batching import micro_batches
 from rl.core.errors import ConfigError
 from rl.core.types import position_ids_from_mask
 from rl.engine import deepspeed_engine as eng
@@ -111,8 +112,7 @@ class Critic:
         """V `[B, Tr]` of every response position under the current critic (no gradient);
         `batch` is a `RolloutBatch` (anything with `select` and the `TokenBatch` fields)."""
         out = []
-        for start in range(0, len(batch), self.micro_batch_size):
-            rows = list(range(start, min(start + self.micro_batch_size, len(batch))))
+        for rows in micro_batches(len(batch), self.micro_batch_size):
             out.append(self._forward(batch.select(rows)))
         return torch.cat(out)
 
