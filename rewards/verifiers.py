@@ -148,8 +148,9 @@ def math_verify_reward(
 ) -> list[float]:
     """1.0 where math_verify judges the completion's answer equal to the gold, else 0.0.
 
-    Gold answers are parsed once per distinct value (a group shares one). An unparseable gold or
-    completion scores 0.0.
+    Gold answers are parsed once per distinct value (a group shares one): the text after a
+    GSM8K-style "#### " or the content of the last `\\boxed{}` when present, else the whole
+    string. An unparseable gold or completion scores 0.0.
     """
     from math_verify import parse, verify
 
@@ -157,8 +158,8 @@ def math_verify_reward(
     out: list[float] = []
     for completion, gold in zip(completions, answer, strict=True):
         key = str(gold)
-        if key not in gold_cache:
-            gold_cache[key] = parse_gold(key)
+        if key not in gold_cache:  # a GSM8K rationale's "#### N" or a \boxed{} answer first
+            gold_cache[key] = parse_gold(extract_gold_answer(key))
         gold_parsed = gold_cache[key]
         if not gold_parsed:
             out.append(0.0)

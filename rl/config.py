@@ -107,6 +107,12 @@ class RolloutConfig:
     """Sampling temperature for training rollouts (evaluation is greedy)."""
     top_p: float = 1.0
     """Nucleus sampling for training rollouts."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Extra token ids that end a response, besides the tokenizer's EOS and the EOS ids of
+    the model's generation config (e.g. a chat model's end-of-turn token)."""
+    mask_truncated: bool = False
+    """Drop responses cut by max_new_tokens (no stop token) from the loss; they are counted
+    in `rollout/truncated_frac` either way."""
     generation_batch_size: int = 64
     """Sequences generated at once per rank (transformers backend; memory knob)."""
     old_logprobs: Literal["trainer", "engine"] = "trainer"

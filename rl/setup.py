@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from rl.config import Config
+from rl.core.errors import ConfigError
 from rl.data.prompts import PromptRow, load_rows, prepare_prompts
 from rl.engine.deepspeed_engine import DistInfo
-from rl.rollout.backend import RolloutBackend, TransformersRollout
+from rl.rollout.backend import RolloutBackend, TransformersRollout, unique_ids
 
 BUILTIN_TRAIN_ROWS = 20000
 """Training rows drawn from a builtin task when `data.train_size` is not set."""
@@ -51,9 +52,10 @@ def make_rollout(
 ) -> RolloutBackend:
     """The configured generation backend (a vLLM engine is created on every rank at once)."""
     rollout = cfg.rollout
+    stop_ids = stop_token_ids(cfg, tokenizer, policy)
     if rollout.backend == "transformers":
         return TransformersRollout(
-            tokenizer, rollout.generation_batch_size, synced_gpus=zero_stage == 3
+            tokenizer, rollout.generation_batch_size, zero_stage == 3, stop_ids
         )
     from rl.rollout.vllm_backend import VLLMRollout
 
@@ -69,8 +71,24 @@ def make_rollout(
         gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
         kv_cache_gib=rollout.vllm_kv_cache_gib,
         sleep_mode=rollout.vllm_sleep_mode,
+        stop_token_ids=stop_ids,
         log=print if dist.is_main else (lambda *_: None),
     )
+
+
+def stop_token_ids(cfg: Config, tokenizer: Any, policy: Any) -> list[int]:
+    """Ids that end a response besides the tokenizer's EOS: the EOS ids of the checkpoint's
+    generation config, then `rollout.stop_token_ids`; ConfigError for an id outside the
+    vocabulary."""
+    generation = getattr(policy, "generation_config", None)
+    ids = unique_ids(getattr(generation, "eos_token_id", None), cfg.rollout.stop_token_ids)
+    vocab = len(tokenizer)
+    for token in cfg.rollout.stop_token_ids:
+        if not 0 <= token < vocab:
+            raise ConfigError(
+                f"rollout.stop_token_ids: {token} is outside the vocabulary (0..{vocab - 1})"
+            )
+    return ids
 
 
 def max_positions(model: Any) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,27 @@ def test_vllm_backend_two_ranks(stage: int, extra: list[str], tmp_path: Path, mo
     start = final_weights(start_model_dir(model_cache))
     final = final_weights(out / "final")
     assert any(not torch.equal(start[k], final[k]) for k in start)
+
+
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+def test_checkpoint_sampling_defaults_are_ignored(backend: str, tmp_path: Path, model_cache: Path):
+    # a checkpoint that ships its own sampling defaults, as real chat checkpoints do
+    model = tmp_path / "model"
+    shutil.copytree(start_model_dir(model_cache), model)
+    defaults = {"do_sample": True, "temperature": 0.6, "top_k": 3, "repetition_penalty": 1.5}
+    (model / "generation_config.json").write_text(json.dumps(defaults))
+    out = tmp_path / "run"
+    overrides = [*FAST_OVERRIDES, f"output_dir={out}", f"model.path={model}"]
+    overrides += [f"rollout.backend={backend}", "trainer.max_steps=2"]
+    if backend == "vllm":  # sampled at the configured temperature 1.0, no top-k, no penalty
+        check_ok(launch([*overrides, "rollout.old_logprobs=engine"]))
+        for row in read_metrics(out)[1:]:
+            assert row["rollout/logprob_mismatch"] < 1e-4, row  # engine's = trainer's
+        return
+    # transformers: 4 new tokens rarely reach EOS, so most responses are cut; masked out of
+    # the loss, only the stopped ones' (at most 4) tokens count
+    check_ok(launch([*overrides, "rollout.max_new_tokens=4", "rollout.mask_truncated=true"]))
+    for row in read_metrics(out)[1:]:
+        cut = row["rollout/truncated_frac"]
+        assert cut > 0.5, row
+        assert row["train/response_tokens_mean"] <= 4 * (1 - cut) + 1e-6, row

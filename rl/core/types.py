@@ -37,6 +37,8 @@ class RolloutBatch:
     """K: samples per prompt."""
     behaviour_logprobs: torch.Tensor | None = None
     """[B, Tr] the sampling engine's log-probs of the sampled tokens (vLLM), else None."""
+    truncated: torch.Tensor | None = None
+    """[B] bool: the response reached max_new_tokens without a stop token."""
 
     @property
     def response_ids(self) -> torch.Tensor:

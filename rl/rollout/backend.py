@@ -10,6 +10,8 @@ parameter gathers); backend `vllm` is in `rl/rollout/vllm_backend.py`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +54,20 @@ def response_mask_until_eos(responses: torch.Tensor, eos_ids: list[int]) -> torc
     return (eos_before == 0).long()
 
 
+def stopped(responses: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """[N] bool: the response holds a stop token (else it was cut at max_new_tokens)."""
+    return torch.isin(responses, torch.tensor(eos_ids, dtype=responses.dtype)).any(dim=1)
+
+
+def unique_ids(*groups: Any) -> list[int]:
+    """The ids of every group (an int, a list of ints or None), first occurrence first."""
+    out: list[int] = []
+    for group in groups:
+        values = [] if group is None else [group] if isinstance(group, int) else list(group)
+        out += [int(v) for v in values if int(v) not in out]
+    return out
+
+
 @dataclass
 class Generated:
     """Token-level output of a backend for N sequences."""
@@ -74,11 +90,11 @@ class RolloutBackend(ABC):
     synced_gpus: bool = False
     """True when `generate` is collective (every rank must make the same calls)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, stop_token_ids: list[int] | None = None) -> None:
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        eos = tokenizer.eos_token_id
-        self.eos_ids: list[int] = list(eos) if isinstance(eos, list) else [eos]
+        self.eos_ids: list[int] = unique_ids(tokenizer.eos_token_id, stop_token_ids)
+        """Every id that ends a response: the tokenizer's EOS, then `stop_token_ids`."""
 
     @abstractmethod
     def generate_tokens(
@@ -125,6 +141,7 @@ class RolloutBackend(ABC):
             skip_special_tokens=True,
         )
         return RolloutBatch(
+            truncated=~stopped(responses, self.eos_ids),
             input_ids=out.input_ids,
             attention_mask=out.attention_mask,
             response_mask=out.response_mask.float(),
@@ -137,13 +154,37 @@ class RolloutBackend(ABC):
         )
 
 
+@contextmanager
+def only_these_settings(model: Any) -> Iterator[None]:
+    """While generating, hide the checkpoint's own generation defaults (its
+    `generation_config.json`: temperature, top_k, repetition_penalty, min_length ...), which
+    transformers would otherwise fill into every setting the run leaves unset: the run
+    samples exactly as configured."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 class TransformersRollout(RolloutBackend):
     """Generates with `model.generate` in chunks of `batch_size` sequences."""
 
-    def __init__(self, tokenizer: Any, batch_size: int, synced_gpus: bool) -> None:
-        super().__init__(tokenizer)
+    def __init__(
+        self,
+        tokenizer: Any,
+        batch_size: int,
+        synced_gpus: bool,
+        stop_token_ids: list[int] | None = None,
+        sampler_logprobs: bool = False,
+    ) -> None:
+        super().__init__(tokenizer, stop_token_ids)
         self.batch_size = batch_size
         self.synced_gpus = synced_gpus
+        self.sampler_logprobs = sampler_logprobs
+        """Also return the sampler's log-prob of each sampled token (from the processed
+        scores `generate` samples from), to check the sampler against the trainer."""
 
     def generation_config(self, sampling: SamplingSettings) -> GenerationConfig:
         if sampling.greedy:
@@ -166,28 +207,52 @@ class TransformersRollout(RolloutBackend):
     def generate_tokens(
         self, model: Any, prompt_ids: list[list[int]], sampling: SamplingSettings
     ) -> Generated:
-        """Token lists -> `Generated` (no sampler log-probs: the trainer computes its own)."""
+        """Token lists -> `Generated` (sampler log-probs only with `sampler_logprobs`: the
+        trainer computes its own)."""
         ids, mask = left_pad(prompt_ids, self.pad_id)  # [N, Tp]
         prompt_len = ids.shape[1]
         config = self.generation_config(sampling)
         was_training = model.training
         model.eval()
-        chunks = []
-        for rows in micro_batches(len(prompt_ids), self.batch_size):
-            out = model.generate(
-                input_ids=ids[rows],
-                attention_mask=mask[rows],
-                generation_config=config,
-                synced_gpus=self.synced_gpus,
-            )
-            chunks.append(out[:, prompt_len:])  # [n, tr] responses of this chunk
+        chunks: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        with only_these_settings(model):
+            for rows in micro_batches(len(prompt_ids), self.batch_size):
+                out = model.generate(
+                    input_ids=ids[rows],
+                    attention_mask=mask[rows],
+                    generation_config=config,
+                    synced_gpus=self.synced_gpus,
+                    output_scores=self.sampler_logprobs,
+                    return_dict_in_generate=True,
+                )
+                tokens = out.sequences[:, prompt_len:]  # [n, tr] responses of this chunk
+                chunks.append((tokens, _scored_logprobs(out.scores, tokens)))
         model.train(was_training)
-        width = max(c.shape[1] for c in chunks)
-        responses = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
-        row = 0
-        for chunk in chunks:
-            responses[row : row + chunk.shape[0], : chunk.shape[1]] = chunk
-            row += chunk.shape[0]
-        # a chunk shorter than `width` ended with EOS everywhere, so its padding is masked
+        responses = _stack_right_padded([c[0] for c in chunks], self.pad_id)  # [N, Tr]
+        # a chunk shorter than Tr ended with EOS everywhere, so its padding is masked
         input_ids, attention_mask, response_mask = self.assemble(ids, mask, responses)
-        return Generated(input_ids, attention_mask, response_mask, prompt_len)
+        logprobs = None
+        if self.sampler_logprobs:
+            logprobs = _stack_right_padded([c[1] for c in chunks], 0.0) * response_mask
+        return Generated(input_ids, attention_mask, response_mask, prompt_len, logprobs)
+
+
+def _scored_logprobs(scores: Any, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Log-probs [n, tr] of the sampled tokens under the processed scores (one [n, V] per
+    step) that `generate` sampled from; None without scores."""
+    if not scores:
+        return None
+    logp = torch.stack(scores, dim=1).float().log_softmax(dim=-1)  # [n, tr, V]
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [n, tr]
+
+
+def _stack_right_padded(chunks: list[Any], pad: float | int) -> torch.Tensor:
+    """Row blocks [n_i, t_i] -> [sum n_i, max t_i], right-padded with `pad`."""
+    width = max(c.shape[1] for c in chunks)
+    dtype = chunks[0].dtype
+    out = torch.full((sum(c.shape[0] for c in chunks), width), pad, dtype=dtype)
+    row = 0
+    for chunk in chunks:
+        out[row : row + chunk.shape[0], : chunk.shape[1]] = chunk
+        row += chunk.shape[0]
+    return out

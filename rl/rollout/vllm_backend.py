@@ -96,9 +96,10 @@ class VLLMRollout(RolloutBackend):
         gpu_memory_utilization: float,
         kv_cache_gib: int,
         sleep_mode: bool,
+        stop_token_ids: list[int] | None = None,
         log: Any = print,
     ) -> None:
-        super().__init__(tokenizer)
+        super().__init__(tokenizer, stop_token_ids)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         vllm = import_vllm()
@@ -121,6 +122,7 @@ class VLLMRollout(RolloutBackend):
                 max_model_len=max_model_len,
                 gpu_memory_utilization=gpu_memory_utilization,
                 logprobs_mode="processed_logprobs",
+                generation_config="vllm",  # the checkpoint's sampling defaults are not used
                 enable_sleep_mode=self.sleep_mode,
             )
         except Exception as err:
@@ -136,6 +138,8 @@ class VLLMRollout(RolloutBackend):
             n=1,
             temperature=0.0 if sampling.greedy else sampling.temperature,
             top_p=1.0 if sampling.greedy else sampling.top_p,
+            top_k=0,  # 0: no top-k, the run samples exactly as configured
+            repetition_penalty=1.0,
             max_tokens=sampling.max_new_tokens,
             logprobs=0,  # the sampled token's log-prob at every position
             stop_token_ids=self.eos_ids,

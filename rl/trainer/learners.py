@@ -185,7 +185,8 @@ def run_updates(
             totals = eng.all_reduce_sum(
                 torch.tensor([float(batch.response_mask[rows].sum()), float(len(rows))])
             )
-            counts = GlobalCounts(float(totals[0]), float(totals[1]), scale)
+            # at least 1 token: with rollout.mask_truncated a mini-batch may have none left
+            counts = GlobalCounts(max(float(totals[0]), 1.0), float(totals[1]), scale)
             for micro_rows in micro_batches(len(rows), plan.micro_batch_size):
                 index = rows[micro_rows]
                 micro = batch.select(index)

@@ -231,7 +231,7 @@ class Trainer:
             self.dist.world_size,
         )
         rows = [self.train_rows[i] for i in indices]
-        return self.rollout.rollout(
+        batch = self.rollout.rollout(
             self.engine.module,
             [r.prompt_ids for r in rows],
             [r.text for r in rows],
@@ -239,6 +239,9 @@ class Trainer:
             self.sampling(),
             self.cfg.rollout.group_size,
         )
+        if self.cfg.rollout.mask_truncated and batch.truncated is not None:
+            batch.response_mask = batch.response_mask * (~batch.truncated).unsqueeze(1)
+        return batch
 
     @torch.no_grad()
     def compute_logprobs(self, batch: RolloutBatch) -> LogProbs:
@@ -260,7 +263,7 @@ class Trainer:
             return credit
         mask = batch.response_mask
         totals = eng.all_reduce_sum(logprob_mismatch_sums(logprobs.behaviour, logprobs.old, mask))
-        credit.stats["rollout/logprob_mismatch"] = float(totals[0] / totals[1])
+        credit.stats["rollout/logprob_mismatch"] = float(totals[0]) / max(float(totals[1]), 1.0)
         cap = self.cfg.rollout.tis_cap
         if cap is not None:
             credit.advantages = credit.advantages * tis_weights(
@@ -324,9 +327,11 @@ class Trainer:
 
     def _step_row(self, batch: RolloutBatch, scored: Scored, credit: Credit) -> dict[str, Any]:
         """Rewards, response length, head metrics and credit stats, global over ranks."""
+        truncated = float(batch.truncated.sum()) if batch.truncated is not None else 0.0
         sums = eng.all_reduce_sum(
             torch.tensor(
                 [float(scored.outcome.sum()), float(batch.response_mask.sum()), float(len(batch))]
+                + [truncated]
                 + [float(v.sum()) for v in scored.per_fn.values()],
                 dtype=torch.float64,
             )
@@ -334,8 +339,9 @@ class Trainer:
         n, tokens = float(sums[2]), float(sums[1])
         row: dict[str, Any] = {"step": self.state.step, "samples": self.state.samples}
         row["reward/outcome_mean"] = float(sums[0]) / n
+        row["rollout/truncated_frac"] = float(sums[3]) / n
         for i, name in enumerate(scored.per_fn):
-            row[f"reward/{name}_mean"] = float(sums[3 + i]) / n
+            row[f"reward/{name}_mean"] = float(sums[4 + i]) / n
         row["train/response_tokens_mean"] = tokens / n
         row.update(scored.metrics)
         if scored.process is not None:

@@ -1,0 +1,101 @@
+"""Rollouts sample exactly as configured and stop where they should: a checkpoint's own
+generation defaults never leak in, every stop id ends a response, and a response cut at
+`max_new_tokens` is flagged."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from rl.config import load_config
+from rl.core.errors import ConfigError
+from rl.engine.forward import response_logprobs
+from rl.engine.start_model import build_tokenizer
+from rl.rollout.backend import (
+    SamplingSettings,
+    TransformersRollout,
+    response_mask_until_eos,
+    stopped,
+    unique_ids,
+)
+from rl.setup import stop_token_ids
+
+PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Any, Any]:
+    """A random 1-layer Llama with the builtin tokenizer; its generation config asks for
+    temperature 0.6, top-k 3 and a repetition penalty, as real checkpoints' configs do."""
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(
+        do_sample=True, temperature=0.6, top_k=3, repetition_penalty=1.5, min_new_tokens=5
+    )
+    return model, tok
+
+
+def test_checkpoint_defaults_do_not_leak_into_sampling(tiny: tuple[Any, Any]) -> None:
+    model, tok = tiny
+    backend = TransformersRollout(tok, batch_size=4, synced_gpus=False, sampler_logprobs=True)
+    torch.manual_seed(1)
+    batch = backend.rollout(model, PROMPTS, ["a", "b", "c"], {}, SamplingSettings(12, 1.0, 1.0), 4)
+    assert batch.behaviour_logprobs is not None
+    with torch.no_grad():
+        trainer = response_logprobs(model, batch, temperature=1.0)  # [B, Tr] teacher-forced
+    mask = batch.response_mask.bool()
+    diff = (batch.behaviour_logprobs - trainer).abs()[mask]
+    # temperature 0.6, top-k 3 or the repetition penalty would each move these by far more
+    assert float(diff.max()) < 1e-4, float(diff.max())
+    assert model.generation_config.temperature == 0.6  # the model's own config is restored
+
+
+def test_every_stop_id_ends_a_response(tiny: tuple[Any, Any]) -> None:
+    model, tok = tiny
+    greedy = SamplingSettings(6, 1.0, 1.0, greedy=True)
+    plain = TransformersRollout(tok, batch_size=4, synced_gpus=False)
+    free = plain.rollout(model, PROMPTS, ["a", "b", "c"], {}, greedy, 1)
+    first = int(free.response_ids[0, 0])  # what greedy decoding emits first for prompt 0
+    assert first not in plain.eos_ids
+    stopping = TransformersRollout(tok, batch_size=4, synced_gpus=False, stop_token_ids=[first])
+    out = stopping.rollout(model, PROMPTS, ["a", "b", "c"], {}, greedy, 1)
+    assert out.response_mask[0].tolist()[:2] == [1.0, 0.0]  # the stop token itself is kept
+    assert out.truncated is not None and not bool(out.truncated[0])
+    assert free.truncated is not None and bool(free.truncated[0])  # 6 tokens, no stop: cut
+
+
+def test_stop_helpers_by_hand() -> None:
+    eos, im_end = 2, 7
+    responses = torch.tensor([[5, im_end, 0], [5, 6, 8], [eos, 0, 0]])
+    assert response_mask_until_eos(responses, [eos, im_end]).tolist() == [
+        [1, 1, 0],
+        [1, 1, 1],
+        [1, 0, 0],
+    ]
+    assert stopped(responses, [eos, im_end]).tolist() == [True, False, True]
+    assert unique_ids(2, [7, 2], None, [9]) == [2, 7, 9]
+
+
+def test_stop_ids_come_from_the_generation_config_and_the_run() -> None:
+    tok = build_tokenizer()
+    policy = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=[2, 7]))
+    cfg = load_config(None, ["rollout.stop_token_ids=[9]"])
+    assert stop_token_ids(cfg, tok, policy) == [2, 7, 9]
+    bad = load_config(None, [f"rollout.stop_token_ids=[{len(tok)}]"])
+    with pytest.raises(ConfigError, match=f"rollout.stop_token_ids: {len(tok)} is outside"):
+        stop_token_ids(bad, tok, policy)
