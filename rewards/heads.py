@@ -86,6 +86,8 @@ class HeadContext:
     """`fn(prompts, completions, columns) -> Tensor [N]` outcome in [0, 1], or None."""
     sampling: Any = None
     """`rl.rollout.backend.SamplingSettings` of training rollouts, or None."""
+    dtype: torch.dtype = torch.float32
+    """The run's one dtype (`model.dtype`): load every model in it."""
 
 
 class RewardHead(ABC):

@@ -112,7 +112,7 @@ class PAVHead(RewardHead):
         like the policy's), else a full frozen copy. Its tokenizer must be the policy's."""
         from rl.engine.deepspeed_engine import create_reference
 
-        model, tokenizer = load_value_model(self.path)
+        model, tokenizer = load_value_model(self.path, ctx.dtype)
         if ctx.tokenizer is not None and tokenizer.get_vocab() != ctx.tokenizer.get_vocab():
             raise ConfigError(
                 f"pav head: the verifier at {self.path} has another tokenizer than the policy"

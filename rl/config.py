@@ -26,7 +26,14 @@ class ModelConfig:
     """Policy to start from: a Hugging Face hub name or local path, or `builtin:arith-tiny`
     (built locally from the built-in task: tokenizer + small Llama + SFT, cached)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Training dtype: auto = bf16 on GPUs that support it, fp32 on CPU."""
+    """The run's one dtype: policy, reference, implicit PRM and its reference, critic,
+    verifier and the vLLM engine load in it (auto = bf16 on GPUs that support it, fp32
+    otherwise; bfloat16 also works on CPUs)."""
+    gradient_checkpointing: bool = False
+    """Recompute the policy's (and critic's, PRM's) activations in the backward pass."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to `from_pretrained` (e.g. sdpa, eager, flash_attention_2);
+    None = the library's default."""
     cache_dir: str = ".cache/start_models"
     """Where builtin start checkpoints are built and reused."""
     tiny: dict[str, Any] = field(default_factory=dict)
@@ -227,6 +234,9 @@ class TrainerConfig:
     """Training steps (one step = one batch of rollouts)."""
     micro_batch_size: int = 16
     """Sequences per forward/backward pass per rank."""
+    forward_micro_batch_size: int | None = None
+    """Sequences per forward-only pass (old-policy and reference log-probs) per rank; they
+    hold no activations for a backward pass, so this can be larger (None: micro_batch_size)."""
     eval_every: int = 0
     """Evaluate every N steps (0 = only at step 0 and at the end)."""
     save_every: int = 0
@@ -354,6 +364,9 @@ def check_credit_settings(algo: AlgoConfig, scheme: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single type hint cannot express."""
+    forward_mb = cfg.trainer.forward_micro_batch_size
+    if forward_mb is not None and forward_mb < 1:
+        raise ConfigError(f"trainer.forward_micro_batch_size: must be at least 1, got {forward_mb}")
     if cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps: must be at least 1, got {cfg.trainer.max_steps}")
     if cfg.algo.credit != "auto":
@@ -369,6 +382,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError("rollout.old_logprobs=engine needs rollout.backend=vllm")
         if cfg.rollout.tis_cap is not None:
             raise ConfigError("rollout.tis_cap needs rollout.backend=vllm")
+    engine_logprobs = cfg.rollout.old_logprobs == "engine" or cfg.rollout.tis_cap is not None
+    if cfg.rollout.top_p < 1 and engine_logprobs:
+        raise ConfigError(
+            f"rollout.top_p={cfg.rollout.top_p} with the engine's log-probs "
+            "(rollout.old_logprobs=engine or rollout.tis_cap): vLLM's log-probs are renormalised "
+            "over the top-p set and the trainer's are not, so they cannot be compared; use "
+            "top_p=1 or the trainer's log-probs"
+        )
     if cfg.trainer.resume not in ("none", "auto") and not Path(cfg.trainer.resume).exists():
         raise ConfigError(f"trainer.resume: checkpoint {cfg.trainer.resume!r} does not exist")
 

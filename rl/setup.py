@@ -13,6 +13,7 @@ from rl.config import Config
 from rl.core.errors import ConfigError
 from rl.data.prompts import PromptRow, load_rows, prepare_prompts
 from rl.engine.deepspeed_engine import DistInfo
+from rl.engine.models import run_dtype
 from rl.rollout.backend import RolloutBackend, TransformersRollout, unique_ids
 
 BUILTIN_TRAIN_ROWS = 20000
@@ -71,6 +72,7 @@ def make_rollout(
         gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
         kv_cache_gib=rollout.vllm_kv_cache_gib,
         sleep_mode=rollout.vllm_sleep_mode,
+        dtype=str(run_dtype(cfg)).removeprefix("torch."),
         stop_token_ids=stop_ids,
         log=print if dist.is_main else (lambda *_: None),
     )

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from rl.algos.losses import policy_loss, token_logprobs
+from rl.algos.losses import policy_loss
 from rl.config import load_config
 from rl.core.types import Credit, RolloutBatch
 from rl.engine.deepspeed_engine import init_distributed, shutdown
-from rl.engine.forward import response_logits
+from rl.engine.forward import response_logprobs
 from rl.trainer.loop import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def main() -> None:
 
     # reference: the whole global batch at once, plain autograd, no DeepSpeed scaling
     model.zero_grad()
-    logp = token_logprobs(response_logits(model, batch, 1.0), batch.response_ids)
+    logp = response_logprobs(model, batch, 1.0)
     tokens = float(batch.response_mask.sum())
     loss, _ = policy_loss(
         logp, logp.detach(), None, advantages, batch.response_mask,

@@ -291,3 +291,18 @@ def test_shard_contiguous_equal() -> None:
         shard(idx, 0, 4)
     with pytest.raises(ValueError):
         shard(idx, 3, 3)
+
+
+def test_a_chat_template_that_does_not_render_names_the_row() -> None:
+    from rl.engine.start_model import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.chat_template = "{{ messages[0]['content'] | nosuchfilter }}"
+    rows = [{"prompt": "3 +4", "answer": "0"}]
+    with pytest.raises(
+        DataError, match=r"data.jsonl row 0: the tokenizer's chat template does not"
+    ):
+        prepare_prompts(
+            rows, tok, source="data.jsonl", prompt_column="prompt", answer_column="answer",
+            max_prompt_tokens=64, apply_chat_template=True,
+        )  # fmt: skip

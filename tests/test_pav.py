@@ -176,7 +176,7 @@ def head_batch() -> HeadBatch:
 def test_pav_head_scores_prover_advantages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / HEAD_FILE).touch()  # passes the constructor's check; loading is stubbed
     stub = StubVerifier()
-    monkeypatch.setattr(pav, "load_value_model", lambda path: (stub, VocabTokenizer()))
+    monkeypatch.setattr(pav, "load_value_model", lambda path, dtype: (stub, VocabTokenizer()))
     head = pav.PAVHead(path=str(tmp_path), prover_k=2)
     ctx = HeadContext(
         cfg=None,
@@ -212,7 +212,9 @@ def test_pav_head_rejects_another_tokenizer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / HEAD_FILE).touch()
-    monkeypatch.setattr(pav, "load_value_model", lambda path: (StubVerifier(), VocabTokenizer()))
+    monkeypatch.setattr(
+        pav, "load_value_model", lambda path, dtype: (StubVerifier(), VocabTokenizer())
+    )
     other = type("Other", (), {"get_vocab": lambda self: {"b": 0}})()
     ctx = HeadContext(None, DistInfo(0, 1, 0), other, "", {}, 1, 2)
     with pytest.raises(ConfigError, match=f"verifier at {tmp_path} has another tokenizer"):

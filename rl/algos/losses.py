@@ -66,6 +66,27 @@ def token_entropy(logits: Tensor) -> Tensor:
     return torch.stack(out)  # [B, T]
 
 
+def logprobs_and_entropy(
+    logits: Tensor, ids: Tensor, temperature: float = 1.0, entropy: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Sampled-token log-probs and entropy of `softmax(logits / temperature)` for one chunk.
+
+    logits: [b, c, V] (any float dtype; upcast to float32 here, chunk by chunk), ids: [b, c]
+    -> (log-probs [b, c], entropy [b, c] or None), float32. The same numbers as
+    `token_logprobs` / `token_entropy`, via one logsumexp: `log p_y = z_y - lse(z)` and
+    `H = lse(z) - sum_v p_v z_v`.
+    """
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [b, c, V]
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)  # [b, c]
+    logp = z.gather(dim=-1, index=ids.unsqueeze(-1)).squeeze(-1) - lse  # [b, c]
+    if not entropy:
+        return logp, None
+    probs = (z - lse.unsqueeze(-1)).exp()  # [b, c, V]
+    return logp, lse - (probs * z).sum(dim=-1)
+
+
 def clipped_surrogate(
     logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float, clip_high: float
 ) -> tuple[Tensor, Tensor]:

@@ -225,14 +225,14 @@ def _format_prompt(
     if isinstance(prompt, str):
         if not use_template:
             return prompt
-        return _render(tokenizer, [{"role": "user", "content": prompt}])
+        return _render(tokenizer, [{"role": "user", "content": prompt}], f"{source} row {i}")
     if _is_messages(prompt):
         if not use_template:
             raise DataError(
                 f"{source} row {i}: column {column!r} holds chat messages but the chat template "
                 "is off"
             )
-        return _render(tokenizer, list(prompt))
+        return _render(tokenizer, list(prompt), f"{source} row {i}")
     raise DataError(
         f"{source} row {i}: column {column!r} must be a string or a list of "
         f"{{'role', 'content'}} messages, got {type(prompt).__name__}"
@@ -247,8 +247,14 @@ def _is_messages(value: Any) -> bool:
     )
 
 
-def _render(tokenizer: Any, messages: list[Any]) -> str:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def _render(tokenizer: Any, messages: list[Any], where: str) -> str:
+    """The messages through the tokenizer's chat template; a template that fails to render
+    is a DataError naming the row and the template's own message."""
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # jinja2 errors, or a template that expects other fields
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{where}: the tokenizer's chat template does not render: {first}") from err
     if not isinstance(text, str):  # some versions return a list for batched input
         text = text[0]
     return str(text)

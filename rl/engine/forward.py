@@ -1,8 +1,21 @@
 """Forward passes over (prompt + response) batches shared by the policy, reference, PRM
-and critic: logits and log-probs of the response tokens.
+and critic: log-probs (and entropy) of the response tokens, without ever holding float32
+logits over [batch, tokens, vocabulary].
 
 Any batch object with `input_ids [B, Tp + Tr]`, `attention_mask [B, Tp + Tr]` and
-`prompt_length` (Tp) works: `rl.core.types.RolloutBatch` and `rewards.heads.HeadBatch` both do.
+`prompt_length` (Tp) works: `rl.core.types.RolloutBatch` and `HeadBatch` both do.
+
+How memory stays bounded (a 152k vocabulary makes full logits the largest tensor of a step):
+- The model runs with no logits kept; its decoder's last hidden states are read at the
+  response positions only (`Tp - 1 .. T - 2`, the positions that predict response tokens).
+- The output layer runs over `chunk_tokens` positions at a time; each chunk's logits are
+  upcast to float32, reduced to the sampled token's log-prob and the entropy, and freed.
+- The backward pass recomputes each chunk's logits and writes their gradient by hand
+  (`_ChunkLogprobs`), so no chunk's logits or softmax stay alive between the passes.
+Models whose logits are not a bias-free output layer of the last hidden state (a final
+soft-cap or a logit scale in their config), and output layers partitioned by ZeRO-3, take
+the plain path: the model's forward with `logits_to_keep` (response positions only), then
+the same chunked reduction on those logits.
 """
 
 from __future__ import annotations
@@ -11,8 +24,13 @@ from typing import Any, Protocol
 
 import torch
 
-from rl.algos.losses import token_logprobs
 from rl.core.types import position_ids_from_mask
+
+CHUNK_TOKENS = 128
+"""Response positions per chunk of the output layer (memory ~ chunk x vocabulary x 4 B)."""
+
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+"""Config keys of models whose logits are more than the output layer's (plain path)."""
 
 
 class TokenBatch(Protocol):
@@ -21,18 +39,147 @@ class TokenBatch(Protocol):
     prompt_length: int
 
 
-def response_logits(model: Any, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
-    """Logits `[b, Tr, V]` (divided by the sampling temperature) predicting the responses."""
+def _unwrap(model: Any) -> Any:
+    """The Hugging Face model inside a DeepSpeed engine (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def _splits_cleanly(hf_model: Any) -> bool:
+    """True when logits = output layer(last hidden state), so the two can run apart."""
+    config = hf_model.config
+    return hasattr(hf_model, "get_decoder") and not any(
+        getattr(config, key, None) for key in LOGIT_TRANSFORMS
+    )
+
+
+def _response_hidden(model: Any, hf_model: Any, batch: TokenBatch) -> torch.Tensor:
+    """Last hidden states at the positions that predict response tokens: [b, Tr, H].
+
+    The model runs its own forward (through the DeepSpeed engine when given one, so ZeRO-3
+    gathers parameters as usual) with no logits kept; a hook on its decoder reads the
+    hidden states."""
+    captured: list[torch.Tensor] = []
+    hook = hf_model.get_decoder().register_forward_hook(
+        lambda module, args, out: captured.append(out.last_hidden_state)
+    )
+    try:
+        model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids_from_mask(batch.attention_mask),
+            use_cache=False,
+            logits_to_keep=torch.zeros(0, dtype=torch.long, device=batch.input_ids.device),
+        )
+    finally:
+        hook.remove()
+    return captured[-1][:, batch.prompt_length - 1 : -1]  # [b, Tr, H]
+
+
+def _response_logits(model: Any, batch: TokenBatch) -> torch.Tensor:
+    """The model's own forward, logits kept only at response positions: [b, Tr, V]."""
+    tr = batch.input_ids.shape[1] - batch.prompt_length
     logits = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=position_ids_from_mask(batch.attention_mask),
         use_cache=False,
-    ).logits  # [b, Tp + Tr, V]
-    return logits[:, batch.prompt_length - 1 : -1].float() / temperature  # [b, Tr, V]
+        logits_to_keep=tr + 1,
+    ).logits  # [b, Tr + 1, V]
+    return logits[:, :-1]  # [b, Tr, V]
+
+
+class _ChunkLogprobs(torch.autograd.Function):
+    """Sampled-token log-probs and entropy of one chunk, from hidden states and a bias-free
+    output layer `W` (or from logits when `W` is None), with a hand-written backward that
+    recomputes the chunk's logits instead of keeping them: memory ~3 float32 chunk logits.
+
+    Backward, with z = logits / T, p = softmax(z), lse = logsumexp(z), H = entropy:
+        d log p_y / dz = onehot(y) - p,    dH / dz = -p * (z - lse + H)
+    and z = h W^T / T gives dh = dz W / T and dW = dz^T h / T.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, source: torch.Tensor, weight: torch.Tensor | None, ids: torch.Tensor,
+        temperature: float, entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        z = _chunk_logits(source, weight, temperature)  # [b, c, V] float32
+        lse = torch.logsumexp(z, dim=-1)  # [b, c]
+        logp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse  # [b, c]
+        ent = lse - ((z - lse.unsqueeze(-1)).exp() * z).sum(-1) if entropy else lse.new_zeros(0)
+        ctx.save_for_backward(source, weight, ids, lse, ent)
+        ctx.temperature = temperature
+        return logp, ent
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_logp: torch.Tensor, grad_ent: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        source, weight, ids, lse, ent = ctx.saved_tensors
+        z = _chunk_logits(source, weight, ctx.temperature)  # recomputed, [b, c, V]
+        probs = (z - lse.unsqueeze(-1)).exp()  # [b, c, V]
+        grad_z = -probs * grad_logp.unsqueeze(-1)
+        grad_z.scatter_add_(-1, ids.unsqueeze(-1), grad_logp.unsqueeze(-1))
+        if ent.numel():
+            grad_z -= grad_ent.unsqueeze(-1) * probs * (z - (lse - ent).unsqueeze(-1))
+        grad_z /= ctx.temperature  # d/d logits
+        if weight is None:
+            return grad_z.to(source.dtype), None, None, None, None
+        flat = grad_z.reshape(-1, grad_z.shape[-1])  # [b*c, V]
+        grad_source = (flat @ weight.float()).reshape(source.shape).to(source.dtype)
+        grad_weight = (flat.T @ source.reshape(-1, source.shape[-1]).float()).to(weight.dtype)
+        return grad_source, grad_weight, None, None, None
+
+
+def _chunk_logits(
+    source: torch.Tensor, weight: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    """float32 logits / temperature of one chunk: [b, c, V]."""
+    logits = source if weight is None else source @ weight.T
+    return logits.float() / temperature
+
+
+def _output_weight(hf_model: Any) -> torch.Tensor | None:
+    """The output layer's weight when the chunks may use it directly (a bias-free linear
+    layer whose parameters are not partitioned by ZeRO-3), else None."""
+    output_layer = hf_model.get_output_embeddings()
+    weight = getattr(output_layer, "weight", None)
+    biased = getattr(output_layer, "bias", None) is not None
+    if biased or weight is None or hasattr(weight, "ds_id"):
+        return None
+    return weight
+
+
+def response_logprobs_and_entropy(
+    model: Any,
+    batch: TokenBatch,
+    temperature: float = 1.0,
+    *,
+    entropy: bool = False,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs `[b, Tr]` of the response tokens under `model` (a DeepSpeed engine or a
+    Hugging Face model) at `temperature`, and their entropy `[b, Tr]` when asked; float32.
+    Gradients flow when enabled (to the log-probs, and to the entropy)."""
+    hf_model = _unwrap(model)
+    ids = batch.input_ids[:, batch.prompt_length :]  # [b, Tr]
+    weight = _output_weight(hf_model) if _splits_cleanly(hf_model) else None
+    if weight is not None:
+        source = _response_hidden(model, hf_model, batch)  # [b, Tr, H]
+    else:  # the model's own output layer, logits at response positions only
+        source = _response_logits(model, batch)  # [b, Tr, V]
+    logps, ents = [], []
+    for start in range(0, ids.shape[1], chunk_tokens):
+        cut = slice(start, start + chunk_tokens)
+        logp, ent = _ChunkLogprobs.apply(source[:, cut], weight, ids[:, cut], temperature, entropy)
+        logps.append(logp)
+        ents.append(ent)
+    if not logps:  # no response tokens
+        empty = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+        return empty, (empty.clone() if entropy else None)
+    return torch.cat(logps, dim=1), (torch.cat(ents, dim=1) if entropy else None)
 
 
 def response_logprobs(model: Any, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
     """Log-probs `[b, Tr]` of the response tokens under `model` (gradient kept if enabled)."""
-    ids = batch.input_ids[:, batch.prompt_length :]  # [b, Tr]
-    return token_logprobs(response_logits(model, batch, temperature), ids)
+    return response_logprobs_and_entropy(model, batch, temperature)[0]

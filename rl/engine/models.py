@@ -43,10 +43,30 @@ def builtin_start_model(cfg: Config, dist: DistInfo) -> Path:
     return wait_for_start_model(cache, tiny)
 
 
+def run_dtype(cfg: Config) -> torch.dtype:
+    """The run's one dtype (`model.dtype`); ConfigError when the hardware lacks it."""
+    from rl.engine.deepspeed_engine import use_bf16
+
+    if not use_bf16(cfg.model.dtype):
+        return torch.float32
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError("model.dtype=bfloat16: this GPU does not support bfloat16")
+    return torch.bfloat16
+
+
+def model_kwargs(cfg: Config) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments every model of the run loads with."""
+    kwargs: dict[str, Any] = {"dtype": run_dtype(cfg)}
+    if cfg.model.attn_implementation is not None:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    return kwargs
+
+
 def load_policy(
     cfg: Config, dist: DistInfo, path: str | Path | None = None
 ) -> tuple[Any, Any, str]:
-    """(model, tokenizer, resolved path) for `model.path` (or `path`), in fp32 for training."""
+    """(model, tokenizer, resolved path) for `model.path` (or `path`), in the run's dtype,
+    with gradient checkpointing when `model.gradient_checkpointing`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if path is None:
@@ -61,9 +81,11 @@ def load_policy(
         raise ConfigError(f"model.path: {path} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except OSError as err:
+        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(cfg))
+    except (OSError, ValueError, ImportError) as err:
         raise ConfigError(f"model.path: cannot load {path!r}: {str(err).splitlines()[0]}") from err
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, path

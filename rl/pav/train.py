@@ -40,6 +40,7 @@ from rl.config import Config, to_dict
 from rl.core.errors import ConfigError, DataError
 from rl.data.prompts import PromptRow, PromptSampler, seeded
 from rl.engine import deepspeed_engine as eng
+from rl.engine.models import run_dtype
 from rl.pav.data import (
     DATA_GLOB,
     META_FILE,
@@ -332,7 +333,7 @@ def train_verifier(
         bf16=eng.use_bf16(cfg.model.dtype),
     )
     engine = eng.create_policy_engine(
-        value_model_from_policy(model_path),
+        value_model_from_policy(model_path, run_dtype(cfg)),
         ds_config,
         lr=pav.lr,
         betas=cfg.optim.betas,

@@ -96,6 +96,7 @@ class VLLMRollout(RolloutBackend):
         gpu_memory_utilization: float,
         kv_cache_gib: int,
         sleep_mode: bool,
+        dtype: str = "float32",
         stop_token_ids: list[int] | None = None,
         log: Any = print,
     ) -> None:
@@ -116,7 +117,7 @@ class VLLMRollout(RolloutBackend):
                 tokenizer=model_path,
                 distributed_executor_backend="external_launcher",
                 tensor_parallel_size=tensor_parallel_size,
-                dtype="float32" if on_cpu else "auto",
+                dtype=dtype,  # the trainer's: log-probs and weights sync in one dtype
                 enforce_eager=on_cpu,
                 seed=seed,
                 max_model_len=max_model_len,

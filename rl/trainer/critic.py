@@ -79,6 +79,7 @@ class Critic:
         policy_path: str,
         ds_config: dict[str, Any],
         path: str | None,
+        dtype: torch.dtype,
         lr: float,
         betas: tuple[float, float],
         value_clip: float,
@@ -89,10 +90,10 @@ class Critic:
         if lr <= 0:
             raise ConfigError(f"critic.lr must be positive, got {lr}")
         if path is not None:
-            model, _ = load_value_model(path)
+            model, _ = load_value_model(path, dtype)
             model.train()
         else:
-            model = value_model_from_policy(policy_path)
+            model = value_model_from_policy(policy_path, dtype)
         self.value_clip = float(value_clip)
         self.micro_batch_size = micro_batch_size
         self.engine = eng.create_policy_engine(

@@ -10,7 +10,6 @@ micro-batches; `engine_loss_scale` undoes DeepSpeed's own averaging.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +19,12 @@ from rl.algos.losses import (
     aggregate_loss,
     engine_loss_scale,
     policy_loss,
-    token_entropy,
-    token_logprobs,
 )
 from rl.config import AlgoConfig
 from rl.core.batching import micro_batches
 from rl.core.types import Credit, LogProbs, RolloutBatch
 from rl.engine import deepspeed_engine as eng
-from rl.engine.forward import response_logits
+from rl.engine.forward import response_logprobs_and_entropy
 from rl.trainer.critic import Critic
 
 
@@ -82,8 +79,10 @@ class PolicyLearner(Learner):
         algo = self.algo
         old = logprobs.behaviour if self.engine_old else logprobs.old
         assert old is not None
-        logits = response_logits(self.engine, micro, self.temperature)  # [b, Tr, V]
-        logp = token_logprobs(logits, micro.response_ids)  # [b, Tr]
+        logp, entropy = response_logprobs_and_entropy(
+            self.engine, micro, self.temperature, entropy=True
+        )  # [b, Tr] each
+        assert entropy is not None
         loss, stats = policy_loss(
             logp,
             old[index],
@@ -97,8 +96,6 @@ class PolicyLearner(Learner):
             global_tokens=counts.tokens,
             global_seqs=counts.seqs,
         )
-        with torch.no_grad() if algo.entropy_coef == 0 else nullcontext():
-            entropy = token_entropy(logits)  # [b, Tr]
         if algo.entropy_coef:
             loss = loss - algo.entropy_coef * aggregate_loss(
                 entropy, micro.response_mask, algo.loss_agg, counts.tokens, counts.seqs

@@ -42,7 +42,7 @@ from rl.engine import checkpoint as ckpt
 from rl.engine import deepspeed_engine as eng
 from rl.engine.forward import response_logprobs
 from rl.engine.memory import PhaseMeter
-from rl.engine.models import load_policy
+from rl.engine.models import load_policy, run_dtype
 from rl.rollout.backend import SamplingSettings
 from rl.setup import make_rollout, max_positions, prompt_rows, seed_everything
 from rl.trainer.credit import build_credit, resolve_credit
@@ -190,6 +190,7 @@ class Trainer:
                 policy_path=model_path,
                 ds_config=ds_config,
                 path=cfg.critic.path,
+                dtype=run_dtype(cfg),
                 lr=cfg.critic.lr,
                 betas=cfg.optim.betas,
                 value_clip=cfg.critic.value_clip,
@@ -211,6 +212,7 @@ class Trainer:
             rollout=self.rollout,
             verifier=self.rewards.verifier,
             sampling=self.sampling(),
+            dtype=run_dtype(self.cfg),
         )
 
     @property
@@ -248,8 +250,9 @@ class Trainer:
         """The trainer's old-policy log-probs `[B, Tr]` of the sampled tokens, the
         reference's (None without KL) and the sampler's (vLLM; else None)."""
         temperature = self.cfg.rollout.temperature
+        size = self.cfg.trainer.forward_micro_batch_size or self.plan.micro_batch_size
         old, ref = [], []
-        for rows in micro_batches(len(batch), self.plan.micro_batch_size):
+        for rows in micro_batches(len(batch), size):
             micro = batch.select(rows)
             old.append(response_logprobs(self.engine, micro, temperature))
             if self.reference is not None:

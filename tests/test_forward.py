@@ -1,0 +1,89 @@
+"""Chunked response log-probs and entropy equal the full-logits computation, values and
+gradients, on both paths (decoder + output layer in chunks; the model's own forward)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rl.algos.losses import logprobs_and_entropy, token_entropy, token_logprobs
+from rl.engine.forward import response_logprobs_and_entropy
+
+VOCAB, TP, TR = 97, 4, 7
+
+
+def model_and_batch() -> tuple[Any, Any]:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(1, VOCAB, (3, TP + TR))
+    attention = torch.ones_like(ids)
+    attention[1, :2] = 0  # left padding in the prompt
+    attention[2, TP + 4 :] = 0  # a short response, right padded
+    batch = SimpleNamespace(input_ids=ids, attention_mask=attention, prompt_length=TP)
+    return model, batch
+
+
+def naive(model: Any, batch: Any, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full float32 logits over every position, then log-softmax: the reference."""
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0),
+    ).logits[:, TP - 1 : -1]  # [b, Tr, V]
+    ids = batch.input_ids[:, TP:]
+    return token_logprobs(logits / temperature, ids), token_entropy(logits / temperature)
+
+
+@pytest.mark.parametrize("plain_path", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_equals_full_logits(plain_path: bool, temperature: float) -> None:
+    model, batch = model_and_batch()
+    if plain_path:  # a logit transform in the config sends it through the model's forward
+        model.config.logit_scale = 1.0  # (Llama itself ignores it: same numbers expected)
+    logp, ent = response_logprobs_and_entropy(
+        model, batch, temperature, entropy=True, chunk_tokens=3
+    )
+    assert ent is not None
+    (logp.sum() + 0.1 * ent.sum()).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    want_logp, want_ent = naive(model, batch, temperature)
+    (want_logp.sum() + 0.1 * want_ent.sum()).backward()
+    torch.testing.assert_close(logp, want_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(got[name], param.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_no_grad_pass_and_chunk_sizes_agree() -> None:
+    model, batch = model_and_batch()
+    with torch.no_grad():
+        a, _ = response_logprobs_and_entropy(model, batch, chunk_tokens=1)
+        b, _ = response_logprobs_and_entropy(model, batch, chunk_tokens=100)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert a.shape == (3, TR) and not a.requires_grad
+
+
+def test_logprobs_and_entropy_by_hand() -> None:
+    # z = [0, ln 3]: p = [1/4, 3/4]; log p_1 = ln(3/4); H = -(1/4 ln 1/4 + 3/4 ln 3/4)
+    z = torch.tensor([[[0.0, float(torch.log(torch.tensor(3.0)))]]])
+    logp, ent = logprobs_and_entropy(z, torch.tensor([[1]]))
+    assert ent is not None
+    assert logp.item() == pytest.approx(float(torch.log(torch.tensor(0.75))), abs=1e-6)
+    want = -(0.25 * torch.log(torch.tensor(0.25)) + 0.75 * torch.log(torch.tensor(0.75)))
+    assert ent.item() == pytest.approx(float(want), abs=1e-6)
+    logp_bf16, _ = logprobs_and_entropy(z.bfloat16(), torch.tensor([[1]]), entropy=False)
+    assert logp_bf16.dtype == torch.float32  # upcast before the logsumexp
