@@ -49,8 +49,11 @@ def naive(model: Any, batch: Any, temperature: float) -> tuple[torch.Tensor, tor
 
 @pytest.mark.parametrize("plain_path", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_equals_full_logits(plain_path: bool, temperature: float) -> None:
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_chunked_equals_full_logits(plain_path: bool, temperature: float, checkpointing: bool):
     model, batch = model_and_batch()
+    if checkpointing:  # model.gradient_checkpointing: activations recomputed in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if plain_path:  # a logit transform in the config sends it through the model's forward
         model.config.logit_scale = 1.0  # (Llama itself ignores it: same numbers expected)
     logp, ent = response_logprobs_and_entropy(

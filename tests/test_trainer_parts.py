@@ -109,6 +109,11 @@ def test_every_scheme_is_registered_and_resolved() -> None:
         (["algo.credit=gae", "algo.advantage=rloo"], "algo.advantage=rloo: .*critic"),
         (["algo.credit=outcome", "algo.credit_kwargs={alpha: 1}"], "takes no options"),
         (["trainer.max_steps=0"], "trainer.max_steps: must be at least 1"),
+        (["trainer.forward_micro_batch_size=0"], "forward_micro_batch_size: must be at least"),
+        (
+            ["rollout.backend=vllm", "rollout.top_p=0.9", "rollout.tis_cap=2.0"],
+            r"rollout.top_p=0.9 with the engine's log-probs",
+        ),
     ],
 )
 def test_config_errors_at_load_name_the_key(overrides: list[str], message: str) -> None:
