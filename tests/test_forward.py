@@ -8,26 +8,16 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from rl.algos.losses import logprobs_and_entropy, token_entropy, token_logprobs
 from rl.engine.forward import response_logprobs_and_entropy
+from tests.models import tiny_llama
 
 VOCAB, TP, TR = 97, 4, 7
 
 
 def model_and_batch() -> tuple[Any, Any]:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(VOCAB, num_layers=2)
     ids = torch.randint(1, VOCAB, (3, TP + TR))
     attention = torch.ones_like(ids)
     attention[1, :2] = 0  # left padding in the prompt

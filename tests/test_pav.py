@@ -34,6 +34,7 @@ from rl.pav.data import (
     success_rates,
 )
 from rl.pav.train import plan_micro_batches, split_by_prompt
+from tests.models import tiny_llama
 
 # ----------------------------------------------------------------------------------------------
 # Value model on disk
@@ -43,23 +44,11 @@ from rl.pav.train import plan_micro_batches, split_by_prompt
 @pytest.fixture(scope="module")
 def tiny_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 1-layer Llama (hidden 32) with the builtin tokenizer, saved as a policy."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = sm.build_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-    )
     path = tmp_path_factory.mktemp("policy")
-    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_llama(len(tok), tie_word_embeddings=True, pad_token_id=tok.pad_token_id).save_pretrained(
+        path
+    )
     tok.save_pretrained(path)
     return path
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig
 
 from rl.config import load_config
 from rl.core.errors import ConfigError
@@ -23,6 +23,7 @@ from rl.rollout.backend import (
     unique_ids,
 )
 from rl.setup import stop_token_ids
+from tests.models import tiny_llama
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
 
@@ -32,18 +33,7 @@ def tiny() -> tuple[Any, Any]:
     """A random 1-layer Llama with the builtin tokenizer; its generation config asks for
     temperature 0.6, top-k 3 and a repetition penalty, as real checkpoints' configs do."""
     tok = build_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(len(tok), pad_token_id=tok.pad_token_id).eval()
     model.generation_config = GenerationConfig(
         do_sample=True, temperature=0.6, top_k=3, repetition_penalty=1.5, min_new_tokens=5
     )
