@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
+from rl.algos.losses import logprobs_and_entropy
 from rl.core.types import position_ids_from_mask
 
 CHUNK_TOKENS = 128
@@ -103,11 +104,10 @@ class _ChunkLogprobs(torch.autograd.Function):
         ctx: Any, source: torch.Tensor, weight: torch.Tensor | None, ids: torch.Tensor,
         temperature: float, entropy: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        z = _chunk_logits(source, weight, temperature)  # [b, c, V] float32
-        lse = torch.logsumexp(z, dim=-1)  # [b, c]
-        logp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse  # [b, c]
-        ent = lse - ((z - lse.unsqueeze(-1)).exp() * z).sum(-1) if entropy else lse.new_zeros(0)
-        ctx.save_for_backward(source, weight, ids, lse, ent)
+        logits = source if weight is None else source @ weight.T  # [b, c, V]
+        logp, ent = logprobs_and_entropy(logits, ids, temperature, entropy)  # [b, c] each
+        ent = ent if ent is not None else logp.new_zeros(0)
+        ctx.save_for_backward(source, weight, ids, logp, ent)
         ctx.temperature = temperature
         return logp, ent
 
@@ -115,8 +115,9 @@ class _ChunkLogprobs(torch.autograd.Function):
     def backward(
         ctx: Any, grad_logp: torch.Tensor, grad_ent: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        source, weight, ids, lse, ent = ctx.saved_tensors
+        source, weight, ids, logp, ent = ctx.saved_tensors
         z = _chunk_logits(source, weight, ctx.temperature)  # recomputed, [b, c, V]
+        lse = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logp  # [b, c], log p_y = z_y - lse
         probs = (z - lse.unsqueeze(-1)).exp()  # [b, c, V]
         grad_z = -probs * grad_logp.unsqueeze(-1)
         grad_z.scatter_add_(-1, ids.unsqueeze(-1), grad_logp.unsqueeze(-1))
