@@ -64,7 +64,8 @@ def main(argv: list[str]) -> None:
 
     from rl.config import load_config
     from rl.engine.deepspeed_engine import all_reduce_sum, init_distributed, shutdown
-    from rl.rollout.backend import SamplingSettings, TransformersRollout
+    from rl.rollout.backend import TransformersRollout
+    from rl.setup import training_sampling
     from rl.trainer.loop import Trainer
 
     overrides = [*args.overrides, "rollout.backend=vllm", "output_dir=/tmp/rollout_bench"]
@@ -74,9 +75,7 @@ def main(argv: list[str]) -> None:
     trainer.rollout.sync_weights(trainer.engine)
     rows = trainer.eval_rows[: cfg.rollout.prompts_per_step // dist.world_size]
     prompt_ids = [r.prompt_ids for r in rows for _ in range(cfg.rollout.group_size)]
-    sampling = SamplingSettings(
-        cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p
-    )
+    sampling = training_sampling(cfg)
     hf = TransformersRollout(
         trainer.tokenizer, cfg.rollout.generation_batch_size, trainer.zero_stage == 3
     )

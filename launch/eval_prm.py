@@ -104,16 +104,9 @@ def policy_tokenizer(cfg: Any, dist: Any) -> tuple[Any, str]:
     from transformers import AutoTokenizer
 
     from rl.core.errors import ConfigError
-    from rl.engine.models import BUILTIN_TINY, builtin_start_model
+    from rl.engine.models import resolve_model_path
 
-    path = cfg.model.path
-    if path == BUILTIN_TINY:
-        path = str(builtin_start_model(cfg, dist))
-    elif path.startswith("builtin:"):
-        raise ConfigError(f"model.path: unknown builtin model {path!r}; valid: {BUILTIN_TINY}")
-    local = Path(path)
-    if (local.is_absolute() or path.startswith(".")) and not local.exists():
-        raise ConfigError(f"model.path: {path} does not exist")
+    path = resolve_model_path(cfg, dist)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:

@@ -23,8 +23,10 @@ from rl.core.schema import build_dataclass, parse_options
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "builtin:arith-tiny"
-    """Policy to start from: a Hugging Face hub name or local path, or `builtin:arith-tiny`
-    (built locally from the built-in task: tokenizer + small Llama + SFT, cached)."""
+    """Policy to start from: a Hugging Face hub name or local path, `builtin:arith-tiny`
+    (built locally from the built-in task: character tokenizer + small Llama + SFT, cached)
+    or `builtin:chat-tiny` (byte-level BPE, ChatML template, Qwen2, generation defaults;
+    SFT on the task's chat-format demonstrations)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """The run's one dtype: policy, reference, implicit PRM and its reference, critic,
     verifier and the vLLM engine load in it (auto = bf16 on GPUs that support it, fp32
@@ -37,7 +39,7 @@ class ModelConfig:
     cache_dir: str = ".cache/start_models"
     """Where builtin start checkpoints are built and reused."""
     tiny: dict[str, Any] = field(default_factory=dict)
-    """Overrides of `rl.engine.start_model.TinyModelConfig` fields for the builtin model."""
+    """Overrides of `rl.engine.tiny_config.TinyModelConfig` fields for the builtin model."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class RolloutConfig:
     """Sampling temperature for training rollouts (evaluation is greedy)."""
     top_p: float = 1.0
     """Nucleus sampling for training rollouts."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0 = off) for training rollouts."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Extra token ids that end a response, besides the tokenizer's EOS and the EOS ids of
     the model's generation config (e.g. a chat model's end-of-turn token)."""
@@ -126,7 +130,8 @@ class RolloutConfig:
     """Old-policy log-probs for the ratio: recomputed by the trainer, or vLLM's own."""
     tis_cap: float | None = None
     """Truncated importance sampling: weight each token's advantage by
-    min(pi_trainer / pi_vllm, tis_cap) to correct the engine/trainer mismatch (vllm only)."""
+    min(pi_trainer / pi_vllm, tis_cap) to correct the engine/trainer mismatch (vllm only;
+    not with old_logprobs=engine, whose ratio already corrects it)."""
     vllm_gpu_memory_utilization: float = 0.3
     """Share of GPU memory the vLLM engine may take (weights + KV cache)."""
     vllm_tensor_parallel_size: int = 1
@@ -383,12 +388,21 @@ def validate(cfg: Config) -> None:
         if cfg.rollout.tis_cap is not None:
             raise ConfigError("rollout.tis_cap needs rollout.backend=vllm")
     engine_logprobs = cfg.rollout.old_logprobs == "engine" or cfg.rollout.tis_cap is not None
-    if cfg.rollout.top_p < 1 and engine_logprobs:
+    if cfg.rollout.old_logprobs == "engine" and cfg.rollout.tis_cap is not None:
         raise ConfigError(
-            f"rollout.top_p={cfg.rollout.top_p} with the engine's log-probs "
+            "rollout.tis_cap with rollout.old_logprobs=engine would correct the engine/trainer "
+            "mismatch twice (the ratio already divides by the engine's log-probs); use one"
+        )
+    if cfg.rollout.top_k < 0:
+        raise ConfigError(f"rollout.top_k: must be >= 0 (0 = off), got {cfg.rollout.top_k}")
+    truncation = [f"top_p={cfg.rollout.top_p}"] if cfg.rollout.top_p < 1 else []
+    truncation += [f"top_k={cfg.rollout.top_k}"] if cfg.rollout.top_k > 0 else []
+    if truncation and engine_logprobs:
+        raise ConfigError(
+            f"rollout.{truncation[0]} with the engine's log-probs "
             "(rollout.old_logprobs=engine or rollout.tis_cap): vLLM's log-probs are renormalised "
-            "over the top-p set and the trainer's are not, so they cannot be compared; use "
-            "top_p=1 or the trainer's log-probs"
+            "over the kept tokens and the trainer's are not, so they cannot be compared; use "
+            "top_p=1, top_k=0 or the trainer's log-probs"
         )
     if cfg.trainer.resume not in ("none", "auto") and not Path(cfg.trainer.resume).exists():
         raise ConfigError(f"trainer.resume: checkpoint {cfg.trainer.resume!r} does not exist")

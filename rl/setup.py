@@ -14,7 +14,7 @@ from rl.core.errors import ConfigError
 from rl.data.prompts import PromptRow, load_rows, prepare_prompts
 from rl.engine.deepspeed_engine import DistInfo
 from rl.engine.models import run_dtype
-from rl.rollout.backend import RolloutBackend, TransformersRollout, unique_ids
+from rl.rollout.backend import RolloutBackend, SamplingSettings, TransformersRollout, unique_ids
 
 BUILTIN_TRAIN_ROWS = 20000
 """Training rows drawn from a builtin task when `data.train_size` is not set."""
@@ -76,6 +76,12 @@ def make_rollout(
         stop_token_ids=stop_ids,
         log=print if dist.is_main else (lambda *_: None),
     )
+
+
+def training_sampling(cfg: Config) -> SamplingSettings:
+    """How training rollouts sample: exactly the `rollout` settings."""
+    r = cfg.rollout
+    return SamplingSettings(r.max_new_tokens, r.temperature, r.top_p, top_k=r.top_k)
 
 
 def stop_token_ids(cfg: Config, tokenizer: Any, policy: Any) -> list[int]:

@@ -34,6 +34,22 @@ FAST_OVERRIDES = [
 ]
 
 
+# The same scale for configs/quickstart_chat.yaml (builtin:chat-tiny, GSM8K-style JSONL).
+CHAT_FAST_OVERRIDES = [
+    *FAST_OVERRIDES[:5],  # the same tiny model and SFT length
+    "data.train_size=64",
+    "data.eval_size=8",
+    "rollout.prompts_per_step=4",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=40",
+    "trainer.micro_batch_size=4",
+    "trainer.max_steps=2",
+    "trainer.eval_every=0",
+    "optim.lr=1e-3",
+    "logging.progress_bar=false",
+]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

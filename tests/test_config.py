@@ -48,6 +48,12 @@ def test_bad_config_names_the_key(override: str, message: str):
     assert message in str(err.value)
 
 
+def test_tis_with_engine_old_logprobs_is_refused():
+    overrides = ["rollout.backend=vllm", "rollout.old_logprobs=engine", "rollout.tis_cap=2.0"]
+    with pytest.raises(ConfigError, match="tis_cap with rollout.old_logprobs=engine"):
+        load_config(QUICKSTART, overrides)
+
+
 def test_missing_config_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

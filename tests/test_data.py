@@ -306,3 +306,18 @@ def test_a_chat_template_that_does_not_render_names_the_row() -> None:
             rows, tok, source="data.jsonl", prompt_column="prompt", answer_column="answer",
             max_prompt_tokens=64, apply_chat_template=True,
         )  # fmt: skip
+
+
+def test_message_lists_in_the_wrong_shape_name_the_row() -> None:
+    wrong_key = [{"role": "user", "text": "a"}]
+    with pytest.raises(DataError, match=r"d.jsonl row 0: column 'question' must be a string or"):
+        prep([{"question": wrong_key, "answer": "1"}], make_tokenizer())
+    ends_with_system = [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]
+    with pytest.raises(DataError, match=r"d.jsonl row 1: .* does not render: Invalid role"):
+        prep([ROWS[0], {"question": ends_with_system, "answer": "1"}], make_tokenizer())
+
+
+def test_a_final_assistant_turn_is_continued() -> None:
+    msgs = [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    prepared, _ = prep([{"question": msgs, "answer": "x"}], make_tokenizer())
+    assert prepared[0].text == "<s><|user|> c <|assistant|> d"  # no new generation prompt

@@ -4,6 +4,7 @@ generation defaults never leak in, every stop id ends a response, and a response
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -89,3 +90,29 @@ def test_stop_ids_come_from_the_generation_config_and_the_run() -> None:
     bad = load_config(None, [f"rollout.stop_token_ids=[{len(tok)}]"])
     with pytest.raises(ConfigError, match=f"rollout.stop_token_ids: {len(tok)} is outside"):
         stop_token_ids(bad, tok, policy)
+
+
+def test_top_k_is_applied_as_configured(tiny: tuple[Any, Any]) -> None:
+    model, tok = tiny
+    backend = TransformersRollout(tok, batch_size=4, synced_gpus=False)
+    top1 = SamplingSettings(8, 1.0, 1.0, top_k=1)  # top-1 sampling is greedy decoding
+    greedy = SamplingSettings(8, 1.0, 1.0, greedy=True)
+    torch.manual_seed(3)
+    sampled = backend.rollout(model, PROMPTS, ["a", "b", "c"], {}, top1, 2)
+    argmax = backend.rollout(model, PROMPTS, ["a", "b", "c"], {}, greedy, 2)
+    assert torch.equal(sampled.input_ids, argmax.input_ids)
+    assert backend.generation_config(top1).top_k == 1
+    assert backend.generation_config(SamplingSettings(8, 1.0, 1.0)).top_k == 0
+    assert top1.describe() == "temperature=1.0 top_p=1.0 top_k=1 max_new_tokens=8"
+    assert greedy.describe() == "greedy max_new_tokens=8"
+
+
+@pytest.mark.parametrize("override", ["rollout.top_k=5", "rollout.top_p=0.9"])
+def test_truncated_sampling_with_engine_logprobs_is_refused(override: str) -> None:
+    from tests.launcher import REPO
+
+    overrides = ["rollout.backend=vllm", "rollout.tis_cap=2.0", override]
+    with pytest.raises(ConfigError, match=re.escape(f"{override} with the engine")):
+        load_config(REPO / "configs" / "quickstart.yaml", overrides)
+    with pytest.raises(ConfigError, match="rollout.top_k: must be >= 0"):
+        load_config(REPO / "configs" / "quickstart.yaml", ["rollout.top_k=-1"])

@@ -38,7 +38,7 @@ def test_weight_sync_parity_with_transformers(tmp_path: Path, model_cache: Path)
 
 @pytest.mark.parametrize(
     "stage, extra",
-    [(2, ["rollout.old_logprobs=engine", "rollout.tis_cap=2.0"]), (3, [])],
+    [(2, ["rollout.tis_cap=2.0"]), (3, [])],
 )
 def test_vllm_backend_two_ranks(stage: int, extra: list[str], tmp_path: Path, model_cache: Path):
     out = tmp_path / "run"

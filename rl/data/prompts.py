@@ -250,13 +250,14 @@ def _is_messages(value: Any) -> bool:
 def _render(tokenizer: Any, messages: list[Any], where: str) -> str:
     """The messages through the tokenizer's chat template; a template that fails to render
     is a DataError naming the row and the template's own message."""
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    from trl.data_utils import apply_chat_template  # lazy: trl imports are slow
+
+    try:  # TRL's prompt-only form: a generation prompt after a user turn, an assistant
+        # turn continued as it stands
+        text = apply_chat_template({"prompt": messages}, tokenizer)["prompt"]
     except Exception as err:  # jinja2 errors, or a template that expects other fields
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"{where}: the tokenizer's chat template does not render: {first}") from err
-    if not isinstance(text, str):  # some versions return a list for batched input
-        text = text[0]
     return str(text)
 
 

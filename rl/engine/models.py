@@ -13,11 +13,14 @@ from rl.core.errors import ConfigError
 from rl.engine.deepspeed_engine import DistInfo
 
 BUILTIN_TINY = "builtin:arith-tiny"
+BUILTIN_CHAT = "builtin:chat-tiny"
+BUILTIN_MODELS: tuple[str, ...] = (BUILTIN_TINY, BUILTIN_CHAT)
+"""`model.path` values that name a start model built locally (`rl.engine.start_model`)."""
 
 
 def tiny_model_config(cfg: Config) -> Any:
     """The builtin model's `TinyModelConfig`: `model.tiny` overrides, trained on `data.task`."""
-    from rl.engine.start_model import TinyModelConfig
+    from rl.engine.tiny_config import TinyModelConfig
     from rl.tasks.arith import ArithConfig
 
     valid = {f.name for f in fields(TinyModelConfig)} - {"task"}
@@ -31,16 +34,18 @@ def tiny_model_config(cfg: Config) -> Any:
     return TinyModelConfig(**cfg.model.tiny, task=task)
 
 
-def builtin_start_model(cfg: Config, dist: DistInfo) -> Path:
-    """Path of the cached SFT start model; local rank 0 builds it, the others poll for it
-    (not a barrier: a first build can outlast the process group's timeout)."""
+def builtin_start_model(cfg: Config, dist: DistInfo, name: str = BUILTIN_TINY) -> Path:
+    """Path of the cached SFT start model `name` (one of BUILTIN_MODELS); local rank 0
+    builds it, the others poll for it (not a barrier: a first build can outlast the process
+    group's timeout)."""
     from rl.engine.start_model import ensure_start_model, wait_for_start_model
 
     tiny = tiny_model_config(cfg)
     cache = Path(cfg.model.cache_dir)
+    kind = name.removeprefix("builtin:")
     if dist.local_rank == 0:
-        return ensure_start_model(cache, tiny, show_progress=dist.is_main)
-    return wait_for_start_model(cache, tiny)
+        return ensure_start_model(cache, tiny, show_progress=dist.is_main, kind=kind)
+    return wait_for_start_model(cache, tiny, kind)
 
 
 def run_dtype(cfg: Config) -> torch.dtype:
@@ -62,6 +67,21 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
     return kwargs
 
 
+def resolve_model_path(cfg: Config, dist: DistInfo) -> str:
+    """`model.path`, with a builtin model built (or found in the cache) first; ConfigError
+    for an unknown builtin or a local path that does not exist."""
+    path = cfg.model.path
+    if path in BUILTIN_MODELS:
+        return str(builtin_start_model(cfg, dist, path))
+    if path.startswith("builtin:"):
+        valid = ", ".join(BUILTIN_MODELS)
+        raise ConfigError(f"model.path: unknown builtin model {path!r}; valid: {valid}")
+    local = Path(path)
+    if (local.is_absolute() or path.startswith(".")) and not local.exists():
+        raise ConfigError(f"model.path: {path} does not exist")
+    return path
+
+
 def load_policy(
     cfg: Config, dist: DistInfo, path: str | Path | None = None
 ) -> tuple[Any, Any, str]:
@@ -69,16 +89,7 @@ def load_policy(
     with gradient checkpointing when `model.gradient_checkpointing`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if path is None:
-        path = cfg.model.path
-        if path == BUILTIN_TINY:
-            path = builtin_start_model(cfg, dist)
-        elif path.startswith("builtin:"):
-            raise ConfigError(f"model.path: unknown builtin model {path!r}; valid: {BUILTIN_TINY}")
-    path = str(path)
-    local = Path(path)
-    if (local.is_absolute() or path.startswith(".")) and not local.exists():
-        raise ConfigError(f"model.path: {path} does not exist")
+    path = resolve_model_path(cfg, dist) if path is None else str(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(cfg))

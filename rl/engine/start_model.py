@@ -1,7 +1,9 @@
-"""The tiny starting policy for the built-in arithmetic task, built locally (no hub).
+"""The tiny starting policies for the built-in arithmetic task, built locally (no hub).
 
-`ensure_start_model` returns a saved Hugging Face checkpoint directory (model + tokenizer,
-loadable with AutoTokenizer / AutoModelForCausalLM):
+`ensure_start_model(cache_root, cfg, kind=...)` returns a saved Hugging Face checkpoint
+directory (model + tokenizer, loadable with AutoTokenizer / AutoModelForCausalLM). Two kinds:
+
+`arith-tiny` (the default; built here):
 
 - tokenizer: character level over printable ASCII and "\\n" (made with the `tokenizers`
   library), with <pad>/<bos>/<eos> and a chat template that renders a user message as
@@ -11,6 +13,10 @@ loadable with AutoTokenizer / AutoModelForCausalLM):
   fine-tuning on `rl.tasks.arith.demonstration` responses to TRAIN-split prompts, with
   `demo_error_rate` > 0 so the start policy makes step errors that RL can fix. The loss is
   the mean cross-entropy over response tokens (the <eos> included), prompt tokens masked.
+
+`chat-tiny`: a byte-level BPE tokenizer, ChatML template, Qwen2 model and Qwen-style
+generation defaults (see `rl.engine.chat_model`), warmed up by the same SFT on the task's
+chat-format demonstrations (answers as `\\boxed{N}`, ending with <|im_end|>).
 
 The checkpoint is cached under `cache_root` by a hash of the configs, built once under a
 file lock (concurrent processes wait for the first) into a temp dir renamed into place.
@@ -28,18 +34,25 @@ import shutil
 import string
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rl.tasks.arith import ArithConfig, demonstration, sample_problems
+from rl.engine.tiny_config import TinyModelConfig
+from rl.tasks.arith import ArithConfig, ArithProblem, demonstration, sample_problems
 
 BUILD_VERSION = 2
 """Bumped when the build procedure changes, so old cached checkpoints are not reused."""
+
+ARITH_TINY, CHAT_TINY = "arith-tiny", "chat-tiny"
+KINDS: tuple[str, ...] = (ARITH_TINY, CHAT_TINY)
+"""The start models `ensure_start_model` can build (`model.path=builtin:<kind>`)."""
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
@@ -50,34 +63,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
 )
 """User (or system) turn: "<bos>{content}\\n"; assistant turn: "{content}<eos>"."""
-
-
-@dataclass(frozen=True)
-class TinyModelConfig:
-    """Size and warm-up (SFT) recipe of the tiny starting policy."""
-
-    hidden_size: int = 128
-    """Model width."""
-    num_layers: int = 3
-    """Decoder layers."""
-    num_heads: int = 4
-    """Attention heads (no grouped-query attention: as many key/value heads)."""
-    intermediate_size: int = 512
-    """MLP hidden width."""
-    max_position_embeddings: int = 128
-    """Longest prompt + response, in tokens (characters)."""
-    sft_steps: int = 1200
-    """Supervised fine-tuning steps (one fresh batch of train-split demonstrations each)."""
-    sft_batch_size: int = 64
-    """Demonstrations per SFT step."""
-    sft_lr: float = 3e-3
-    """Peak AdamW learning rate (linear warm-up over 5% of the steps, then cosine to 10%)."""
-    demo_error_rate: float = 0.6
-    """Probability that a demonstration carries one wrong step (see `demonstration`)."""
-    seed: int = 0
-    """Seeds the model init, the demonstration problems and their errors."""
-    task: ArithConfig = field(default_factory=ArithConfig)
-    """The task the model is warmed up on."""
 
 
 def build_tokenizer(task_cfg: ArithConfig | None = None) -> PreTrainedTokenizerFast:
@@ -173,13 +158,24 @@ def _lr_factor(step: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+Example = Callable[[ArithProblem, random.Random, float], tuple[str, str]]
+"""(problem, rng, demo error rate) -> (user message, demonstration response)."""
+
+
+def arith_example(problem: ArithProblem, rng: random.Random, error_rate: float) -> tuple[str, str]:
+    """(prompt, `demonstration`) of one arith-tiny SFT example."""
+    return problem.prompt, demonstration(problem, rng, error_rate)
+
+
 def sft(
-    model: LlamaForCausalLM,
+    model: Any,
     tok: PreTrainedTokenizerFast,
     cfg: TinyModelConfig,
     show_progress: bool = True,
+    example: Example = arith_example,
 ) -> list[float]:
-    """Warm `model` up on train-split demonstrations in place; returns the per-step losses."""
+    """Warm `model` up on train-split demonstrations (`example` per problem) in place;
+    returns the per-step losses."""
     rng = random.Random(f"sft/{cfg.seed}")
     problems = sample_problems("train", cfg.sft_steps * cfg.sft_batch_size, cfg.task, cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.01)
@@ -188,8 +184,8 @@ def sft(
     bar = tqdm(range(cfg.sft_steps), desc="SFT start model", disable=not show_progress)
     for step in bar:
         batch = problems[step * cfg.sft_batch_size : (step + 1) * cfg.sft_batch_size]
-        responses = [demonstration(p, rng, cfg.demo_error_rate) for p in batch]
-        ids, mask, labels = sft_batch(tok, [p.prompt for p in batch], responses)
+        pairs = [example(p, rng, cfg.demo_error_rate) for p in batch]
+        ids, mask, labels = sft_batch(tok, [u for u, _ in pairs], [r for _, r in pairs])
         for group in opt.param_groups:
             group["lr"] = cfg.sft_lr * _lr_factor(step, cfg.sft_steps)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -203,29 +199,40 @@ def sft(
     return losses
 
 
-def cache_key(cfg: TinyModelConfig) -> str:
-    """A short hash of the configs and the build version: the checkpoint's cache name."""
-    blob = json.dumps({"version": BUILD_VERSION, "cfg": asdict(cfg)}, sort_keys=True)
+def cache_key(cfg: TinyModelConfig, kind: str = ARITH_TINY) -> str:
+    """A short hash of the configs, the kind and the build version: the checkpoint's cache
+    name (arith-tiny's hash leaves the kind out, so existing caches stay valid)."""
+    recipe: dict[str, Any] = {"version": BUILD_VERSION, "cfg": asdict(cfg)}
+    if kind != ARITH_TINY:
+        recipe["kind"] = kind
+    blob = json.dumps(recipe, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def start_model_dir(cache_root: Path, cfg: TinyModelConfig) -> Path:
+def start_model_dir(cache_root: Path, cfg: TinyModelConfig, kind: str = ARITH_TINY) -> Path:
     """Where the start checkpoint for `cfg` lives (complete once `build_info.json` exists)."""
-    return Path(cache_root) / f"arith-tiny-{cache_key(cfg)}"
+    if kind not in KINDS:
+        raise ValueError(f"unknown start model {kind!r}; valid: {', '.join(KINDS)}")
+    return Path(cache_root) / f"{kind}-{cache_key(cfg, kind)}"
 
 
-def wait_for_start_model(cache_root: Path, cfg: TinyModelConfig, poll_s: float = 2.0) -> Path:
+def wait_for_start_model(
+    cache_root: Path, cfg: TinyModelConfig, kind: str = ARITH_TINY, poll_s: float = 2.0
+) -> Path:
     """Block until another process has finished building the start checkpoint. Polls the
     file system rather than waiting in a collective, whose timeout (10 min under gloo) a
     first build on a slow or busy machine can exceed."""
-    final = start_model_dir(cache_root, cfg)
+    final = start_model_dir(cache_root, cfg, kind)
     while not (final / "build_info.json").exists():
         time.sleep(poll_s)
     return final
 
 
 def ensure_start_model(
-    cache_root: Path, cfg: TinyModelConfig | None = None, show_progress: bool = True
+    cache_root: Path,
+    cfg: TinyModelConfig | None = None,
+    show_progress: bool = True,
+    kind: str = ARITH_TINY,
 ) -> Path:
     """The directory of the SFT start checkpoint for `cfg`, built on first use.
 
@@ -236,7 +243,7 @@ def ensure_start_model(
     cfg = cfg or TinyModelConfig()
     cache_root = Path(cache_root)
     cache_root.mkdir(parents=True, exist_ok=True)
-    final = start_model_dir(cache_root, cfg)
+    final = start_model_dir(cache_root, cfg, kind)
     if (final / "build_info.json").exists():
         return final
     with open(cache_root / f"{final.name}.lock", "w") as lock:
@@ -245,7 +252,7 @@ def ensure_start_model(
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_root))
         try:
-            _build(tmp, cfg, show_progress)
+            _build(tmp, cfg, kind, show_progress)
             if final.exists():  # a stale partial dir (no build_info.json): replace it
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -255,18 +262,28 @@ def ensure_start_model(
     return final
 
 
-def _build(out: Path, cfg: TinyModelConfig, show_progress: bool) -> None:
+def _build(out: Path, cfg: TinyModelConfig, kind: str, show_progress: bool) -> None:
     """Build tokenizer + model, run SFT and save both (and build_info.json) into `out`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         t0 = time.time()
-        tok = build_tokenizer(cfg.task)
-        model = build_model(cfg, tok)
-        losses = sft(model, tok, cfg, show_progress)
+        if kind == CHAT_TINY:
+            from rl.engine import chat_model
+
+            tok = chat_model.build_chat_tokenizer(cfg)
+            model: Any = chat_model.build_chat_model(cfg, tok)
+            losses = sft(model, tok, cfg, show_progress, chat_model.chat_example)
+        else:
+            tok = build_tokenizer(cfg.task)
+            model = build_model(cfg, tok)
+            losses = sft(model, tok, cfg, show_progress)
         model.save_pretrained(out)
         tok.save_pretrained(out)
+        if kind == CHAT_TINY:
+            _set_tokenizer_class(out, "Qwen2Tokenizer")
         info = {
+            "kind": kind,
             "config": asdict(cfg),
             "build_version": BUILD_VERSION,
             "sft_seconds": round(time.time() - t0, 1),
@@ -275,3 +292,12 @@ def _build(out: Path, cfg: TinyModelConfig, show_progress: bool) -> None:
         (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     finally:
         torch.set_num_threads(threads)
+
+
+def _set_tokenizer_class(out: Path, name: str) -> None:
+    """Record the tokenizer class a checkpoint of this model type ships (AutoTokenizer
+    picks it by model type anyway; the file then says what loads)."""
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = name
+    path.write_text(json.dumps(config, indent=2) + "\n")

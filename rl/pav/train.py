@@ -52,8 +52,8 @@ from rl.pav.data import (
     generate_mc_data,
     read_records,
 )
-from rl.rollout.backend import RolloutBackend, SamplingSettings
-from rl.setup import make_rollout, prompt_rows, seed_everything
+from rl.rollout.backend import RolloutBackend
+from rl.setup import make_rollout, prompt_rows, seed_everything, training_sampling
 
 METRICS_FILE = "train_pav_metrics.json"
 
@@ -134,9 +134,7 @@ def make_data(
 
         policy.to(get_accelerator().device_name(dist.local_rank))
     seed_everything(cfg.seed * 1000 + dist.rank)  # after the engine: vLLM reseeds global RNGs
-    sampling = SamplingSettings(
-        cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p
-    )
+    sampling = training_sampling(cfg)
     per_batch = max(1, cfg.rollout.generation_batch_size // cfg.pav.samples_per_prompt)
     bar = None
     if dist.is_main and cfg.logging.progress_bar and mine:

@@ -30,6 +30,18 @@ class SamplingSettings:
     temperature: float
     top_p: float
     greedy: bool = False
+    top_k: int = 0
+    """Sample from the k most likely tokens only; 0 = no top-k."""
+
+    def describe(self) -> str:
+        """One line for the run log, e.g. "temperature=1.0 top_p=1.0 top_k=off ..."."""
+        if self.greedy:
+            return f"greedy max_new_tokens={self.max_new_tokens}"
+        top_k = self.top_k or "off"
+        return (
+            f"temperature={self.temperature} top_p={self.top_p} top_k={top_k} "
+            f"max_new_tokens={self.max_new_tokens}"
+        )
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,12 +206,14 @@ class TransformersRollout(RolloutBackend):
                 "do_sample": True,
                 "temperature": sampling.temperature,
                 "top_p": sampling.top_p,
-                "top_k": 0,  # transformers' default top_k=50 would truncate the distribution
+                "top_k": sampling.top_k,  # 0, not transformers' default of 50: no top-k
             }
         return GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
+            output_scores=self.sampler_logprobs,
+            return_dict_in_generate=True,
             **extra,
         )
 
@@ -222,8 +236,6 @@ class TransformersRollout(RolloutBackend):
                     attention_mask=mask[rows],
                     generation_config=config,
                     synced_gpus=self.synced_gpus,
-                    output_scores=self.sampler_logprobs,
-                    return_dict_in_generate=True,
                 )
                 tokens = out.sequences[:, prompt_len:]  # [n, tr] responses of this chunk
                 chunks.append((tokens, _scored_logprobs(out.scores, tokens)))

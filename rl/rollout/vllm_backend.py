@@ -139,7 +139,7 @@ class VLLMRollout(RolloutBackend):
             n=1,
             temperature=0.0 if sampling.greedy else sampling.temperature,
             top_p=1.0 if sampling.greedy else sampling.top_p,
-            top_k=0,  # 0: no top-k, the run samples exactly as configured
+            top_k=0 if sampling.greedy else sampling.top_k,  # 0: no top-k
             repetition_penalty=1.0,
             max_tokens=sampling.max_new_tokens,
             logprobs=0,  # the sampled token's log-prob at every position

@@ -44,7 +44,13 @@ from rl.engine.forward import response_logprobs
 from rl.engine.memory import PhaseMeter
 from rl.engine.models import load_policy, run_dtype
 from rl.rollout.backend import SamplingSettings
-from rl.setup import make_rollout, max_positions, prompt_rows, seed_everything
+from rl.setup import (
+    make_rollout,
+    max_positions,
+    prompt_rows,
+    seed_everything,
+    training_sampling,
+)
 from rl.trainer.credit import build_credit, resolve_credit
 from rl.trainer.critic import Critic
 from rl.trainer.learners import CriticLearner, Learner, PolicyLearner, UpdatePlan, run_updates
@@ -221,8 +227,7 @@ class Trainer:
 
     def sampling(self) -> SamplingSettings:
         """Sampling settings of training rollouts."""
-        r = self.cfg.rollout
-        return SamplingSettings(r.max_new_tokens, r.temperature, r.top_p)
+        return training_sampling(self.cfg)
 
     # ------------------------------------------------------------------ phases
     def collect(self) -> RolloutBatch:
@@ -445,6 +450,13 @@ class Trainer:
             print(f"resumed from {path} at step {self.state.step}", flush=True)
 
     # ------------------------------------------------------------------ loop
+    def sampling_line(self) -> str:
+        """What the rollouts really use (the checkpoint's generation defaults never apply)."""
+        return (
+            f"rollout sampling ({self.cfg.rollout.backend}): {self.sampling().describe()}, "
+            f"stop ids {self.rollout.eos_ids}; evaluation greedy"
+        )
+
     def should_eval(self, step: int) -> bool:
         every = self.cfg.trainer.eval_every
         return step == self.cfg.trainer.max_steps or (every > 0 and step % every == 0)
@@ -466,6 +478,7 @@ class Trainer:
                 run_name=cfg.logging.run_name or self.output_dir.name,
                 config=to_dict(cfg),
             )
+            print(self.sampling_line(), flush=True)
         if self.state.step == 0:
             self._log(self._eval_row())
         show = self.dist.is_main and cfg.logging.progress_bar
