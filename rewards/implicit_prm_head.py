@@ -106,7 +106,8 @@ class ImplicitPRMHead(RewardHead):
         ds["gradient_accumulation_steps"] = self.grad_accum_steps
         ds["train_batch_size"] = self.micro_batch_size * self.grad_accum_steps * self.world_size
         prm_path = self._existing(self.path, "path") or ctx.policy_path
-        prm = AutoModelForCausalLM.from_pretrained(prm_path, dtype=ctx.dtype)
+        with eng.zero3_init(ds):
+            prm = AutoModelForCausalLM.from_pretrained(prm_path, dtype=ctx.dtype)
         self.engine = eng.create_policy_engine(
             prm, ds, lr=self.lr, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0
         )
@@ -114,7 +115,10 @@ class ImplicitPRMHead(RewardHead):
         if ref_path is None and ctx.reference is not None:
             self.reference = ctx.reference
         else:
-            ref = AutoModelForCausalLM.from_pretrained(ref_path or ctx.policy_path, dtype=ctx.dtype)
+            with eng.zero3_init(ds):
+                ref = AutoModelForCausalLM.from_pretrained(
+                    ref_path or ctx.policy_path, dtype=ctx.dtype
+                )
             self.reference = eng.create_reference(ref, ds)
 
     @staticmethod

@@ -117,10 +117,6 @@ class PAVHead(RewardHead):
             raise ConfigError(
                 f"pav head: the verifier at {self.path} has another tokenizer than the policy"
             )
-        if not ctx.ds_config.get("zero_optimization", {}).get("stage") == 3:
-            from deepspeed.accelerator import get_accelerator
-
-            model.to(get_accelerator().device_name(ctx.dist.local_rank))
         self.model = create_reference(model, ctx.ds_config)
         self.micro_batch_size = ctx.micro_batch_size
 

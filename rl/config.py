@@ -124,6 +124,10 @@ class RolloutConfig:
     mask_truncated: bool = False
     """Drop responses cut by max_new_tokens (no stop token) from the loss; they are counted
     in `rollout/truncated_frac` either way."""
+    zero3_gather_for_generation: bool = True
+    """Under ZeRO-3 (transformers backend), gather the whole policy once per generation
+    call instead of every layer for every token; set false when the model does not fit on
+    one device whole (then prefer vLLM)."""
     generation_batch_size: int = 64
     """Sequences generated at once per rank (transformers backend; memory knob)."""
     old_logprobs: Literal["trainer", "engine"] = "trainer"
@@ -137,8 +141,13 @@ class RolloutConfig:
     vllm_tensor_parallel_size: int = 1
     """Tensor-parallel size of each vLLM engine."""
     vllm_sleep_mode: bool = False
-    """Free vLLM's KV cache while the trainer updates (GPUs only; ignored with a log line
-    where the platform does not support it, as on CPU)."""
+    """Free vLLM's weights and KV cache while the trainer updates (sleep level 2; the
+    weights are re-synced after every update anyway). GPUs only; ignored with a log line
+    where the platform does not support it, as on CPU."""
+    vllm_enforce_eager: bool | None = None
+    """Run vLLM without CUDA graphs (None: eager on CPU, graphs on GPUs)."""
+    vllm_max_num_seqs: int | None = None
+    """Most sequences vLLM schedules at once (None: vLLM's default)."""
     vllm_kv_cache_gib: int = 1
     """KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE), GiB."""
     vllm_max_model_len: int | None = None
@@ -393,6 +402,8 @@ def validate(cfg: Config) -> None:
             "rollout.tis_cap with rollout.old_logprobs=engine would correct the engine/trainer "
             "mismatch twice (the ratio already divides by the engine's log-probs); use one"
         )
+    if cfg.rollout.vllm_tensor_parallel_size < 1:
+        raise ConfigError("rollout.vllm_tensor_parallel_size: must be at least 1")
     if cfg.rollout.top_k < 0:
         raise ConfigError(f"rollout.top_k: must be >= 0 (0 = off), got {cfg.rollout.top_k}")
     truncation = [f"top_p={cfg.rollout.top_p}"] if cfg.rollout.top_p < 1 else []

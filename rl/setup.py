@@ -4,6 +4,8 @@ a configured source, and the configured rollout backend."""
 from __future__ import annotations
 
 import random
+import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +14,7 @@ import torch
 from rl.config import Config
 from rl.core.errors import ConfigError
 from rl.data.prompts import PromptRow, load_rows, prepare_prompts
+from rl.engine import deepspeed_engine as eng
 from rl.engine.deepspeed_engine import DistInfo
 from rl.engine.models import run_dtype
 from rl.rollout.backend import RolloutBackend, SamplingSettings, TransformersRollout, unique_ids
@@ -55,8 +58,13 @@ def make_rollout(
     rollout = cfg.rollout
     stop_ids = stop_token_ids(cfg, tokenizer, policy)
     if rollout.backend == "transformers":
+        gather = zero_stage == 3 and rollout.zero3_gather_for_generation
         return TransformersRollout(
-            tokenizer, rollout.generation_batch_size, zero_stage == 3, stop_ids
+            tokenizer,
+            rollout.generation_batch_size,
+            synced_gpus=zero_stage == 3,
+            stop_token_ids=stop_ids,
+            gather=eng.gathered_parameters if gather else None,
         )
     from rl.rollout.vllm_backend import VLLMRollout
 
@@ -66,7 +74,7 @@ def make_rollout(
     return VLLMRollout(
         tokenizer,
         model_path,
-        seed=cfg.seed * 1000 + dist.rank,
+        seed=cfg.seed * 1000 + dist.rank // rollout.vllm_tensor_parallel_size,  # one per engine
         max_model_len=max_len,
         tensor_parallel_size=rollout.vllm_tensor_parallel_size,
         gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
@@ -75,6 +83,8 @@ def make_rollout(
         dtype=str(run_dtype(cfg)).removeprefix("torch."),
         stop_token_ids=stop_ids,
         log=print if dist.is_main else (lambda *_: None),
+        enforce_eager=rollout.vllm_enforce_eager,
+        max_num_seqs=rollout.vllm_max_num_seqs,
     )
 
 
@@ -102,3 +112,28 @@ def stop_token_ids(cfg: Config, tokenizer: Any, policy: Any) -> list[int]:
 def max_positions(model: Any) -> int:
     """The model's context length (`max_position_embeddings`; huge when it sets none)."""
     return int(getattr(model.config, "max_position_embeddings", None) or 10**9)
+
+
+def check_shared_dir(directory: Path, dist: DistInfo, what: str = "output_dir") -> None:
+    """ConfigError unless every rank sees a file rank 0 writes into `directory`: checkpoints
+    (and the PAV pipeline's data) are written by several ranks into one directory, which
+    across nodes needs a shared filesystem. Collective; a no-op for one rank."""
+    if dist.world_size == 1:
+        return
+    name = f".shared-check-{uuid.uuid4().hex}" if dist.is_main else None
+    name = eng.broadcast_object(name)
+    probe = directory / name
+    if dist.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+    eng.barrier()
+    missing = eng.all_reduce_max(torch.tensor([0.0 if probe.exists() else float(dist.rank + 1)]))
+    eng.barrier()
+    if dist.is_main:
+        probe.unlink(missing_ok=True)
+    if missing.item() > 0:
+        raise ConfigError(
+            f"{what} {directory} is not shared by every rank (rank {int(missing.item()) - 1} "
+            "cannot see files rank 0 writes there): on several nodes, point it at a shared "
+            "filesystem"
+        )

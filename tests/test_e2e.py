@@ -50,7 +50,8 @@ def start_model_dir(cache: Path) -> Path:
     "stage, extra",
     [
         (2, ["algo.epochs=2", "algo.mini_batches=2", "algo.advantage=rloo"]),
-        (3, ["algo.kl_coef=0.05"]),
+        (3, ["algo.kl_coef=0.05"]),  # zero.Init loading, generation on the gathered model
+        (2, ["deepspeed.config=configs/deepspeed/zero2_offload.json"]),  # DeepSpeed CPU Adam
     ],
 )
 def test_deepspeed_two_ranks(stage: int, extra: list[str], tmp_path: Path, model_cache: Path):

@@ -80,3 +80,37 @@ def test_logprobs_and_entropy_by_hand() -> None:
     assert ent.item() == pytest.approx(float(want), abs=1e-6)
     logp_bf16, _ = logprobs_and_entropy(z.bfloat16(), torch.tensor([[1]]), entropy=False)
     assert logp_bf16.dtype == torch.float32  # upcast before the logsumexp
+
+
+def test_padding_columns_are_trimmed_and_results_unchanged() -> None:
+    from rl.engine.forward import _logprobs_and_entropy, trim_padding
+
+    model, batch = model_and_batch()
+    batch.attention_mask[:, :2] = 0  # every row: two columns of left padding
+    batch.attention_mask[:, TP + 5 :] = 0  # every response ends within 5 tokens
+    trimmed, kept = trim_padding(batch)
+    assert (trimmed.prompt_length, kept) == (TP - 2, 5)
+    assert trimmed.input_ids.shape == (3, TP - 2 + 5)
+    with torch.no_grad():
+        logp, ent = response_logprobs_and_entropy(model, batch, entropy=True)
+        full_logp, full_ent = _logprobs_and_entropy(model, batch, 1.0, True, 128)
+    assert logp.shape == (3, TR) and ent is not None and full_ent is not None
+    on = batch.attention_mask[:, TP:].bool()  # [b, Tr] the response tokens
+    torch.testing.assert_close(logp[on], full_logp[on], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent[on], full_ent[on], atol=1e-5, rtol=1e-5)
+    assert (logp[:, 5:] == 0).all() and (ent[:, 5:] == 0).all()  # trimmed: zero, masked
+
+
+def test_padding_counts_by_hand() -> None:
+    from rl.engine.forward import padding_counts
+
+    # 4 rows, Tp = 3, Tr = 4; micro-batches of 2 rows
+    mask = torch.zeros(4, 7, dtype=torch.long)
+    mask[0, 1:5] = 1  # prompt cols 1-2, response 3-4
+    mask[1, 2:4] = 1  # prompt col 2, response col 3
+    mask[2, 0:7] = 1  # everything
+    mask[3, 2:4] = 1
+    tokens, trimmed, full = padding_counts(mask, prompt_length=3, micro_size=2)
+    assert tokens == 4 + 2 + 7 + 2
+    # micro 0: columns 1..4 kept (width 4); micro 1: all 7 columns (row 2 uses them)
+    assert trimmed == 2 * 4 + 2 * 7 and full == 4 * 7

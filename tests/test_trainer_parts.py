@@ -189,3 +189,25 @@ def test_length_check_names_both_numbers() -> None:
     check_lengths(cfg, policy, longest_prompt=28)  # 128 fits
     with pytest.raises(ConfigError, match=r"max_new_tokens=100 plus .*\(29 tokens\).*128"):
         check_lengths(cfg, policy, longest_prompt=29)
+
+
+def test_batch_to_moves_every_tensor_and_keeps_the_rest() -> None:
+    from rl.core.types import HeadBatch
+
+    batch = HeadBatch(
+        input_ids=torch.ones(2, 5, dtype=torch.long),
+        attention_mask=torch.ones(2, 5, dtype=torch.long),
+        response_mask=torch.ones(2, 3),
+        prompt_length=2,
+        completions=["a", "b"],
+        columns={"answer": ["1", "2"]},
+        step_id=torch.zeros(2, 3, dtype=torch.long),
+        step_end=torch.zeros(2, 3),
+        truncated=torch.zeros(2, dtype=torch.bool),
+    )
+    moved = batch.to(torch.device("meta"))
+    assert isinstance(moved, HeadBatch)
+    tensors = [moved.input_ids, moved.response_mask, moved.step_id, moved.truncated]
+    assert all(t.device.type == "meta" for t in tensors)
+    assert moved.completions is batch.completions and moved.columns is batch.columns
+    assert moved.prompt_length == 2 and batch.input_ids.device.type == "cpu"

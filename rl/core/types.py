@@ -56,6 +56,19 @@ class RolloutBatch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def to(self: B_, device: torch.device | str) -> B_:
+        """The same batch with every tensor field on `device` (texts and columns shared)."""
+        changes: dict[str, Any] = {
+            f.name: value.to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **changes)
+
     def select(self: B_, rows: torch.Tensor | list[int]) -> B_:
         """The same kind of batch holding only `rows`: every per-row tensor, text list and
         dataset column is indexed; per-batch fields (prompt_length, group_size) are kept."""

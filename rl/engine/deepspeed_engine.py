@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,11 +49,16 @@ def init_distributed() -> DistInfo:
     if "WORLD_SIZE" not in os.environ:  # plain `python launch/train_rl.py`
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    from deepspeed.accelerator import get_accelerator
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if get_accelerator().device_name() != "cpu":  # one GPU per rank, before any CUDA work
+        get_accelerator().set_device(local_rank)
     deepspeed.init_distributed()
     return DistInfo(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_rank=local_rank,
     )
 
 
@@ -131,6 +138,35 @@ def zero_stage_of(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+@contextmanager
+def zero3_init(ds_config: dict[str, Any] | None) -> Iterator[None]:
+    """Under ZeRO-3, `from_pretrained` inside this block builds the model partitioned over
+    the ranks as it loads (transformers' HfDeepSpeedConfig turns on `deepspeed.zero.Init`)
+    instead of whole on every rank; a no-op otherwise. Only for models that go straight
+    into a ZeRO-3 engine: modules created inside are partitioned too."""
+    if ds_config is None or zero_stage_of(ds_config) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    marker = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del marker
+
+
+@contextmanager
+def gathered_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Every ZeRO-3 partitioned parameter of `model` whole on every rank inside the block
+    (read-only; collective: every rank must enter it). The whole model must fit."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        yield
+
+
 def create_policy_engine(
     model: torch.nn.Module,
     ds_config: dict[str, Any],
@@ -140,10 +176,11 @@ def create_policy_engine(
     weight_decay: float,
     warmup_steps: int,
 ) -> Any:
-    """Wrap `model` in a DeepSpeed engine with AdamW and a linear warm-up, constant schedule."""
+    """Wrap `model` in a DeepSpeed engine with AdamW (see `make_adamw`) and a linear
+    warm-up, constant schedule."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    optimizer = make_adamw(model, ds_config, lr=lr, betas=betas, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     )
@@ -153,12 +190,46 @@ def create_policy_engine(
     return engine
 
 
+def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+    """True when the config puts the optimizer state on the CPU (ZeRO-Offload)."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") == "cpu"
+
+
+def make_adamw(
+    model: torch.nn.Module,
+    ds_config: dict[str, Any],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+) -> torch.optim.Optimizer:
+    """Decoupled-weight-decay Adam for the engine: DeepSpeed's CPU Adam when the optimizer
+    is offloaded (DeepSpeed refuses a torch optimizer there), DeepSpeed's fused Adam on
+    GPUs, torch's AdamW on CPUs (no fused-Adam build there). All three compute AdamW."""
+    from deepspeed.accelerator import get_accelerator
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(
+            params, lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True
+        )  # fmt: skip
+    if get_accelerator().device_name() == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, adam_w_mode=True)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
 def create_reference(model: torch.nn.Module, ds_config: dict[str, Any]) -> torch.nn.Module:
-    """Frozen reference: partitioned by a ZeRO-3 inference engine under ZeRO-3, else a copy."""
+    """Frozen reference: partitioned by a ZeRO-3 inference engine under ZeRO-3, else a whole
+    copy on this rank's device."""
     model.eval()
     model.requires_grad_(False)
     if zero_stage_of(ds_config) != 3:
-        return model
+        return model.to(accelerator_device())
     import deepspeed
 
     ref_config: dict[str, Any] = {
@@ -173,20 +244,40 @@ def create_reference(model: torch.nn.Module, ds_config: dict[str, Any]) -> torch
     return engine.module
 
 
+def accelerator_device() -> torch.device:
+    """This rank's device as DeepSpeed's accelerator names it (cuda:<local rank>, or cpu)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def _all_reduce(values: torch.Tensor, op: Any) -> torch.Tensor:
+    """`values` reduced over all ranks, as a new tensor on `values`' device. The reduction
+    runs on the accelerator's device (NCCL takes only GPU tensors; gloo only CPU ones)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values.detach().clone()
+    out = values.detach().to(accelerator_device(), copy=True)
+    dist.all_reduce(out, op=op)
+    return out.to(values.device)
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all ranks (returns a new tensor; float64 kept as given)."""
-    out = values.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return _all_reduce(values, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     """Elementwise max of a tensor over all ranks (returns a new tensor)."""
-    out = values.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
+    return _all_reduce(values, dist.ReduceOp.MAX)
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank `src`'s `value` on every rank (picklable objects; a no-op without a group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src, device=accelerator_device())
+    return box[0]
 
 
 def world_size() -> int:

@@ -20,9 +20,11 @@ the same chunked reduction on those logits.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from rl.algos.losses import logprobs_and_entropy
 from rl.core.types import position_ids_from_mask
@@ -38,6 +40,47 @@ class TokenBatch(Protocol):
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     prompt_length: int
+
+
+@dataclass
+class _Tokens:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_length: int
+
+
+def trim_padding(batch: TokenBatch) -> tuple[_Tokens, int]:
+    """The batch without the columns no row attends to: leading prompt padding and
+    trailing response padding (a micro-batch is padded to the longest row of the whole
+    step). Returns (trimmed batch, Tr' its response length). Positions come from the
+    attention mask, so the model computes the same thing on fewer columns."""
+    tp, total = batch.prompt_length, batch.input_ids.shape[1]
+    used = batch.attention_mask.bool().any(dim=0).nonzero().flatten()  # [n used columns]
+    if used.numel() == 0:
+        return _Tokens(batch.input_ids, batch.attention_mask, tp), total - tp
+    first, last = int(used[0]), int(used[-1])  # one host sync for both
+    lead = min(first, tp - 1)  # keep one prompt column: it predicts the first response token
+    end = max(last + 1, tp)
+    cut = slice(lead, end)
+    trimmed = _Tokens(batch.input_ids[:, cut], batch.attention_mask[:, cut], tp - lead)
+    return trimmed, end - tp
+
+
+def padding_counts(
+    attention_mask: torch.Tensor, prompt_length: int, micro_size: int
+) -> tuple[float, float, float]:
+    """(attended tokens, positions forwarded with `trim_padding`, positions forwarded
+    without it) over the micro-batches of `micro_size` consecutive rows: the padding share
+    of a forward pass is 1 - tokens / positions. attention_mask: [B, Tp + Tr]."""
+    mask = attention_mask.bool().cpu()  # one host copy
+    tokens, trimmed, full = float(mask.sum()), 0.0, 0.0
+    for start in range(0, mask.shape[0], micro_size):
+        micro = mask[start : start + micro_size]
+        batch = _Tokens(micro.long(), micro.long(), prompt_length)
+        kept, _ = trim_padding(batch)
+        trimmed += micro.shape[0] * kept.input_ids.shape[1]
+        full += micro.numel()
+    return tokens, trimmed, full
 
 
 def _unwrap(model: Any) -> Any:
@@ -161,7 +204,20 @@ def response_logprobs_and_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs `[b, Tr]` of the response tokens under `model` (a DeepSpeed engine or a
     Hugging Face model) at `temperature`, and their entropy `[b, Tr]` when asked; float32.
-    Gradients flow when enabled (to the log-probs, and to the entropy)."""
+    Gradients flow when enabled (to the log-probs, and to the entropy). The forward runs
+    on the batch without its padding columns (`trim_padding`); positions past every row's
+    end come back as 0."""
+    width = batch.input_ids.shape[1] - batch.prompt_length  # Tr
+    trimmed, kept = trim_padding(batch)
+    logp, ent = _logprobs_and_entropy(model, trimmed, temperature, entropy, chunk_tokens)
+    pad = (0, width - kept)  # [b, Tr'] -> [b, Tr]
+    return F.pad(logp, pad), (F.pad(ent, pad) if ent is not None else None)
+
+
+def _logprobs_and_entropy(
+    model: Any, batch: TokenBatch, temperature: float, entropy: bool, chunk_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`response_logprobs_and_entropy` on a batch as given: [b, Tr] each."""
     hf_model = _unwrap(model)
     ids = batch.input_ids[:, batch.prompt_length :]  # [b, Tr]
     weight = _output_weight(hf_model) if _splits_cleanly(hf_model) else None

@@ -10,7 +10,7 @@ import torch
 
 from rl.config import Config
 from rl.core.errors import ConfigError
-from rl.engine.deepspeed_engine import DistInfo
+from rl.engine.deepspeed_engine import DistInfo, zero3_init
 
 BUILTIN_TINY = "builtin:arith-tiny"
 BUILTIN_CHAT = "builtin:chat-tiny"
@@ -83,16 +83,21 @@ def resolve_model_path(cfg: Config, dist: DistInfo) -> str:
 
 
 def load_policy(
-    cfg: Config, dist: DistInfo, path: str | Path | None = None
+    cfg: Config,
+    dist: DistInfo,
+    path: str | Path | None = None,
+    ds_config: dict[str, Any] | None = None,
 ) -> tuple[Any, Any, str]:
     """(model, tokenizer, resolved path) for `model.path` (or `path`), in the run's dtype,
-    with gradient checkpointing when `model.gradient_checkpointing`."""
+    with gradient checkpointing when `model.gradient_checkpointing`; partitioned as it
+    loads when `ds_config` is ZeRO-3 (see `zero3_init`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(cfg, dist) if path is None else str(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(cfg))
+        with zero3_init(ds_config):
+            model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(cfg))
     except (OSError, ValueError, ImportError) as err:
         raise ConfigError(f"model.path: cannot load {path!r}: {str(err).splitlines()[0]}") from err
     if cfg.model.gradient_checkpointing:

@@ -53,7 +53,13 @@ from rl.pav.data import (
     read_records,
 )
 from rl.rollout.backend import RolloutBackend
-from rl.setup import make_rollout, prompt_rows, seed_everything, training_sampling
+from rl.setup import (
+    check_shared_dir,
+    make_rollout,
+    prompt_rows,
+    seed_everything,
+    training_sampling,
+)
 
 METRICS_FILE = "train_pav_metrics.json"
 
@@ -375,6 +381,7 @@ def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
 
     check_pav_config(cfg)
     out = Path(cfg.pav.output_dir)
+    check_shared_dir(out, dist, "pav.output_dir")  # every rank writes data rank 0 reads
     seed_everything(cfg.seed)
     policy, tokenizer, model_path = load_policy(cfg, dist)
     rows = select_prompts(cfg, tokenizer)

@@ -3,15 +3,16 @@
 `RolloutBackend` holds what every backend shares (padding, EOS masks, decoding, grouping);
 a backend implements `generate_tokens` and, if it keeps its own copy of the weights,
 `sync_weights`. Backend `transformers` runs `generate` on the DeepSpeed engine's module
-(with `synced_gpus=True` under ZeRO-3 so ranks that finish early keep joining the
-parameter gathers); backend `vllm` is in `rl/rollout/vllm_backend.py`.
+(under ZeRO-3 either inside one gather of the whole model per call, or with
+`synced_gpus=True` so ranks that finish early keep joining the per-layer parameter
+gathers); backend `vllm` is in `rl/rollout/vllm_backend.py`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,10 +191,14 @@ class TransformersRollout(RolloutBackend):
         synced_gpus: bool,
         stop_token_ids: list[int] | None = None,
         sampler_logprobs: bool = False,
+        gather: Callable[[Any], AbstractContextManager[Any]] | None = None,
     ) -> None:
         super().__init__(tokenizer, stop_token_ids)
         self.batch_size = batch_size
         self.synced_gpus = synced_gpus
+        self.gather = gather
+        """With ZeRO-3: a context (model -> context manager) holding the whole model
+        gathered on every rank, so `generate` runs without a gather per layer and token."""
         self.sampler_logprobs = sampler_logprobs
         """Also return the sampler's log-prob of each sampled token (from the processed
         scores `generate` samples from), to check the sampler against the trainer."""
@@ -221,24 +226,28 @@ class TransformersRollout(RolloutBackend):
     def generate_tokens(
         self, model: Any, prompt_ids: list[list[int]], sampling: SamplingSettings
     ) -> Generated:
-        """Token lists -> `Generated` (sampler log-probs only with `sampler_logprobs`: the
-        trainer computes its own)."""
+        """Token lists -> `Generated` on the CPU, like every backend's (sampler log-probs only
+        with `sampler_logprobs`: the trainer computes its own). Generation itself runs on
+        the model's device."""
         ids, mask = left_pad(prompt_ids, self.pad_id)  # [N, Tp]
+        device = model.device
         prompt_len = ids.shape[1]
         config = self.generation_config(sampling)
         was_training = model.training
         model.eval()
         chunks: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        with only_these_settings(model):
+        gathered = self.gather(model) if self.gather is not None else nullcontext()
+        with gathered, only_these_settings(model):
             for rows in micro_batches(len(prompt_ids), self.batch_size):
                 out = model.generate(
-                    input_ids=ids[rows],
-                    attention_mask=mask[rows],
+                    input_ids=ids[rows].to(device),
+                    attention_mask=mask[rows].to(device),
                     generation_config=config,
-                    synced_gpus=self.synced_gpus,
+                    synced_gpus=self.synced_gpus and self.gather is None,
                 )
                 tokens = out.sequences[:, prompt_len:]  # [n, tr] responses of this chunk
-                chunks.append((tokens, _scored_logprobs(out.scores, tokens)))
+                logprobs = _scored_logprobs(out.scores, tokens)
+                chunks.append((tokens.cpu(), None if logprobs is None else logprobs.cpu()))
         model.train(was_training)
         responses = _stack_right_padded([c[0] for c in chunks], self.pad_id)  # [N, Tr]
         # a chunk shorter than Tr ended with EOS everywhere, so its padding is masked

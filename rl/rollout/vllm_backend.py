@@ -7,6 +7,15 @@ after `init_distributed`. After every optimizer step `sync_weights` streams the 
 weights into the engine in one `reload_weights` call (one parameter gathered at a time
 under ZeRO-3), then resets the prefix cache. Sampled-token log-probs come back with each
 rollout ("processed" log-probs, i.e. after temperature / top-p, as the trainer computes).
+
+Sleep mode (GPUs): during the update the engine sleeps at level 2 (weights and KV cache
+freed); `sync_weights` frees the trainer's cached blocks, wakes the weights' memory only,
+loads the new weights, then wakes the KV cache, so the two never peak together.
+
+Tensor parallelism: the ranks `g*tp .. g*tp+tp-1` form one engine, which must be given the
+same prompts with the same seed on each of its ranks: each rank's prompts are gathered
+over the group, generated together, and each rank keeps its own slice (as TRL's colocate
+mode does).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from rl.core.errors import ConfigError
 from rl.rollout.backend import Generated, RolloutBackend, SamplingSettings, left_pad
@@ -99,6 +109,8 @@ class VLLMRollout(RolloutBackend):
         dtype: str = "float32",
         stop_token_ids: list[int] | None = None,
         log: Any = print,
+        enforce_eager: bool | None = None,
+        max_num_seqs: int | None = None,
     ) -> None:
         super().__init__(tokenizer, stop_token_ids)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process
@@ -111,6 +123,8 @@ class VLLMRollout(RolloutBackend):
         self.sleep_mode = sleep_mode and current_platform.is_sleep_mode_available()
         if sleep_mode and not self.sleep_mode:
             log(f"rollout.vllm_sleep_mode: not supported on {current_platform.device_type}; off")
+        self.tp_group = tensor_parallel_group(tensor_parallel_size)
+        extra = {} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}
         try:
             self.llm = vllm.LLM(
                 model=model_path,
@@ -118,13 +132,14 @@ class VLLMRollout(RolloutBackend):
                 distributed_executor_backend="external_launcher",
                 tensor_parallel_size=tensor_parallel_size,
                 dtype=dtype,  # the trainer's: log-probs and weights sync in one dtype
-                enforce_eager=on_cpu,
+                enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
                 seed=seed,
                 max_model_len=max_model_len,
                 gpu_memory_utilization=gpu_memory_utilization,
                 logprobs_mode="processed_logprobs",
                 generation_config="vllm",  # the checkpoint's sampling defaults are not used
                 enable_sleep_mode=self.sleep_mode,
+                **extra,
             )
         except Exception as err:
             raise RuntimeError(
@@ -155,12 +170,13 @@ class VLLMRollout(RolloutBackend):
         from vllm.inputs import TokensPrompt
 
         self._wake()
+        group_prompts, mine = gather_group_prompts(prompt_ids, self.tp_group)
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
+            [TokensPrompt(prompt_token_ids=ids) for ids in group_prompts],
             self.sampling_params(sampling),
             use_tqdm=False,
         )
-        samples = [out.outputs[0] for out in outputs]  # [N] in prompt order
+        samples = [out.outputs[0] for out in outputs[mine]]  # [N] in prompt order
         width = max(1, max(len(s.token_ids) for s in samples))
         responses = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
         logprobs = torch.zeros((len(samples), width))  # [N, Tr]
@@ -176,14 +192,18 @@ class VLLMRollout(RolloutBackend):
         )
 
     def sync_weights(self, engine: Any) -> None:
-        """Stream the policy's weights into the engine; every rank calls this together."""
-        self._wake()
+        """Stream the policy's weights into the engine; every rank calls this together.
+        Asleep, the weights' memory is woken first and the KV cache only after the load."""
+        if self.asleep:
+            _free_cached_memory()  # the trainer's cached blocks, before vLLM allocates
+            self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc(_reload, args=(policy_weights(engine),))
+        self._wake()
         self.llm.reset_prefix_cache()
 
     def prepare_for_update(self) -> None:
         if self.sleep_mode and not self.asleep:
-            self.llm.sleep(level=1)  # frees the KV cache; weights stay, synced after update
+            self.llm.sleep(level=2)  # frees weights and KV cache; weights re-synced after
             self.asleep = True
 
     def close(self) -> None:
@@ -191,6 +211,45 @@ class VLLMRollout(RolloutBackend):
         self.llm.llm_engine.engine_core.shutdown()
 
     def _wake(self) -> None:
+        """Wake whatever still sleeps (all of it, or the KV cache after `sync_weights`)."""
         if self.asleep:
+            _free_cached_memory()
             self.llm.wake_up()
             self.asleep = False
+
+
+def _free_cached_memory() -> None:
+    """Return the trainer's cached-but-free GPU blocks, so the engine can take them."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def tensor_parallel_group(size: int) -> Any:
+    """This rank's group of `size` consecutive ranks sharing one engine (None for size 1);
+    ConfigError when the world does not divide into such groups. Collective: every rank
+    creates every group, as torch.distributed requires."""
+    if size == 1:
+        return None
+    world = dist.get_world_size()
+    if world % size:
+        raise ConfigError(
+            f"rollout.vllm_tensor_parallel_size={size} does not divide the {world} ranks"
+        )
+    mine = None
+    for start in range(0, world, size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= dist.get_rank() < start + size:
+            mine = group
+    return mine
+
+
+def gather_group_prompts(prompt_ids: list[list[int]], group: Any) -> tuple[list[list[int]], slice]:
+    """Every prompt of this rank's tensor-parallel group, in rank order, and the slice of
+    the result that is this rank's (groups of one: the prompts as they are)."""
+    if group is None:
+        return prompt_ids, slice(0, len(prompt_ids))
+    parts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, prompt_ids, group=group)
+    mine = dist.get_group_rank(group, dist.get_rank())
+    start = sum(len(p) for p in parts[:mine])
+    return [ids for part in parts for ids in part], slice(start, start + len(prompt_ids))

@@ -116,7 +116,7 @@ class GAECredit(CreditScheme):
             scored.outcome.float(), last_valid_index(mask), scored.process, kl, kl_coef, mask
         )  # [B, Tr]
         advantages, returns = gae(rewards, values, mask, algo.gamma, algo.lam)
-        diff = torch.where(mask.bool(), returns - values, torch.zeros(()))  # [B, Tr]
+        diff = torch.where(mask.bool(), returns - values, 0.0)  # [B, Tr]
         moments = eng.all_reduce_sum(
             torch.tensor(
                 [

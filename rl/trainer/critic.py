@@ -127,7 +127,7 @@ class Critic:
         global_tokens: float,
         global_seqs: float,
         scale: float,
-    ) -> dict[str, float]:
+    ) -> dict[str, torch.Tensor]:
         """Forward, clipped value loss (sum form over the global mini-batch), backward and
         (at the accumulation boundary) the optimizer step. Returns sum-form stats named as
         logged (`value_loss`, `value_clip_frac`, `value_mse`, `values_mean`, `returns_mean`)."""
@@ -145,7 +145,7 @@ class Critic:
         )
         self.engine.backward(loss * scale)
         self.engine.step()
-        return {CRITIC_STAT_NAMES[k]: float(v) for k, v in stats.items()}
+        return {CRITIC_STAT_NAMES[k]: torch.as_tensor(v).detach() for k, v in stats.items()}
 
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()

@@ -47,9 +47,10 @@ class Learner(ABC):
     def micro_step(
         self, micro: RolloutBatch, index: torch.Tensor, logprobs: LogProbs, credit: Credit,
         counts: GlobalCounts,
-    ) -> dict[str, float]:  # fmt: skip
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
         """Forward, loss, backward and (at the accumulation boundary) the optimizer step on
-        rows `index` of the step's batch; returns sum-form stats (no prefix)."""
+        rows `index` of the step's batch; returns sum-form stats (no prefix) as detached
+        0-dim tensors on the device: they are read on the host once per step."""
 
     @abstractmethod
     def grad_norm(self) -> float | None:
@@ -75,7 +76,7 @@ class PolicyLearner(Learner):
     def micro_step(
         self, micro: RolloutBatch, index: torch.Tensor, logprobs: LogProbs, credit: Credit,
         counts: GlobalCounts,
-    ) -> dict[str, float]:  # fmt: skip
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
         algo = self.algo
         old = logprobs.behaviour if self.engine_old else logprobs.old
         assert old is not None
@@ -102,8 +103,8 @@ class PolicyLearner(Learner):
             )
         self.engine.backward(loss * counts.scale)
         self.engine.step()
-        out = {key: float(value) for key, value in stats.items()}
-        out["entropy"] = float((entropy.detach() * micro.response_mask).sum()) / counts.tokens
+        out = {key: value.detach() for key, value in stats.items()}
+        out["entropy"] = (entropy.detach() * micro.response_mask).sum() / counts.tokens
         return out
 
     def grad_norm(self) -> float | None:
@@ -127,7 +128,7 @@ class CriticLearner(Learner):
     def micro_step(
         self, micro: RolloutBatch, index: torch.Tensor, logprobs: LogProbs, credit: Credit,
         counts: GlobalCounts,
-    ) -> dict[str, float]:  # fmt: skip
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
         assert credit.values is not None and credit.returns is not None
         return self.critic.micro_step(
             micro,
@@ -172,7 +173,7 @@ def run_updates(
     each learner's (also each frozen one's) mean grad norm and step stats."""
     scale = engine_loss_scale(plan.world_size, plan.grad_accum_steps)
     order_gen = torch.Generator().manual_seed(plan.shuffle_seed)
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # on the device until the end of the step
     norms: dict[str, list[float]] = {learner.prefix: [] for learner in learners + frozen}
     n_updates = 0
     for _ in range(plan.epochs):
@@ -191,15 +192,17 @@ def run_updates(
                     stats = learner.micro_step(micro, index, logprobs, credit, counts)
                     for key, value in stats.items():
                         name = f"{learner.prefix}/{key}"
-                        sums[name] = sums.get(name, 0.0) + value
+                        value = value.double()
+                        sums[name] = sums[name] + value if name in sums else value
             for learner in learners:
                 norm = learner.grad_norm()
                 if norm is not None:
                     norms[learner.prefix].append(norm)
             n_updates += 1
     keys = sorted(sums)
-    reduced = eng.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
-    out = {k: float(v) / n_updates for k, v in zip(keys, reduced, strict=True)}
+    stacked = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0)
+    reduced = eng.all_reduce_sum(stacked).tolist()  # the step's one host read of the stats
+    out = {k: v / n_updates for k, v in zip(keys, reduced, strict=True)}
     for learner in learners + frozen:
         values = norms[learner.prefix]
         out[f"{learner.prefix}/grad_norm"] = sum(values) / max(1, len(values))

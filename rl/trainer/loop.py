@@ -40,11 +40,12 @@ from rl.core.types import Credit, LogProbs, RolloutBatch, Scored
 from rl.data.prompts import PromptSampler, batch_columns, shard
 from rl.engine import checkpoint as ckpt
 from rl.engine import deepspeed_engine as eng
-from rl.engine.forward import response_logprobs
+from rl.engine.forward import padding_counts, response_logprobs
 from rl.engine.memory import PhaseMeter
 from rl.engine.models import load_policy, run_dtype
 from rl.rollout.backend import SamplingSettings
 from rl.setup import (
+    check_shared_dir,
     make_rollout,
     max_positions,
     prompt_rows,
@@ -136,13 +137,17 @@ class Trainer:
         self.dist = dist
         self.output_dir = Path(cfg.output_dir)
         prepare_output_dir(self.output_dir, cfg.trainer.resume, cfg.trainer.overwrite, dist)
+        check_shared_dir(self.output_dir, dist)
         self.plan = plan_batches(cfg, dist.world_size)
+        self.device = eng.accelerator_device()
+        """Where batches, log-probs and credit live (the engines' device)."""
         seed_everything(cfg.seed)
         heads = build_heads(cfg)
         self.credit_name = resolve_credit(cfg, heads)
-        policy, self.tokenizer, model_path = load_policy(cfg, dist)
+        ds_config = self._ds_config()
+        policy, self.tokenizer, model_path = load_policy(cfg, dist, ds_config=ds_config)
         self._load_data(policy)
-        ds_config = self._build_engines(policy, model_path)
+        self._build_engines(policy, model_path, ds_config)
         functions = build_reward_fns(
             [RewardSpec(f.fn, f.weight, dict(f.kwargs)) for f in cfg.reward.functions]
         )
@@ -165,8 +170,7 @@ class Trainer:
         check_lengths(self.cfg, policy, longest)
         self.sampler = PromptSampler(len(self.train_rows), self.cfg.seed)
 
-    def _build_engines(self, policy: Any, model_path: str) -> dict[str, Any]:
-        """The policy engine, the frozen reference (with a KL term) and the critic (gae)."""
+    def _ds_config(self) -> dict[str, Any]:
         cfg = self.cfg
         ds_config = eng.build_ds_config(
             cfg.deepspeed.config,
@@ -178,6 +182,11 @@ class Trainer:
             bf16=eng.use_bf16(cfg.model.dtype),
         )
         self.zero_stage = eng.zero_stage_of(ds_config)
+        return ds_config
+
+    def _build_engines(self, policy: Any, model_path: str, ds_config: dict[str, Any]) -> None:
+        """The policy engine, the frozen reference (with a KL term) and the critic (gae)."""
+        cfg = self.cfg
         self.engine = eng.create_policy_engine(
             policy,
             ds_config,
@@ -188,7 +197,7 @@ class Trainer:
         )
         self.reference = None
         if cfg.algo.kl_coef > 0:
-            reference, _, _ = load_policy(cfg, self.dist, path=model_path)
+            reference, _, _ = load_policy(cfg, self.dist, path=model_path, ds_config=ds_config)
             self.reference = eng.create_reference(reference, ds_config)
         self.critic: Critic | None = None
         if self.credit_name == "gae":
@@ -202,7 +211,6 @@ class Trainer:
                 value_clip=cfg.critic.value_clip,
                 micro_batch_size=self.plan.micro_batch_size,
             )
-        return ds_config
 
     def _head_context(self, model_path: str, ds_config: dict[str, Any]) -> HeadContext:
         return HeadContext(
@@ -248,7 +256,7 @@ class Trainer:
         )
         if self.cfg.rollout.mask_truncated and batch.truncated is not None:
             batch.response_mask = batch.response_mask * (~batch.truncated).unsqueeze(1)
-        return batch
+        return batch.to(self.device)  # the one place rollouts move to the engine's device
 
     @torch.no_grad()
     def compute_logprobs(self, batch: RolloutBatch) -> LogProbs:
@@ -335,21 +343,18 @@ class Trainer:
 
     def _step_row(self, batch: RolloutBatch, scored: Scored, credit: Credit) -> dict[str, Any]:
         """Rewards, response length, head metrics and credit stats, global over ranks."""
-        truncated = float(batch.truncated.sum()) if batch.truncated is not None else 0.0
-        sums = eng.all_reduce_sum(
-            torch.tensor(
-                [float(scored.outcome.sum()), float(batch.response_mask.sum()), float(len(batch))]
-                + [truncated]
-                + [float(v.sum()) for v in scored.per_fn.values()],
-                dtype=torch.float64,
-            )
-        )
-        n, tokens = float(sums[2]), float(sums[1])
+        zero = scored.outcome.new_zeros(())
+        truncated = batch.truncated.sum() if batch.truncated is not None else zero
+        parts = [scored.outcome.sum(), batch.response_mask.sum(), zero + len(batch), truncated]
+        parts += [v.sum() for v in scored.per_fn.values()]
+        # one stack on the device, one all-reduce, one host read
+        sums = eng.all_reduce_sum(torch.stack([p.double() for p in parts])).tolist()
+        n, tokens = sums[2], sums[1]
         row: dict[str, Any] = {"step": self.state.step, "samples": self.state.samples}
-        row["reward/outcome_mean"] = float(sums[0]) / n
-        row["rollout/truncated_frac"] = float(sums[3]) / n
+        row["reward/outcome_mean"] = sums[0] / n
+        row["rollout/truncated_frac"] = sums[3] / n
         for i, name in enumerate(scored.per_fn):
-            row[f"reward/{name}_mean"] = float(sums[4 + i]) / n
+            row[f"reward/{name}_mean"] = sums[4 + i] / n
         row["train/response_tokens_mean"] = tokens / n
         row.update(scored.metrics)
         if scored.process is not None:
@@ -359,8 +364,22 @@ class Trainer:
             row["reward/process_sum_mean"] = float(process[0]) / n
             row["train/advantage_abs_mean"] = float(process[1]) / tokens
         row.update(credit.stats)
+        row.update(self._padding_row(batch))
         row["data/skipped_long_prompts"] = self.skipped_prompts
         return row
+
+    def _padding_row(self, batch: RolloutBatch) -> dict[str, float]:
+        """Padding share of the update's forward passes (micro-batches in rollout order),
+        with the padding columns trimmed (`train/padding_frac`) and as it would be without
+        (`train/padding_frac_untrimmed`), over all ranks."""
+        counts = padding_counts(
+            batch.attention_mask, batch.prompt_length, self.plan.micro_batch_size
+        )
+        tokens, trimmed, full = eng.all_reduce_sum(torch.tensor(counts, dtype=torch.float64))
+        return {
+            "train/padding_frac": 1.0 - float(tokens) / max(float(trimmed), 1.0),
+            "train/padding_frac_untrimmed": 1.0 - float(tokens) / max(float(full), 1.0),
+        }
 
     @staticmethod
     def _memory_row(meter: PhaseMeter) -> dict[str, float]:
@@ -423,8 +442,10 @@ class Trainer:
         resume = self.cfg.trainer.resume
         if resume == "none":
             return None
-        if resume == "auto":
-            return ckpt.latest_checkpoint(self.checkpoint_root)
+        if resume == "auto":  # rank 0 decides, so every rank loads the same checkpoint
+            latest = ckpt.latest_checkpoint(self.checkpoint_root) if self.dist.is_main else None
+            chosen = eng.broadcast_object(None if latest is None else str(latest))
+            return None if chosen is None else Path(chosen)
         return Path(resume)
 
     def _restore(self) -> None:

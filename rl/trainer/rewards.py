@@ -55,7 +55,8 @@ class RewardPipeline:
         bad = (~torch.isfinite(total)).nonzero().flatten().tolist()
         if bad:
             raise RewardError(f"outcome reward is not finite at batch rows {bad[:8]}")
-        return total, per_fn
+        device = batch.device
+        return total.to(device), {name: r.to(device) for name, r in per_fn.items()}
 
     def score(self, batch: RolloutBatch) -> Scored:
         """Outcome rewards, then (with heads) the combined process rewards and their steps."""
@@ -71,7 +72,7 @@ class RewardPipeline:
             if head.update_first:
                 metrics.update(_update(head, steps, labels))
             out = checked_score(head, steps)
-            process = process + weight * out.token_rewards.float()
+            process = process + weight * out.token_rewards.float().to(process.device)
             metrics.update({f"head/{head.name}/{k}": v for k, v in out.metrics.items()})
             if not head.update_first:
                 metrics.update(_update(head, steps, labels))
@@ -85,8 +86,8 @@ class RewardPipeline:
         if not any(head.granularity == "token" for head, _ in self.heads):
             return steps.step_id, steps.step_end
         mask = steps.response_mask.float()
-        positions = torch.arange(mask.shape[1]).expand_as(mask)  # [B, Tr]
-        return torch.where(mask.bool(), positions, torch.tensor(-1)), mask
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # [B, Tr]
+        return torch.where(mask.bool(), positions, -1), mask
 
     def close(self) -> None:
         for head, _ in self.heads:
