@@ -126,8 +126,10 @@ class Scored:
 class LogProbs:
     """Log-probs of the sampled response tokens, all [B, Tr], computed before credit."""
 
-    old: torch.Tensor
-    """The trainer's policy before this step's update."""
+    old: torch.Tensor | None
+    """The trainer's policy before this step's update; None when the update is exactly
+    on-policy (one epoch, one mini-batch) and nothing else reads them: the update's own
+    forward pass then gives them (detached), and the extra pass is skipped."""
     ref: torch.Tensor | None = None
     """The frozen reference (None without a KL term)."""
     behaviour: torch.Tensor | None = None

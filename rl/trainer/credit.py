@@ -111,6 +111,7 @@ class GAECredit(CreditScheme):
         values = self.critic.values(batch)  # [B, Tr]
         kl, kl_coef = None, 0.0
         if algo.kl_mode == "reward" and logprobs.ref is not None:
+            assert logprobs.old is not None  # the trainer computes them for this case
             kl, kl_coef = logprobs.old - logprobs.ref, algo.kl_coef  # k1 per token [B, Tr]
         rewards = dense_token_rewards(
             scored.outcome.float(), last_valid_index(mask), scored.process, kl, kl_coef, mask

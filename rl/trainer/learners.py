@@ -79,14 +79,13 @@ class PolicyLearner(Learner):
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         algo = self.algo
         old = logprobs.behaviour if self.engine_old else logprobs.old
-        assert old is not None
         logp, entropy = response_logprobs_and_entropy(
             self.engine, micro, self.temperature, entropy=True
         )  # [b, Tr] each
         assert entropy is not None
         loss, stats = policy_loss(
             logp,
-            old[index],
+            logp.detach() if old is None else old[index],  # None: exactly on-policy
             logprobs.ref[index] if logprobs.ref is not None else None,
             credit.advantages[index],
             micro.response_mask,

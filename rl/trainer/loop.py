@@ -264,19 +264,36 @@ class Trainer:
         reference's (None without KL) and the sampler's (vLLM; else None)."""
         temperature = self.cfg.rollout.temperature
         size = self.cfg.trainer.forward_micro_batch_size or self.plan.micro_batch_size
+        need_old = self.needs_old_logprobs()
         old, ref = [], []
         for rows in micro_batches(len(batch), size):
             micro = batch.select(rows)
-            old.append(response_logprobs(self.engine, micro, temperature))
+            if need_old:
+                old.append(response_logprobs(self.engine, micro, temperature))
             if self.reference is not None:
                 ref.append(response_logprobs(self.reference, micro, temperature))
-        return LogProbs(torch.cat(old), torch.cat(ref) if ref else None, batch.behaviour_logprobs)
+        return LogProbs(
+            torch.cat(old) if old else None,
+            torch.cat(ref) if ref else None,
+            batch.behaviour_logprobs,
+        )
+
+    def needs_old_logprobs(self) -> bool:
+        """False when the update is exactly on-policy (`algo.epochs` = `algo.mini_batches` =
+        1: the weights that sampled are the ones updated, so the ratio's denominator is the
+        update's own log-prob) and nothing else reads them (vLLM's mismatch metric and TIS,
+        a KL penalty in the GAE rewards). Then a whole forward pass is saved."""
+        cfg = self.cfg
+        on_policy = cfg.algo.epochs == 1 and cfg.algo.mini_batches == 1
+        kl_in_rewards = self.credit_name == "gae" and cfg.algo.kl_mode == "reward"
+        return not on_policy or cfg.rollout.backend == "vllm" or kl_in_rewards
 
     def correct_off_policy(self, batch: RolloutBatch, logprobs: LogProbs, credit: Credit) -> Credit:
         """With the sampler's log-probs: log `rollout/logprob_mismatch` and, with
         `rollout.tis_cap`, weight the advantages by truncated importance sampling."""
         if logprobs.behaviour is None:
             return credit
+        assert logprobs.old is not None  # vLLM rollouts always get the trainer's
         mask = batch.response_mask
         totals = eng.all_reduce_sum(logprob_mismatch_sums(logprobs.behaviour, logprobs.old, mask))
         credit.stats["rollout/logprob_mismatch"] = float(totals[0]) / max(float(totals[1]), 1.0)
