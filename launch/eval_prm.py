@@ -151,6 +151,7 @@ def build_head(
             ds_config=ds_config,
             micro_batch_size=batch_size,
             local_batch_size=batch_size,
+            offload_references=cfg.model.offload_references,
         )
     )
     return head

@@ -31,7 +31,7 @@ T = TypeVar("T")
 BUILTIN_FUNCTION_MODULES = ("rewards.verifiers",)
 """Modules that register the built-in reward functions (arith, exact_match, math_verify)."""
 
-BUILTIN_HEAD_MODULES = ("rewards.implicit_prm_head", "rewards.pav")
+BUILTIN_HEAD_MODULES = ("rewards.implicit_prm_head", "rewards.pav", "rewards.gold_steps")
 """Modules that register the built-in heads; imported on first resolution (they pull in
 transformers and DeepSpeed)."""
 

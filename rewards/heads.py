@@ -88,6 +88,8 @@ class HeadContext:
     """`rl.rollout.backend.SamplingSettings` of training rollouts, or None."""
     dtype: torch.dtype = torch.float32
     """The run's one dtype (`model.dtype`): load every model in it."""
+    offload_references: bool = False
+    """`model.offload_references`: frozen models' ZeRO-3 partitions live in CPU memory."""
 
 
 class RewardHead(ABC):

@@ -119,7 +119,7 @@ class ImplicitPRMHead(RewardHead):
                 ref = AutoModelForCausalLM.from_pretrained(
                     ref_path or ctx.policy_path, dtype=ctx.dtype
                 )
-            self.reference = eng.create_reference(ref, ds)
+            self.reference = eng.create_reference(ref, ds, offload=ctx.offload_references)
 
     @staticmethod
     def _existing(path: str | None, key: str) -> str | None:

@@ -36,6 +36,9 @@ class ModelConfig:
     attn_implementation: str | None = None
     """Attention kernel passed to `from_pretrained` (e.g. sdpa, eager, flash_attention_2);
     None = the library's default."""
+    offload_references: bool = False
+    """Keep the frozen models (the policy's reference, the implicit PRM's reference, the PAV
+    verifier) in CPU memory, fetched layer by layer as they run (ZeRO-3 only)."""
     cache_dir: str = ".cache/start_models"
     """Where builtin start checkpoints are built and reused."""
     tiny: dict[str, Any] = field(default_factory=dict)

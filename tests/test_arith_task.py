@@ -7,7 +7,7 @@ import random
 import pytest
 
 from rl.core.errors import DataError
-from rl.tasks import builtin_rows
+from rl.tasks import arith, builtin_rows
 from rl.tasks.arith import (
     ArithConfig,
     ArithProblem,
@@ -149,3 +149,42 @@ def test_builtin_rows() -> None:
     assert got == rows("eval", 5, ArithConfig(n_steps=2), seed=0)
     with pytest.raises(DataError, match="'gsm8k'.*arith"):
         builtin_rows("gsm8k", "train", 5, seed=0)
+
+
+def test_demo_lines_with_the_slip_alone_is_the_old_demonstration() -> None:
+    problems = arith.sample_problems("train", 300, arith.ArithConfig(), seed=0)
+    for i, p in enumerate(problems):
+        old = arith.demonstration(p, random.Random(i), 0.6)
+        new = "\n".join(arith.demo_lines(p, random.Random(i), arith.DemoErrors(slip_rate=0.6)))
+        assert new == old
+
+
+def test_demo_errors_spread_and_stay_consistent() -> None:
+    cfg = arith.ArithConfig(n_steps=8, modulus=10, operand_max=9)
+    problems = arith.sample_problems("train", 2000, cfg, seed=0)
+    rng = random.Random(0)
+    errors = arith.DemoErrors(slip_rate=0.0, step_rate=0.1)
+    first = []
+    for p in problems:
+        lines = arith.demo_lines(p, rng, errors)
+        first.append(arith.first_error_step(p, "\n".join(lines)))
+        a = p.start  # every line continues from the previous line's value
+        for line, op, b in zip(lines, p.ops, p.operands, strict=False):
+            assert line.startswith(f"{a}{op}{b}=")
+            a = int(line.split("=")[1])
+    wrong = [f for f in first if f >= 0]
+    assert 1 - len(wrong) / len(first) == pytest.approx(0.9**8, abs=0.04)  # all 8 steps right
+    assert set(wrong) >= set(range(8))  # first errors at every position
+
+
+def test_misremembered_facts_are_fixed_per_fact() -> None:
+    errors = arith.DemoErrors(slip_rate=0.0, fact_rate=0.3, fact_use=1.0, fact_seed=3)
+    facts = [(a, op, b) for a in range(10) for op in "+-*" for b in range(10)]
+    wrong = {f: arith.misremembered(*f, 10, errors) for f in facts}
+    share = sum(v is not None for v in wrong.values()) / len(facts)
+    assert share == pytest.approx(0.3, abs=0.06)
+    for (a, op, b), value in wrong.items():
+        assert value is None or value != arith.apply_op(a, op, b, 10)
+    assert wrong == {f: arith.misremembered(*f, 10, errors) for f in facts}  # deterministic
+    with pytest.raises(ValueError, match="fact_rate must be in"):
+        arith.DemoErrors(fact_rate=1.5)

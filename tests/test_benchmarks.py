@@ -426,3 +426,20 @@ def test_release_shm_removes_only_this_jobs_buffers(
         path.write_bytes(b"x")
     assert sorted(launching.release_shm(4242)) == sorted(mine)
     assert other.exists() and not any(p.exists() for p in mine)
+
+
+def test_start_policy_chain_stats_by_hand() -> None:
+    from benchmarks.start_policy import chain_stats
+    from rl.tasks.arith import parse_prompt
+
+    p = parse_prompt("3 +4 *2 -6")  # 3+4=0, 0*2=0, 0-6=1
+    completions = [
+        "3+4=0\n0*2=0\n0-6=1\nAnswer: 1",  # clean
+        "3+4=0\n0*2=2\n2-6=3\nAnswer: 3",  # wrong at step 1
+        "3+4=1\n1*2=2\n2-6=1\nAnswer: 1",  # wrong at step 0, right by chance
+        "3+4=0",  # stops early: wrong at step 1
+    ]
+    stats = chain_stats([p] * 4, completions)
+    assert stats["accuracy"] == 0.5 and stats["clean"] == 0.25
+    assert stats["right_by_chance"] == 0.25
+    assert stats["first_error_hist"] == {0: 1, 1: 2}

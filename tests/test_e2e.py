@@ -50,7 +50,8 @@ def start_model_dir(cache: Path) -> Path:
     "stage, extra",
     [
         (2, ["algo.epochs=2", "algo.mini_batches=2", "algo.advantage=rloo"]),
-        (3, ["algo.kl_coef=0.05"]),  # zero.Init loading, generation on the gathered model
+        # zero.Init loading, generation on the gathered model, the reference offloaded
+        (3, ["algo.kl_coef=0.05", "model.offload_references=true"]),
         (2, ["deepspeed.config=configs/deepspeed/zero2_offload.json"]),  # DeepSpeed CPU Adam
     ],
 )

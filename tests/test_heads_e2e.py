@@ -65,3 +65,17 @@ def test_custom_head_by_import_path(tmp_path: Path, model_cache: Path):
     assert all("head/well_formed_steps/bonus_mean" in r for r in rows[1:])
     # "auto" credit picked the head's default ("sum"): process rewards reach the advantages
     assert all(r["reward/process_sum_mean"] != 0.0 for r in rows[1:])
+
+
+def test_gold_steps_head_two_ranks(tmp_path: Path, model_cache: Path):
+    out = tmp_path / "run"
+    heads = "reward.heads=[{head: gold_steps, kwargs: {penalty: 1.0}}]"
+    check_ok(launch(overrides(out, model_cache, heads, "algo.credit_kwargs={alpha: 1.0}")))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for row in rows[1:]:
+        frac = row["head/gold_steps/wrong_step_frac"]
+        assert 0.0 <= frac <= 1.0
+        # -1 on exactly one step of each wrong response: the process sum is minus that share
+        assert row["reward/process_sum_mean"] == pytest.approx(-frac, abs=1e-6)
+    assert any(r["head/gold_steps/wrong_step_frac"] > 0 for r in rows[1:])

@@ -60,16 +60,18 @@ SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_
 """What the checkpoint's generation_config.json suggests (and the trainer ignores)."""
 
 
-def chat_example(problem: ArithProblem, rng: random.Random, error_rate: float) -> tuple[str, str]:
-    """(user message, assistant response) of one SFT demonstration."""
-    return question(problem), chat_demonstration(problem, rng, error_rate)
+def chat_example(
+    problem: ArithProblem, rng: random.Random, cfg: TinyModelConfig
+) -> tuple[str, str]:
+    """(user message, assistant response) of one SFT demonstration (the slip only)."""
+    return question(problem), chat_demonstration(problem, rng, cfg.demo_error_rate)
 
 
 def _corpus(cfg: TinyModelConfig) -> Iterator[str]:
     """Texts the BPE learns its merges from: rendered chat demonstrations."""
     rng = random.Random(f"bpe/{cfg.seed}")
     for problem in sample_problems("train", TOKENIZER_CORPUS_PROBLEMS, cfg.task, cfg.seed):
-        user, response = chat_example(problem, rng, cfg.demo_error_rate)
+        user, response = chat_example(problem, rng, cfg)
         yield (
             f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n{IM_START}user\n{user}{IM_END}\n"
             f"{IM_START}assistant\n{response}{IM_END}\n"

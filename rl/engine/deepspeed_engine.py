@@ -223,12 +223,17 @@ def make_adamw(
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
-def create_reference(model: torch.nn.Module, ds_config: dict[str, Any]) -> torch.nn.Module:
-    """Frozen reference: partitioned by a ZeRO-3 inference engine under ZeRO-3, else a whole
-    copy on this rank's device."""
+def create_reference(
+    model: torch.nn.Module, ds_config: dict[str, Any], offload: bool = False
+) -> torch.nn.Module:
+    """Frozen reference: partitioned by a ZeRO-3 inference engine under ZeRO-3 (with
+    `offload`, its partitions live in CPU memory and are fetched as layers run), else a
+    whole copy on this rank's device."""
     model.eval()
     model.requires_grad_(False)
     if zero_stage_of(ds_config) != 3:
+        if offload:
+            raise ConfigError("model.offload_references needs ZeRO-3 (deepspeed.zero_stage=3)")
         return model.to(accelerator_device())
     import deepspeed
 
@@ -239,6 +244,8 @@ def create_reference(model: torch.nn.Module, ds_config: dict[str, Any]) -> torch
     }
     ref_config["gradient_accumulation_steps"] = ds_config["gradient_accumulation_steps"]
     ref_config["zero_optimization"] = {"stage": 3}
+    if offload:
+        ref_config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
     engine, _, _, _ = deepspeed.initialize(model=model, config=ref_config)
     engine.eval()
     return engine.module

@@ -31,7 +31,16 @@ def tiny_model_config(cfg: Config) -> Any:
         task = ArithConfig(**cfg.data.task)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"data.task: {err}") from err
-    return TinyModelConfig(**cfg.model.tiny, task=task)
+    tiny = TinyModelConfig(**cfg.model.tiny, task=task)
+    try:
+        tiny.demo_errors()
+    except ValueError as err:
+        raise ConfigError(f"model.tiny: {err}") from err
+    arith_only = {"demo_step_error_rate", "demo_fact_error_rate", "demo_fact_error_use"}
+    chosen = sorted(arith_only & set(cfg.model.tiny))
+    if cfg.model.path == BUILTIN_CHAT and chosen:
+        raise ConfigError(f"model.tiny.{chosen[0]}: only builtin:arith-tiny uses it")
+    return tiny
 
 
 def builtin_start_model(cfg: Config, dist: DistInfo, name: str = BUILTIN_TINY) -> Path:

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rl.engine.tiny_config import TinyModelConfig
-from rl.tasks.arith import ArithConfig, ArithProblem, demonstration, sample_problems
+from rl.tasks.arith import STEP_DELIMITER, ArithConfig, ArithProblem, demo_lines, sample_problems
 
 BUILD_VERSION = 2
 """Bumped when the build procedure changes, so old cached checkpoints are not reused."""
@@ -158,13 +158,15 @@ def _lr_factor(step: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-Example = Callable[[ArithProblem, random.Random, float], tuple[str, str]]
-"""(problem, rng, demo error rate) -> (user message, demonstration response)."""
+Example = Callable[[ArithProblem, random.Random, TinyModelConfig], tuple[str, str]]
+"""(problem, rng, recipe) -> (user message, demonstration response)."""
 
 
-def arith_example(problem: ArithProblem, rng: random.Random, error_rate: float) -> tuple[str, str]:
-    """(prompt, `demonstration`) of one arith-tiny SFT example."""
-    return problem.prompt, demonstration(problem, rng, error_rate)
+def arith_example(
+    problem: ArithProblem, rng: random.Random, cfg: TinyModelConfig
+) -> tuple[str, str]:
+    """(prompt, demonstration with `cfg.demo_errors()`) of one arith-tiny SFT example."""
+    return problem.prompt, STEP_DELIMITER.join(demo_lines(problem, rng, cfg.demo_errors()))
 
 
 def sft(
@@ -184,7 +186,7 @@ def sft(
     bar = tqdm(range(cfg.sft_steps), desc="SFT start model", disable=not show_progress)
     for step in bar:
         batch = problems[step * cfg.sft_batch_size : (step + 1) * cfg.sft_batch_size]
-        pairs = [example(p, rng, cfg.demo_error_rate) for p in batch]
+        pairs = [example(p, rng, cfg) for p in batch]
         ids, mask, labels = sft_batch(tok, [u for u, _ in pairs], [r for _, r in pairs])
         for group in opt.param_groups:
             group["lr"] = cfg.sft_lr * _lr_factor(step, cfg.sft_steps)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rl.tasks.arith import ArithConfig
+from rl.tasks.arith import ArithConfig, DemoErrors
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,26 @@ class TinyModelConfig:
     sft_lr: float = 3e-3
     """Peak AdamW learning rate (linear warm-up over 5% of the steps, then cosine to 10%)."""
     demo_error_rate: float = 0.6
-    """Probability that a demonstration carries one wrong step (see `demonstration`)."""
+    """Probability that a demonstration carries the task's systematic slip (see
+    `rl.tasks.arith.DemoErrors.slip_rate`)."""
+    demo_step_error_rate: float = 0.0
+    """Each step of a demonstration wrong independently with this probability
+    (`DemoErrors.step_rate`; arith-tiny only)."""
+    demo_fact_error_rate: float = 0.0
+    """Share of arithmetic facts misremembered (`DemoErrors.fact_rate`; arith-tiny only)."""
+    demo_fact_error_use: float = 0.7
+    """Probability a demonstration uses a misremembered fact (`DemoErrors.fact_use`)."""
     seed: int = 0
     """Seeds the model init, the demonstration problems and their errors."""
     task: ArithConfig = field(default_factory=ArithConfig)
     """The task the model is warmed up on."""
+
+    def demo_errors(self) -> DemoErrors:
+        """The demonstrations' errors (the fact choice seeded with `seed`)."""
+        return DemoErrors(
+            slip_rate=self.demo_error_rate,
+            step_rate=self.demo_step_error_rate,
+            fact_rate=self.demo_fact_error_rate,
+            fact_use=self.demo_fact_error_use,
+            fact_seed=self.seed,
+        )

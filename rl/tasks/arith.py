@@ -224,6 +224,73 @@ def slip(problem: ArithProblem) -> tuple[int, int] | None:
     return step, wrong if wrong != right else (right + 1) % problem.modulus
 
 
+@dataclass(frozen=True)
+class DemoErrors:
+    """How demonstrations go wrong (all off but the slip by default). A wrong step always
+    continues consistently from its wrong value, as a solver that slipped would."""
+
+    slip_rate: float = 0.6
+    """Probability of the systematic slip (the first "*" computed as "+"; see `slip`)."""
+    step_rate: float = 0.0
+    """Every step independently wrong with this probability, with a uniformly random wrong
+    value: errors at any position, but a policy imitating them is still most often right
+    at every step, so its greedy decoding rarely shows them (sampling does)."""
+    fact_rate: float = 0.0
+    """Share of arithmetic facts (a, op, b) that are "misremembered", each with one fixed
+    wrong value (chosen by a hash of the fact and `fact_seed`): errors spread over
+    positions and systematic per situation, so greedy decoding makes them too."""
+    fact_use: float = 0.7
+    """Probability that a demonstration uses a misremembered fact's wrong value."""
+    fact_seed: int = 0
+    """Which facts are misremembered, and how."""
+
+    def __post_init__(self) -> None:
+        for name in ("slip_rate", "step_rate", "fact_rate", "fact_use"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def misremembered(a: int, op: str, b: int, modulus: int, errors: DemoErrors) -> int | None:
+    """The fixed wrong value of fact `a op b` if it is misremembered, else None."""
+    if errors.fact_rate <= 0.0:
+        return None
+    key = f"fact/{errors.fact_seed}/{modulus}/{a}{op}{b}".encode()
+    digest = int.from_bytes(hashlib.sha256(key).digest()[:8], "big")
+    if (digest % 1_000_000) / 1_000_000 >= errors.fact_rate:
+        return None
+    right = apply_op(a, op, b, modulus)
+    return (right + 1 + (digest // 1_000_000) % (modulus - 1)) % modulus
+
+
+def demo_lines(problem: ArithProblem, rng: random.Random, errors: DemoErrors) -> list[str]:
+    """A demonstration's lines (steps, then the answer) with `errors` drawn from `rng`.
+
+    Per step, in this order: the slip (at the first "*", when drawn for this
+    demonstration), a misremembered fact (used with probability `fact_use`), an
+    independent error (`step_rate`), else the right value. `rng` is drawn from only for the
+    kinds of error that are on, so the slip alone consumes it as it always has.
+    """
+    mults = [i for i, op in enumerate(problem.ops) if op == SLIP_OP]
+    slip_step = mults[0] if mults and rng.random() < errors.slip_rate else -1
+    lines: list[str] = []
+    a = problem.start
+    for i, (op, b) in enumerate(zip(problem.ops, problem.operands, strict=True)):
+        c = apply_op(a, op, b, problem.modulus)
+        fact = misremembered(a, op, b, problem.modulus, errors)
+        if i == slip_step:
+            wrong = apply_op(a, CONFUSED_OP, b, problem.modulus)
+            c = wrong if wrong != c else (c + 1) % problem.modulus
+        elif fact is not None and rng.random() < errors.fact_use:
+            c = fact
+        elif errors.step_rate > 0.0 and rng.random() < errors.step_rate:
+            c = (c + rng.randrange(1, problem.modulus)) % problem.modulus
+        lines.append(f"{a}{op}{b}={c}")
+        a = c
+    lines.append(f"{ANSWER_PREFIX}{a}")
+    return lines
+
+
 def demonstration(problem: ArithProblem, rng: random.Random, error_rate: float) -> str:
     """A step-by-step response; with probability `error_rate` it carries the slip.
 

@@ -198,7 +198,9 @@ class Trainer:
         self.reference = None
         if cfg.algo.kl_coef > 0:
             reference, _, _ = load_policy(cfg, self.dist, path=model_path, ds_config=ds_config)
-            self.reference = eng.create_reference(reference, ds_config)
+            self.reference = eng.create_reference(
+                reference, ds_config, offload=cfg.model.offload_references
+            )
         self.critic: Critic | None = None
         if self.credit_name == "gae":
             self.critic = Critic(
@@ -227,6 +229,7 @@ class Trainer:
             verifier=self.rewards.verifier,
             sampling=self.sampling(),
             dtype=run_dtype(self.cfg),
+            offload_references=self.cfg.model.offload_references,
         )
 
     @property
@@ -264,19 +267,22 @@ class Trainer:
         reference's (None without KL) and the sampler's (vLLM; else None)."""
         temperature = self.cfg.rollout.temperature
         size = self.cfg.trainer.forward_micro_batch_size or self.plan.micro_batch_size
-        need_old = self.needs_old_logprobs()
-        old, ref = [], []
+        models = {"old": self.engine if self.needs_old_logprobs() else None}
+        models["ref"] = self.reference
+        out = {name: torch.zeros_like(batch.response_mask, dtype=torch.float32) for name in models}
+        # rows of similar length share a micro-batch, so trimming its padding saves the most
+        order = torch.argsort(batch.attention_mask.sum(dim=1).cpu(), stable=True)
         for rows in micro_batches(len(batch), size):
-            micro = batch.select(rows)
-            if need_old:
-                old.append(response_logprobs(self.engine, micro, temperature))
-            if self.reference is not None:
-                ref.append(response_logprobs(self.reference, micro, temperature))
-        return LogProbs(
-            torch.cat(old) if old else None,
-            torch.cat(ref) if ref else None,
-            batch.behaviour_logprobs,
-        )
+            index = order[rows]
+            micro = batch.select(index)
+            for name, model in models.items():
+                if model is not None:
+                    out[name][index.to(out[name].device)] = response_logprobs(
+                        model, micro, temperature
+                    )
+        old = out["old"] if models["old"] is not None else None
+        ref = out["ref"] if models["ref"] is not None else None
+        return LogProbs(old, ref, batch.behaviour_logprobs)
 
     def needs_old_logprobs(self) -> bool:
         """False when the update is exactly on-policy (`algo.epochs` = `algo.mini_batches` =
