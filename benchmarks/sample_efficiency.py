@@ -9,6 +9,7 @@ same number of generated samples, and is evaluated on the held-out `eval` split 
     pav            GRPO + PAV step advantages of a Best-of-4 prover (trained verifier)
     ppo_pav        PPO (critic, GAE) with the PAV step advantages as dense token rewards
     pav_mc_oracle  GRPO + PAV with Q^pi from fresh Monte-Carlo rollouts (upper bound)
+    gold_steps     GRPO + -1 on the first wrong step from the task's exact labels (upper bound)
 
 The task is harder than the quickstart's (which reaches 100%): `TASK_OVERRIDES`. The start
 model is built per task config and cached, so all methods share it.
@@ -210,6 +211,18 @@ METHODS: tuple[Method, ...] = (
         tunables=(LR, ALPHA),
         fixed={"n_mc": 4},
         paper="- (oracle Q^pi; bounds what a better verifier could give)",
+    ),
+    Method(
+        "gold_steps",
+        "GRPO + exact first-error step reward (upper bound)",
+        (
+            "reward.heads=[{head: gold_steps}]",
+            "algo.credit=pav",
+            "algo.credit_kwargs={alpha: $alpha}",
+            "optim.lr=$lr",
+        ),
+        tunables=(LR, ALPHA),
+        paper="- (exact labels: bounds any learned PRM on this task, at no cost)",
     ),
 )
 BASELINE = "outcome"

@@ -59,6 +59,9 @@ class DataConfig:
     """Cap on training rows (None = all; builtin tasks need a number, default 20000)."""
     eval_size: int = 256
     """Number of evaluation prompts."""
+    eval_seed: int = 0
+    """Seed of a built-in task's evaluation prompts: fixed, not the run's seed, so runs with
+    different seeds are evaluated on the same prompts (a paired comparison)."""
     prompt_column: str = "prompt"
     """Column holding the prompt (a string, or a list of chat messages)."""
     answer_column: str | None = "answer"

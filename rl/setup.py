@@ -34,12 +34,12 @@ def prompt_rows(cfg: Config, tokenizer: Any, which: str) -> tuple[list[PromptRow
     many were skipped as too long."""
     data = cfg.data
     if which == "train":
-        source, split, n = data.train, data.train_split, data.train_size
+        source, split, n, seed = data.train, data.train_split, data.train_size, cfg.seed
         if n is None and source.startswith("builtin:"):
             n = BUILTIN_TRAIN_ROWS
     else:
-        source, split, n = data.eval, data.eval_split, data.eval_size
-    rows = load_rows(source, split=split, n=n, seed=cfg.seed, task_kwargs=data.task)
+        source, split, n, seed = data.eval, data.eval_split, data.eval_size, data.eval_seed
+    rows = load_rows(source, split=split, n=n, seed=seed, task_kwargs=data.task)
     return prepare_prompts(
         rows,
         tokenizer,

@@ -321,3 +321,20 @@ def test_a_final_assistant_turn_is_continued() -> None:
     msgs = [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
     prepared, _ = prep([{"question": msgs, "answer": "x"}], make_tokenizer())
     assert prepared[0].text == "<s><|user|> c <|assistant|> d"  # no new generation prompt
+
+
+def test_builtin_eval_prompts_do_not_depend_on_the_run_seed() -> None:
+    from rl.config import load_config
+    from rl.engine.start_model import build_tokenizer
+    from rl.setup import prompt_rows
+
+    tok = build_tokenizer()
+    texts = {}
+    for seed in (0, 1):
+        cfg = load_config(None, [f"seed={seed}", "data.eval_size=16", "data.train_size=16"])
+        texts[seed] = (
+            [r.text for r in prompt_rows(cfg, tok, "eval")[0]],
+            [r.text for r in prompt_rows(cfg, tok, "train")[0]],
+        )
+    assert texts[0][0] == texts[1][0]  # the same eval prompts for every seed
+    assert texts[0][1] != texts[1][1]  # training prompts still follow the run's seed

@@ -270,10 +270,11 @@ class Trainer:
         models = {"old": self.engine if self.needs_old_logprobs() else None}
         models["ref"] = self.reference
         out = {name: torch.zeros_like(batch.response_mask, dtype=torch.float32) for name in models}
-        # rows of similar length share a micro-batch, so trimming its padding saves the most
-        order = torch.argsort(batch.attention_mask.sum(dim=1).cpu(), stable=True)
+        # micro-batches in rollout order, as the update's: with the same rows (and so the
+        # same trimmed width) the reference's log-probs match the policy's bit for bit while
+        # the two are equal, so the KL is exactly 0 then, also in bf16
         for rows in micro_batches(len(batch), size):
-            index = order[rows]
+            index = torch.as_tensor(rows, dtype=torch.long)
             micro = batch.select(index)
             for name, model in models.items():
                 if model is not None:
