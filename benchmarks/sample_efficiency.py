@@ -132,7 +132,7 @@ class Tunable:
     candidates: tuple[float, ...]
 
 
-LR = Tunable("lr", 1e-4, (5e-5, 1e-4, 2e-4))
+LR = Tunable("lr", 1e-4, (2.5e-5, 5e-5, 1e-4, 2e-4))
 ALPHA = Tunable("alpha", 0.5, (0.2, 0.5, 1.0))
 PRM_LR = Tunable("prm_lr", 1e-4, (1e-5, 1e-4, 1e-3))
 CRITIC_LR = Tunable("critic_lr", 1e-4, (1e-5, 1e-4, 1e-3))
