@@ -117,9 +117,7 @@ class PAVHead(RewardHead):
             raise ConfigError(
                 f"pav head: the verifier at {self.path} has another tokenizer than the policy"
             )
-        self.model = create_reference(
-            model, ctx.ds_config, offload=ctx.offload_references
-        )
+        self.model = create_reference(model, ctx.ds_config, offload=ctx.offload_references)
         self.micro_batch_size = ctx.micro_batch_size
 
     @torch.no_grad()
