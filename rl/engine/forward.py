@@ -58,7 +58,7 @@ def trim_padding(batch: TokenBatch) -> tuple[_Tokens, int]:
     used = batch.attention_mask.bool().any(dim=0).nonzero().flatten()  # [n used columns]
     if used.numel() == 0:
         return _Tokens(batch.input_ids, batch.attention_mask, tp), total - tp
-    first, last = int(used[0]), int(used[-1])  # one host sync for both
+    first, last = used[[0, -1]].tolist()  # one host read for both
     lead = min(first, tp - 1)  # keep one prompt column: it predicts the first response token
     end = max(last + 1, tp)
     cut = slice(lead, end)

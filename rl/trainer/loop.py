@@ -267,23 +267,22 @@ class Trainer:
         reference's (None without KL) and the sampler's (vLLM; else None)."""
         temperature = self.cfg.rollout.temperature
         size = self.cfg.trainer.forward_micro_batch_size or self.plan.micro_batch_size
-        models = {"old": self.engine if self.needs_old_logprobs() else None}
-        models["ref"] = self.reference
-        out = {name: torch.zeros_like(batch.response_mask, dtype=torch.float32) for name in models}
+        need_old = self.needs_old_logprobs()
+        old, ref = [], []
         # micro-batches in rollout order, as the update's: with the same rows (and so the
         # same trimmed width) the reference's log-probs match the policy's bit for bit while
         # the two are equal, so the KL is exactly 0 then, also in bf16
         for rows in micro_batches(len(batch), size):
-            index = torch.as_tensor(rows, dtype=torch.long)
-            micro = batch.select(index)
-            for name, model in models.items():
-                if model is not None:
-                    out[name][index.to(out[name].device)] = response_logprobs(
-                        model, micro, temperature
-                    )
-        old = out["old"] if models["old"] is not None else None
-        ref = out["ref"] if models["ref"] is not None else None
-        return LogProbs(old, ref, batch.behaviour_logprobs)
+            micro = batch.select(rows)
+            if need_old:
+                old.append(response_logprobs(self.engine, micro, temperature))
+            if self.reference is not None:
+                ref.append(response_logprobs(self.reference, micro, temperature))
+        return LogProbs(
+            torch.cat(old) if old else None,
+            torch.cat(ref) if ref else None,
+            batch.behaviour_logprobs,
+        )
 
     def needs_old_logprobs(self) -> bool:
         """False when the update is exactly on-policy (`algo.epochs` = `algo.mini_batches` =
