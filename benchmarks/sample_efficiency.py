@@ -6,7 +6,10 @@ same number of generated samples, and is evaluated on the held-out `eval` split 
 
     outcome        GRPO on the outcome reward only (configs/quickstart.yaml settings)
     prime          GRPO-style groups + online implicit PRM, PRIME credit (Eq. 5)
+    rloo           RLOO (leave-one-out baseline) on the outcome reward only
     pav            GRPO + PAV step advantages of a Best-of-4 prover (trained verifier)
+    pav_base       the same with prover = the base policy (Best-of-1): the paper's negative
+                   control, expected to be no better than outcome-only
     ppo_pav        PPO (critic, GAE) with the PAV step advantages as dense token rewards
     pav_mc_oracle  GRPO + PAV with Q^pi from fresh Monte-Carlo rollouts (upper bound)
     gold_steps     GRPO + -1 on the first wrong step from the task's exact labels (upper bound)
@@ -42,10 +45,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import statistics
 import string
+import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +77,7 @@ from benchmarks.launching import (  # noqa: E402
     TRAIN_PAV,
     RunResult,
     RunSpec,
+    error_line,
     prebuild_start_model,
     read_jsonl,
     run_all,
@@ -111,10 +117,19 @@ QUICK_OVERRIDES: tuple[str, ...] = (
 )
 """`--quick`: a tiny model and batch, so every run takes seconds after start-up."""
 
-EVAL_COLUMNS: tuple[str, ...] = ("method", "seed", "step", "samples", "eval_accuracy", "step_s")
+EVAL_COLUMNS: tuple[str, ...] = (
+    "method",
+    "seed",
+    "step",
+    "samples",
+    "eval_accuracy",
+    "step_s",
+    "extra_samples",
+)
 """evals.csv: method name; training seed; training step of the eval; samples generated for
 training so far (prompts x group size x step); greedy accuracy on the held-out eval split;
-the run's mean training-step time in seconds (steps 2..N: step 1 includes one-off warm-up)."""
+the run's mean training-step time in seconds (steps 2..N: step 1 includes one-off warm-up);
+the method's own extra samples so far (the MC oracle's continuations, else 0)."""
 
 TUNE_SEED = 1000
 """Seed of the tuning runs (different from the full runs' seeds 0, 1, 2...)."""
@@ -158,7 +173,8 @@ class Method:
 
 
 PAV_HEAD = (
-    "reward.heads=[{head: pav, weight: $head_weight, kwargs: {path: '$verifier', prover_k: 4}}]"
+    "reward.heads=[{head: pav, weight: $head_weight, "
+    "kwargs: {path: '$verifier', prover_k: $prover_k}}]"
 )
 
 METHODS: tuple[Method, ...] = (
@@ -167,6 +183,12 @@ METHODS: tuple[Method, ...] = (
         "GRPO, outcome only",
         ("algo.credit=outcome", "optim.lr=$lr"),
         paper="baseline",
+    ),
+    Method(
+        "rloo",
+        "RLOO, outcome only",
+        ("algo.advantage=rloo", "algo.credit=outcome", "optim.lr=$lr"),
+        paper="- (PRIME's outcome-only baseline)",
     ),
     Method(
         "prime",
@@ -186,9 +208,18 @@ METHODS: tuple[Method, ...] = (
         "GRPO + PAV (Bo4 prover)",
         (PAV_HEAD, "algo.credit=pav", "algo.credit_kwargs={alpha: $alpha}", "optim.lr=$lr"),
         tunables=(LR, ALPHA),
-        fixed={"head_weight": 1.0},
+        fixed={"head_weight": 1.0, "prover_k": 4},
         needs_verifier=True,
         paper="PAV: 5-6x vs outcome-only RL",
+    ),
+    Method(
+        "pav_base",
+        "GRPO + PAV, prover = base policy (negative control)",
+        (PAV_HEAD, "algo.credit=pav", "algo.credit_kwargs={alpha: $alpha}", "optim.lr=$lr"),
+        tunables=(LR, ALPHA),
+        fixed={"head_weight": 1.0, "prover_k": 1},
+        needs_verifier=True,
+        paper="PAV: no better than outcome-only (the base policy's own advantages)",
     ),
     Method(
         "ppo_pav",
@@ -197,6 +228,7 @@ METHODS: tuple[Method, ...] = (
         (PAV_HEAD.replace("$head_weight", "$alpha"), "algo.credit=gae")
         + ("critic.lr=$critic_lr", "optim.lr=$lr"),
         tunables=(LR, ALPHA, CRITIC_LR),
+        fixed={"prover_k": 4},
         needs_verifier=True,
     ),
     Method(
@@ -290,6 +322,22 @@ class EvalPoint:
     samples: int
     accuracy: float
     step_s: float
+    extra_samples: float = 0.0
+    """Samples the method generated beyond the policy's training rollouts up to this point
+    (the MC oracle's continuations: `EXTRA_SAMPLES_KEY`), 0 for the others."""
+
+
+EXTRA_SAMPLES_KEY = "/mc_rollouts_per_response"
+"""Suffix of a head metric counting its own rollouts per training response (pav_mc_oracle)."""
+
+DIAGNOSTIC_KEYS: tuple[str, ...] = (
+    "diag/zero_spread_group_frac",
+    "diag/wrong_step_adv_neg_frac",
+    "diag/right_step_in_failed_adv_neg_frac",
+    "diag/step_credit_share",
+)
+"""Credit diagnostics (`logging.credit_diagnostics`, rl/trainer/diagnostics.py) summarised
+per method: means over training steps, then over seeds."""
 
 
 @dataclass(frozen=True)
@@ -329,10 +377,39 @@ def mean_step_time(rows: list[dict[str, Any]], skip_first: int = 1) -> float:
     return statistics.fmean(times) if times else math.nan
 
 
+def extra_samples_by_step(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """Cumulative extra samples (`EXTRA_SAMPLES_KEY` metrics x the step's new training
+    samples) after each logged step (0 at step 0)."""
+    out, total, previous = {0: 0.0}, 0.0, 0
+    for row in step_rows(rows):
+        per_response = sum(float(v) for k, v in row.items() if k.endswith(EXTRA_SAMPLES_KEY))
+        samples = int(row["samples"])
+        total += per_response * (samples - previous)
+        previous = samples
+        out[int(row["step"])] = total
+    return out
+
+
 def run_points(method: str, seed: int, rows: list[dict[str, Any]]) -> list[EvalPoint]:
     """The eval points of one run's metrics rows."""
     step_s = mean_step_time(rows)
-    return [EvalPoint(method, seed, st, sa, acc, step_s) for st, sa, acc in eval_rows(rows)]
+    extra = extra_samples_by_step(rows)
+    return [
+        EvalPoint(method, seed, st, sa, acc, step_s, extra.get(st, 0.0))
+        for st, sa, acc in eval_rows(rows)
+    ]
+
+
+def run_diagnostics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean of each `DIAGNOSTIC_KEYS` metric over a run's training steps (NaNs, i.e. steps
+    with nothing to count, skipped); keys the run did not log are left out."""
+    out = {}
+    for key in DIAGNOSTIC_KEYS:
+        values = [float(r[key]) for r in step_rows(rows) if key in r]
+        values = [v for v in values if math.isfinite(v)]
+        if values:
+            out[key] = statistics.fmean(values)
+    return out
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -381,6 +458,39 @@ def efficiency_gain(baseline_samples: int | None, method_samples: int | None) ->
     return baseline_samples / method_samples
 
 
+def gain_lower_bound(baseline_final_samples: int, method_samples: float | None) -> float | None:
+    """When the baseline never reached the target within `baseline_final_samples` but the
+    method did with `method_samples`, the gain is more than their ratio: that ratio (shown
+    as `> r`); None when the method did not reach it either."""
+    if method_samples is None or method_samples <= 0:
+        return None
+    return baseline_final_samples / method_samples
+
+
+TARGET_RULES: tuple[str, ...] = ("half-gap", "outcome-final")
+"""How `summarize` sets the target accuracy: the start accuracy plus half the gap to 100%
+(the same for every method: the issue's fixed target), or the baseline's final mean."""
+
+
+def start_accuracy(points: Sequence[EvalPoint]) -> float | None:
+    """Mean accuracy at 0 samples over every run (all methods start from the same policy
+    and are evaluated on the same prompts, so these agree up to kernel noise)."""
+    at_start = [p.accuracy for p in points if p.samples == 0]
+    return statistics.fmean(at_start) if at_start else None
+
+
+def target_accuracy(
+    points: Sequence[EvalPoint], curves: dict[str, Curve], rule: str, baseline: str
+) -> float | None:
+    """The target of `rule` (`TARGET_RULES`); None when its inputs are missing."""
+    if rule == "half-gap":
+        start = start_accuracy(points)
+        return None if start is None else start + (1.0 - start) / 2
+    if rule == "outcome-final":
+        return curves[baseline].mean[-1] if baseline in curves else None
+    raise ValueError(f"unknown target rule {rule!r}; valid: {list(TARGET_RULES)}")
+
+
 @dataclass(frozen=True)
 class SummaryRow:
     """One method's line of summary.md."""
@@ -398,18 +508,29 @@ class SummaryRow:
     step_time_ratio: float | None
     """step_s / the baseline's step_s."""
     paper: str
+    gain_is_lower_bound: bool = False
+    """The baseline did not reach the target: `gain` is a lower bound (`> gain`)."""
+    extra_samples_to_target: float = 0.0
+    """Mean over seeds of the method's extra samples (MC rollouts) when it reached the target."""
+    gain_with_extra: float | None = None
+    """The gain with the extra samples counted (None when there are none or no target)."""
+    diagnostics: dict[str, float] = field(default_factory=dict)
+    """`DIAGNOSTIC_KEYS` means over seeds."""
 
 
 def summarize(
     points: list[EvalPoint],
     methods: Sequence[Method],
     baseline: str = BASELINE,
+    rule: str = "half-gap",
+    diagnostics: dict[str, list[dict[str, float]]] | None = None,
 ) -> tuple[float | None, list[SummaryRow]]:
     """(target accuracy, one row per method with points), in `methods` order.
 
-    The target is the baseline's final mean accuracy (its curve's last point); a method's
-    samples-to-target is the first point of its mean curve at or above it; the gain divides
-    the baseline's own samples-to-target by the method's.
+    The target follows `rule` (`TARGET_RULES`); a method's samples-to-target is the first
+    point of its mean curve at or above it; the gain divides the baseline's samples-to-target
+    by the method's (a lower bound, from the baseline's final sample count, when only the
+    method reached it). `diagnostics`: per method, one `run_diagnostics` dict per seed.
     """
     curves = {
         m.name: aggregate_curve(p for p in points if p.method == m.name)
@@ -420,19 +541,39 @@ def summarize(
         name: statistics.fmean({p.seed: p.step_s for p in points if p.method == name}.values())
         for name in curves
     }
-    target = curves[baseline].mean[-1] if baseline in curves else None
-    base_samples = samples_to_reach(curves[baseline], target) if target is not None else None
+    target = target_accuracy(points, curves, rule, baseline)
+    base_curve = curves.get(baseline)
+    base_samples = (
+        samples_to_reach(base_curve, target) if base_curve and target is not None else None
+    )
     rows = []
     for m in methods:
         if m.name not in curves:
             continue
         curve = curves[m.name]
-        final = [
-            p.accuracy for p in points if p.method == m.name and p.samples == curve.samples[-1]
-        ]
+        mine = [p for p in points if p.method == m.name]
+        final = [p.accuracy for p in mine if p.samples == curve.samples[-1]]
         final_mean, final_std = mean_std(final)
         reach = samples_to_reach(curve, target) if target is not None else None
+        extra = (
+            statistics.fmean([p.extra_samples for p in mine if p.samples == reach])
+            if reach is not None
+            else 0.0
+        )
+        gain, bound = efficiency_gain(base_samples, reach), False
+        gain_extra = efficiency_gain(base_samples, reach + extra) if extra and reach else None
+        if base_curve is not None and target is not None and base_samples is None:
+            gain, bound = gain_lower_bound(base_curve.samples[-1], reach), reach is not None
+            gain_extra = (
+                gain_lower_bound(base_curve.samples[-1], reach + extra) if extra and reach else None
+            )
         base_step = step_s.get(baseline)
+        per_seed = (diagnostics or {}).get(m.name, [])
+        diag = {
+            key: statistics.fmean([d[key] for d in per_seed if key in d])
+            for key in DIAGNOSTIC_KEYS
+            if any(key in d for d in per_seed)
+        }
         rows.append(
             SummaryRow(
                 method=m.name,
@@ -442,10 +583,14 @@ def summarize(
                 final_mean=final_mean,
                 final_std=final_std,
                 samples_to_target=reach,
-                gain=efficiency_gain(base_samples, reach),
+                gain=gain,
                 step_s=step_s[m.name],
                 step_time_ratio=(step_s[m.name] / base_step) if base_step else None,
                 paper=m.paper,
+                gain_is_lower_bound=bound,
+                extra_samples_to_target=extra,
+                gain_with_extra=gain_extra,
+                diagnostics=diag,
             )
         )
     return target, rows
@@ -456,10 +601,11 @@ def format_accuracy(mean: float, std: float | None) -> str:
     return f"{100 * mean:.1f}%" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}%"
 
 
-def format_ratio(value: float | None) -> str:
+def format_ratio(value: float | None, lower_bound: bool = False) -> str:
     if value is None:
         return "-"
-    return "inf" if math.isinf(value) else f"{value:.2f}x"
+    text = "inf" if math.isinf(value) else f"{value:.2f}x"
+    return f"> {text}" if lower_bound else text
 
 
 def render_table(target: float | None, rows: list[SummaryRow]) -> str:
@@ -469,23 +615,55 @@ def render_table(target: float | None, rows: list[SummaryRow]) -> str:
     )
     out = [
         f"| method | seeds | final eval accuracy (mean ± std) | {reach_head} "
-        "| sample-efficiency gain | step time vs outcome-only | papers |",
-        "|---|---|---|---|---|---|---|",
+        "| samples-to-target gain vs outcome-only | with the head's own rollouts counted "
+        "| step time vs outcome-only | papers |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     if not rows:
-        out.append("| (no finished runs) | | | | | | |")
+        out.append("| (no finished runs) | | | | | | | |")
     for r in rows:
         if target is None:
-            reach = "n/a (no outcome-only baseline)"
+            reach = "n/a (no target)"
         elif r.samples_to_target is None:
             reach = "not reached"
         else:
             reach = f"{r.samples_to_target:,}"
+        if r.extra_samples_to_target and r.samples_to_target is not None:
+            total = r.samples_to_target + r.extra_samples_to_target
+            extra = (
+                f"{total:,.0f} samples: {format_ratio(r.gain_with_extra, r.gain_is_lower_bound)}"
+            )
+        else:
+            extra = "same"
         step = f"{format_ratio(r.step_time_ratio)} ({r.step_s:.2f} s)"
         out.append(
             f"| {r.label} | {r.n_seeds} | {format_accuracy(r.final_mean, r.final_std)} "
-            f"| {reach} | {format_ratio(r.gain)} | {step} | {r.paper} |"
+            f"| {reach} | {format_ratio(r.gain, r.gain_is_lower_bound)} | {extra} | {step} "
+            f"| {r.paper} |"
         )
+    return "\n".join(out) + "\n"
+
+
+DIAGNOSTIC_HEADS: dict[str, str] = {
+    "diag/zero_spread_group_frac": "groups with one outcome",
+    "diag/wrong_step_adv_neg_frac": "first wrong steps pushed down",
+    "diag/right_step_in_failed_adv_neg_frac": "right steps of failed responses pushed down",
+    "diag/step_credit_share": "step-credit share of the advantage",
+}
+
+
+def render_diagnostics(rows: list[SummaryRow]) -> str:
+    """The credit-diagnostics table (empty when no run logged them)."""
+    keys = [k for k in DIAGNOSTIC_KEYS if any(k in r.diagnostics for r in rows)]
+    if not keys:
+        return ""
+    out = [
+        "| method | " + " | ".join(DIAGNOSTIC_HEADS[k] for k in keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    for r in rows:
+        cells = [f"{100 * r.diagnostics[k]:.1f}%" if k in r.diagnostics else "-" for k in keys]
+        out.append(f"| {r.label} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -505,26 +683,46 @@ def render_summary(
         "",
     ]
     if target is not None and rows:
-        base = next((r for r in rows if r.method == BASELINE), None)
-        at = f" at {base.final_samples:,} samples" if base else ""
-        lines += [
-            f"Target: outcome-only GRPO's final mean eval accuracy, {100 * target:.1f}%{at}.",
-            "",
-        ]
+        if meta.get("target_rule", "half-gap") == "half-gap":
+            start = meta.get("start_accuracy")
+            at = f"{100 * start:.1f}% " if start is not None else ""
+            lines += [
+                f"Target: {100 * target:.1f}%, the start accuracy {at}plus half the gap to "
+                "100%, the same for every method.",
+                "",
+            ]
+        else:
+            base = next((r for r in rows if r.method == BASELINE), None)
+            at = f" at {base.final_samples:,} samples" if base else ""
+            lines += [
+                f"Target: outcome-only GRPO's final mean eval accuracy, {100 * target:.1f}%{at}.",
+                "",
+            ]
     lines.append(render_table(target, rows))
+    if meta.get("verifier"):
+        lines += [f"PAV verifier: {meta['verifier']}", ""]
     if not_run:
         lines += ["Not run:", ""]
         lines += [f"- {name}: {reason}" for name, reason in not_run]
         lines.append("")
+    diagnostics = render_diagnostics(rows)
+    if diagnostics:
+        lines += [
+            "Credit diagnostics (exact step labels of the built-in task; means over training "
+            "steps, then seeds; see rl/trainer/diagnostics.py):",
+            "",
+            diagnostics,
+        ]
     lines += [
         "How to read it: accuracy is greedy accuracy on the held-out eval split, mean over seeds "
         "(± sample std). Samples are the policy rollouts used for training (prompts x group size "
-        "x steps), the same for every method; the PAV verifier's own training data and the MC "
-        "oracle's extra continuations are not counted. Samples to reach: the first eval point of "
-        "the method's mean curve at or above the target (only eval points count, so it is "
-        "rounded up to the eval interval). Gain: outcome-only's samples to reach its own final "
-        "accuracy divided by the method's. Step time: mean over seeds of each run's mean "
-        "training-step time (steps 2..N), relative to outcome-only.",
+        "x steps), the same for every method; the PAV verifier's own training data is not "
+        "counted; the MC oracle's extra continuations are counted in their own column. Samples "
+        "to reach: the first eval point of the method's mean curve at or above the target (only "
+        "eval points count, so it is rounded up to the eval interval). Gain: outcome-only's "
+        "samples to reach the target divided by the method's; `> r` when outcome-only never "
+        "reached it (r uses its final sample count). Step time: mean over seeds of each run's "
+        "mean training-step time (steps 2..N), relative to outcome-only.",
         "",
         "Papers' reference numbers (different models and scale, see docs/algorithms.md): "
         "PAV (Setlur et al. 2024) 5-6x sample efficiency and >6% accuracy over outcome-only RL "
@@ -544,12 +742,24 @@ def write_evals_csv(points: list[EvalPoint], path: Path) -> None:
         writer.writerow(EVAL_COLUMNS)
         for p in points:
             writer.writerow(
-                [p.method, p.seed, p.step, p.samples, f"{p.accuracy:.6f}", f"{p.step_s:.4f}"]
+                [
+                    p.method,
+                    p.seed,
+                    p.step,
+                    p.samples,
+                    f"{p.accuracy:.6f}",
+                    f"{p.step_s:.4f}",
+                    f"{p.extra_samples:.0f}",
+                ]
             )
 
 
 def plot_curves(
-    curves: dict[str, Curve], target: float | None, path: Path, title: str = ""
+    curves: dict[str, Curve],
+    target: float | None,
+    path: Path,
+    title: str = "",
+    target_label: str = "target",
 ) -> str | None:
     """accuracy_vs_samples.png: mean line and min-max band per method. Returns None, or why
     no plot was written (matplotlib missing)."""
@@ -570,7 +780,7 @@ def plot_curves(
                 curve.samples, curve.low, curve.high, color=line.get_color(), alpha=0.15
             )
     if target is not None:
-        ax.axhline(target, color="grey", ls="--", lw=0.8, label="outcome-only final mean")
+        ax.axhline(target, color="grey", ls="--", lw=0.8, label=target_label)
     ax.set_xlabel("training samples generated")
     ax.set_ylabel("held-out eval accuracy (greedy)")
     ax.set_ylim(-0.02, 1.02)
@@ -643,6 +853,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tuning", type=Path, default=None, help="tuning JSON (<out>/tuning.json)")
     parser.add_argument("--cache-dir", default=None, help="start-model cache (model.cache_dir)")
     parser.add_argument("--ranks", type=int, default=2, help="deepspeed --num_gpus")
+    parser.add_argument(
+        "--target",
+        choices=TARGET_RULES,
+        default="half-gap",
+        help="target accuracy: start + half the gap to 100%% (default) or outcome-only's final",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     return parser.parse_args(argv)
@@ -656,7 +872,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
     )
     base = [*TASK_OVERRIDES, *(QUICK_OVERRIDES if args.quick else ())]
     base += [f"trainer.max_steps={steps}", f"trainer.eval_every={every}"]
-    base += [f"trainer.save_every={every}"]
+    base += [f"trainer.save_every={every}", "logging.credit_diagnostics=true"]
     if args.cache_dir:
         base.append(f"model.cache_dir={Path(args.cache_dir).resolve()}")
     return Setup(runs_dir.resolve(), tuple(base), tuple(args.overrides), steps, every, args.ranks)
@@ -712,6 +928,45 @@ def ensure_pav_verifier(setup: Setup) -> tuple[Path | None, str]:
     return spec.out_dir, ""
 
 
+PRM_EVAL = "launch/eval_prm.py"
+PRM_EVAL_FILE = "prm_eval.json"
+"""The verifier's first-error F1 (written by launch/eval_prm.py into the verifier's dir)."""
+
+
+def verifier_quality(setup: Setup, verifier_dir: Path) -> dict[str, Any] | None:
+    """The trained verifier's first-error scores on the task's exactly labelled held-out
+    solutions (`launch/eval_prm.py --data builtin`, eval split), computed once and cached in
+    the verifier's directory; None (the reason printed) when the evaluation fails."""
+    out = verifier_dir / PRM_EVAL_FILE
+    if not out.is_file():
+        keep = [o for o in setup.base if not o.startswith(("trainer.", "logging."))]
+        cmd = [sys.executable, PRM_EVAL, "--config", CONFIG, "--head", "pav"]
+        cmd += ["--head-kwargs", f"{{path: '{verifier_dir}'}}", "--data", "builtin"]
+        cmd += ["--out", str(out), "logging.progress_bar=false", *keep, *setup.extra]
+        print("verifier first-error F1: " + " ".join(cmd[1:]), flush=True)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"verifier evaluation failed: {error_line(proc.stdout + proc.stderr)}")
+            return None
+    scores = json.loads(out.read_text())["scores"]
+    return {k: scores.get(k) for k in ("f1", "acc_error", "acc_correct", "n")}
+
+
+def verifier_line(quality: dict[str, Any] | None) -> str:
+    """summary.md's line on the trained verifier's quality."""
+    if not quality:
+        return ""
+
+    def pct(x: Any) -> str:
+        return "-" if x is None else f"{100 * float(x):.1f}%"
+
+    return (
+        f"first-error F1 {pct(quality['f1'])} on {quality['n']} exactly labelled held-out "
+        f"solutions (accuracy on wrong ones {pct(quality['acc_error'])}, on right ones "
+        f"{pct(quality['acc_correct'])}; launch/eval_prm.py --data builtin, threshold 0.5)."
+    )
+
+
 def final_accuracy(result: RunResult) -> str:
     points = eval_rows(read_jsonl(result.spec.out_dir / "metrics.jsonl"))
     return f"final eval acc {points[-1][2]:.3f}" if points else ""
@@ -733,13 +988,18 @@ def skip_after_config_error(
     return skip
 
 
-def collect_points(results: list[RunResult], seeds: dict[Path, int]) -> list[EvalPoint]:
+def collect_points(
+    results: list[RunResult], seeds: dict[Path, int]
+) -> tuple[list[EvalPoint], dict[str, list[dict[str, float]]]]:
+    """The finished runs' eval points, and per method one `run_diagnostics` per run."""
     points: list[EvalPoint] = []
+    diagnostics: dict[str, list[dict[str, float]]] = {}
     for r in results:
         if r.ok:
             rows = read_jsonl(r.spec.out_dir / "metrics.jsonl")
             points += run_points(r.spec.group, seeds[r.spec.out_dir], rows)
-    return points
+            diagnostics.setdefault(r.spec.group, []).append(run_diagnostics(rows))
+    return points, diagnostics
 
 
 def not_run_reasons(results: list[RunResult]) -> list[tuple[str, str]]:
@@ -820,6 +1080,7 @@ def evaluate_methods(
     tuning: dict[str, Any] | None,
     out: Path,
     command: str,
+    target_rule: str = "half-gap",
 ) -> None:
     """The full (or quick) comparison: seeds x methods, then evals.csv, plot and summary."""
     specs, seed_of, sources = [], {}, {}
@@ -836,8 +1097,11 @@ def evaluate_methods(
         if m.needs_verifier and "verifier" not in verifier
     }
     results = run_all(specs, final_accuracy, skip_after_config_error(prerequisites), desc="runs")
-    points = collect_points(results, seed_of)
-    target, rows = summarize(points, methods)
+    points, diagnostics = collect_points(results, seed_of)
+    target, rows = summarize(points, methods, rule=target_rule, diagnostics=diagnostics)
+    quality = (
+        verifier_quality(setup, Path(verifier["verifier"])) if "verifier" in verifier else None
+    )
     out.mkdir(parents=True, exist_ok=True)
     write_evals_csv(points, out / "evals.csv")
     curves = {
@@ -845,19 +1109,35 @@ def evaluate_methods(
         for m in methods
         if any(p.method == m.name for p in points)
     }
-    plot_note = plot_curves(curves, target, out / "accuracy_vs_samples.png")
+    target_label = "start + half the gap" if target_rule == "half-gap" else "outcome-only final"
+    plot_note = plot_curves(
+        curves, target, out / "accuracy_vs_samples.png", out.name, target_label=target_label
+    )
     meta = {
         "command": command,
-        "task": list(TASK_OVERRIDES),
+        "task": [*TASK_OVERRIDES, *setup.extra],
+        "target_rule": target_rule,
+        "start_accuracy": start_accuracy(points),
+        "verifier": verifier_line(quality),
         "budget": f"{setup.steps} step(s), eval every {setup.eval_every}, "
-        f"{seeds} seed(s) per method"
-        + (f"; extra overrides {list(setup.extra)}" if setup.extra else ""),
+        f"{seeds} seed(s) per method",
         "hyperparameters": "; ".join(f"{m.name}: {sources[m.name]}" for m in methods),
     }
     text = render_summary(target, rows, not_run_reasons(results), meta)
     if plot_note:
         text += f"\n{plot_note}.\n"
     (out / "summary.md").write_text(text)
+    summary = {
+        "target": target,
+        "target_rule": target_rule,
+        "start_accuracy": start_accuracy(points),
+        "verifier_quality": quality,
+        "rows": [dataclasses.asdict(r) for r in rows],
+        "not_run": not_run_reasons(results),
+        "command": command,
+        "task": [*TASK_OVERRIDES, *setup.extra],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(text)
     print(
         f"wrote {out / 'evals.csv'}, {out / 'summary.md'}"
@@ -897,7 +1177,7 @@ def main(argv: list[str]) -> int:
         tune(setup, methods, verifier, tuning_path)
         return 0
     tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else None
-    evaluate_methods(setup, methods, seeds, verifier, tuning, out, command)
+    evaluate_methods(setup, methods, seeds, verifier, tuning, out, command, args.target)
     return 0
 
 

@@ -56,19 +56,10 @@ class GoldStepsHead(RewardHead):
     def first_errors(self, batch: HeadBatch) -> Tensor:
         """[B] index of each response's first wrong step (-1: all right), clamped to the
         response's last step when the error is a missing line."""
-        from rl.tasks.arith import DEFAULT_MODULUS, first_error_step
+        from rl.tasks.arith import DEFAULT_MODULUS
 
-        prompts = _prompt_column(batch)
         modulus = self.modulus or DEFAULT_MODULUS
-        first = torch.tensor(
-            [
-                first_error_step(p, c, modulus)
-                for p, c in zip(prompts, batch.completions, strict=True)
-            ],
-            device=batch.step_id.device,
-        )
-        last_step = batch.step_id.max(dim=1).values  # [B], -1 for an empty response
-        return torch.where(first >= 0, torch.minimum(first, last_step.clamp(min=0)), first)
+        return first_error_steps(_prompt_column(batch), batch.completions, modulus, batch.step_id)
 
     def score(self, batch: HeadBatch) -> HeadOutput:
         first = self.first_errors(batch)  # [B]
@@ -84,6 +75,22 @@ class GoldStepsHead(RewardHead):
         first = self.first_errors(batch).unsqueeze(1)  # [B, 1]
         ok = (first < 0) | (batch.step_id < first)
         return ((batch.step_id >= 0) & ok).float()
+
+
+def first_error_steps(
+    problems: list[Any], completions: list[str], modulus: int, step_id: Tensor
+) -> Tensor:
+    """[B] first wrong step of each completion of the built-in task (-1: all right), clamped
+    to the response's last step (from `step_id` [B, Tr], -1 off the response) when the error
+    is a missing line, so that the index always names a step the response has."""
+    from rl.tasks.arith import first_error_step
+
+    first = torch.tensor(
+        [first_error_step(p, c, modulus) for p, c in zip(problems, completions, strict=True)],
+        device=step_id.device,
+    )
+    last_step = step_id.max(dim=1).values  # [B], -1 for an empty response
+    return torch.where(first >= 0, torch.minimum(first, last_step.clamp(min=0)), first)
 
 
 def _prompt_column(batch: HeadBatch) -> list[Any]:

@@ -268,7 +268,12 @@ class PAVMCOracleHead(RewardHead):
 
     def score(self, batch: HeadBatch) -> HeadOutput:
         q_pi, step_mask = self.q_values(batch)
-        return pav_output(q_pi, step_mask, batch.step_end.to(q_pi.device), self.prover_k)
+        out = pav_output(q_pi, step_mask, batch.step_end.to(q_pi.device), self.prover_k)
+        # the oracle's own samples: n_mc continuations of each prefix s_0..s_{H-1} of a row
+        # (its H steps); benchmarks count them next to the policy's rollouts
+        n_rows = max(1, step_mask.shape[0])
+        out.metrics["mc_rollouts_per_response"] = self.n_mc * float(step_mask.sum()) / n_rows
+        return out
 
     def step_values(self, batch: HeadBatch) -> Tensor:
         """Q^pi after each step on its last token (the outcome after the last), 0 elsewhere."""

@@ -290,6 +290,9 @@ class LoggingConfig:
     """wandb run name (default: output_dir's name)."""
     progress_bar: bool = True
     """tqdm progress bar on rank 0."""
+    credit_diagnostics: bool = False
+    """Log `diag/*` each step: where the advantages point on the built-in task's exactly
+    labelled right and wrong steps (`rl.trainer.diagnostics`); needs data.train builtin:arith."""
 
 
 @dataclass(frozen=True)
@@ -420,6 +423,11 @@ def validate(cfg: Config) -> None:
             "(rollout.old_logprobs=engine or rollout.tis_cap): vLLM's log-probs are renormalised "
             "over the kept tokens and the trainer's are not, so they cannot be compared; use "
             "top_p=1, top_k=0 or the trainer's log-probs"
+        )
+    if cfg.logging.credit_diagnostics and cfg.data.train != "builtin:arith":
+        raise ConfigError(
+            "logging.credit_diagnostics: needs the built-in task's exact step labels "
+            f"(data.train: builtin:arith), got data.train={cfg.data.train!r}"
         )
     if cfg.trainer.resume not in ("none", "auto") and not Path(cfg.trainer.resume).exists():
         raise ConfigError(f"trainer.resume: checkpoint {cfg.trainer.resume!r} does not exist")

@@ -98,23 +98,105 @@ def test_summary_table_text() -> None:
     lines = table.splitlines()
     assert "samples to reach 70.0%" in lines[0]
     assert lines[2] == (
-        "| GRPO, outcome only | 2 | 70.0 ± 0.0% | 300 | 1.00x | 1.00x (1.10 s) | baseline |"
+        "| GRPO, outcome only | 2 | 70.0 ± 0.0% | 300 | 1.00x | same | 1.00x (1.10 s) | baseline |"
     )
     assert lines[3].startswith(
-        "| GRPO + online implicit PRM (PRIME) | 2 | 85.0 ± 7.1% | 200 | 1.50x | 1.27x (1.40 s) |"
+        "| GRPO + online implicit PRM (PRIME) | 2 | 85.0 ± 7.1% | 200 | 1.50x | same "
+        "| 1.27x (1.40 s) |"
     )
-    assert "| not reached | - | 1.82x (2.00 s) |" in lines[4]
-    doc = se.render_summary(target, rows, [("ppo_pav", "skipped (3 run(s)): error: x")], {})
-    assert "Target: outcome-only GRPO's final mean eval accuracy, 70.0% at 300 samples." in doc
+    assert "| not reached | - | same | 1.82x (2.00 s) |" in lines[4]
+    meta = {"target_rule": "half-gap", "start_accuracy": 0.4}
+    doc = se.render_summary(target, rows, [("ppo_pav", "skipped (3 run(s)): error: x")], meta)
+    assert "Target: 70.0%, the start accuracy 40.0% plus half the gap to 100%" in doc
     assert "- ppo_pav: skipped (3 run(s)): error: x" in doc
     assert "5-6x" in doc and "2.5x" in doc
+    doc = se.render_summary(target, rows, [], {"target_rule": "outcome-final"})
+    assert "Target: outcome-only GRPO's final mean eval accuracy, 70.0% at 300 samples." in doc
+
+
+def test_target_rules() -> None:
+    """half-gap: start 0.4 + (1 - 0.4) / 2 = 0.7; outcome-final: outcome's last mean, 0.7 in
+    SYNTHETIC too; with a different start the two differ."""
+    methods = method_rows(["outcome", "prime"])
+    pts = [
+        se.EvalPoint(p.method, p.seed, p.step, p.samples, p.accuracy + 0.1, p.step_s)
+        for p in SYNTHETIC
+        if p.method in ("outcome", "prime")
+    ]  # start 0.5: target 0.75
+    target, rows = se.summarize(pts, methods)
+    assert target == pytest.approx(0.75)
+    by = {r.method: r for r in rows}
+    # outcome's mean curve 0.50 0.65 0.75 0.80 reaches 0.75 at 200; prime's 0.50 0.75 ... at 100
+    assert by["outcome"].samples_to_target == 200 and by["prime"].samples_to_target == 100
+    assert by["prime"].gain == 2.0 and not by["prime"].gain_is_lower_bound
+    target, _ = se.summarize(pts, methods, rule="outcome-final")
+    assert target == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="unknown target rule"):
+        se.summarize(pts, methods, rule="nope")
+
+
+def test_gain_is_a_lower_bound_when_outcome_never_reaches_the_target() -> None:
+    """start 0.2 -> target 0.6: outcome (0.2 0.3 0.4 0.5) never reaches it within 300
+    samples, prime (0.2 0.5 0.7 0.9) does at 200: the gain is more than 300 / 200."""
+    pts = points("outcome", 0, [0.2, 0.3, 0.4, 0.5], 1.0) + points(
+        "prime", 0, [0.2, 0.5, 0.7, 0.9], 1.0
+    )
+    target, rows = se.summarize(pts, method_rows(["outcome", "prime"]))
+    assert target == pytest.approx(0.6)
+    base, prime = rows
+    assert base.samples_to_target is None and base.gain is None
+    assert prime.gain == pytest.approx(1.5) and prime.gain_is_lower_bound
+    table = se.render_table(target, rows)
+    assert "| not reached | - |" in table and "| 200 | > 1.50x |" in table
+
+
+def test_extra_samples_are_counted_in_their_own_column() -> None:
+    """An MC oracle run: 100 training samples per step plus 300 extra (3 rollouts per
+    response) per step; it reaches the target at step 1, where it has 300 extra."""
+    rows: list[dict[str, Any]] = [{"step": 0, "samples": 0, "eval/accuracy": 0.4}]
+    for step in (1, 2, 3):
+        row: dict[str, Any] = {"step": step, "samples": 100 * step, "time/step_s": 1.0}
+        row["head/pav_mc_oracle/mc_rollouts_per_response"] = 3.0
+        row["eval/accuracy"] = 0.8
+        rows.append(row)
+    assert se.extra_samples_by_step(rows) == {0: 0.0, 1: 300.0, 2: 600.0, 3: 900.0}
+    oracle = se.run_points("pav_mc_oracle", 0, rows)
+    assert [p.extra_samples for p in oracle] == [0.0, 300.0, 600.0, 900.0]
+    pts = points("outcome", 0, [0.4, 0.5, 0.6, 0.7], 1.0) + oracle
+    target, out = se.summarize(pts, method_rows(["outcome", "pav_mc_oracle"]))
+    mc = out[1]
+    assert mc.samples_to_target == 100 and mc.gain == pytest.approx(3.0)
+    assert mc.extra_samples_to_target == 300.0 and mc.gain_with_extra == pytest.approx(0.75)
+    assert "| 400 samples: 0.75x |" in se.render_table(target, out)
+
+
+def test_diagnostics_per_run_and_per_method() -> None:
+    rows: list[dict[str, Any]] = [{"step": 0, "samples": 0, "eval/accuracy": 0.4}]
+    for step, share in ((1, 0.2), (2, 0.4), (3, float("nan"))):
+        rows.append(
+            {"step": step, "samples": step, "time/step_s": 1.0, "diag/step_credit_share": share}
+        )
+    assert se.run_diagnostics(rows) == {"diag/step_credit_share": pytest.approx(0.3)}
+    diagnostics = {"prime": [{"diag/step_credit_share": 0.3}, {"diag/step_credit_share": 0.5}]}
+    _, out = se.summarize(
+        list(SYNTHETIC), method_rows(["outcome", "prime"]), diagnostics=diagnostics
+    )
+    assert out[0].diagnostics == {}
+    assert out[1].diagnostics == {"diag/step_credit_share": pytest.approx(0.4)}
+    table = se.render_diagnostics(out)
+    assert "step-credit share of the advantage" in table.splitlines()[0]
+    assert "| GRPO + online implicit PRM (PRIME) | 40.0% |" in table
+    assert se.render_diagnostics(out[:1]) == ""
 
 
 def test_summary_without_baseline() -> None:
     pts = [p for p in SYNTHETIC if p.method == "prime"]
     target, rows = se.summarize(pts, method_rows(["outcome", "prime"]))
-    assert target is None and rows[0].gain is None and rows[0].step_time_ratio is None
-    assert "n/a (no outcome-only baseline)" in se.render_table(target, rows)
+    assert target == pytest.approx(0.7)  # the start + half the gap needs no baseline
+    assert rows[0].gain is None and rows[0].step_time_ratio is None
+    target, rows = se.summarize(pts, method_rows(["outcome", "prime"]), rule="outcome-final")
+    assert target is None and rows[0].gain is None
+    assert "n/a (no target)" in se.render_table(target, rows)
 
 
 def test_single_seed_accuracy_has_no_std() -> None:
@@ -160,6 +242,7 @@ def test_evals_csv(tmp_path: Path) -> None:
         "samples": "300",
         "eval_accuracy": "0.650000",
         "step_s": "2.0000",
+        "extra_samples": "0",
     }
 
 

@@ -54,6 +54,7 @@ from rl.setup import (
 )
 from rl.trainer.credit import build_credit, resolve_credit
 from rl.trainer.critic import Critic
+from rl.trainer.diagnostics import CreditDiagnostics
 from rl.trainer.learners import CriticLearner, Learner, PolicyLearner, UpdatePlan, run_updates
 from rl.trainer.metrics import MetricsLogger, truncate_after
 from rl.trainer.rewards import RewardPipeline
@@ -155,6 +156,11 @@ class Trainer:
         self.credit = build_credit(self.credit_name, cfg.algo, self.critic)
         self.rollout = make_rollout(cfg, self.tokenizer, model_path, policy, dist, self.zero_stage)
         self.rewards.setup(self._head_context(model_path, ds_config))
+        self.diagnostics = (
+            CreditDiagnostics(cfg, self.tokenizer, self.credit_name)
+            if cfg.logging.credit_diagnostics
+            else None
+        )
         self.state = TrainState()
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.metrics: MetricsLogger | None = None
@@ -349,6 +355,7 @@ class Trainer:
         with meter.phase("credit"):
             credit = self.credit.assign(batch, scored, logprobs)
             credit = self.correct_off_policy(batch, logprobs, credit)
+            diagnostics = self.diagnostics.row(batch, scored, credit) if self.diagnostics else {}
         with meter.phase("update"):
             stats = self.update(batch, logprobs, credit)
         with meter.phase("weight_sync"):
@@ -356,6 +363,7 @@ class Trainer:
         self.state.step += 1
         self.state.samples += self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
         row = self._step_row(batch, scored, credit)
+        row.update(diagnostics)
         row.update(stats)
         row["time/step_s"] = time.perf_counter() - start
         row.update({f"time/{name}_s": seconds for name, seconds in meter.times.items()})

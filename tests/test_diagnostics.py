@@ -1,0 +1,87 @@
+"""Credit diagnostics (`rl.trainer.diagnostics`) against hand-computed counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rl.config import load_config
+from rl.core.errors import ConfigError
+from rl.trainer.diagnostics import (
+    SUM_NAMES,
+    diagnostic_sums,
+    diagnostics_row,
+    step_mean_advantages,
+)
+
+# one group of 4 responses, 4 response tokens each (-1: off the response)
+STEP_ID = torch.tensor([[0, 0, 1, 1], [0, 0, 1, -1], [0, 1, -1, -1], [0, 0, 1, 1]])
+MASK = (STEP_ID >= 0).float()
+FIRST_ERROR = torch.tensor([-1, 1, 0, -1])
+OUTCOME = torch.tensor([1.0, 0.0, 0.0, 1.0])
+# outcome-only advantage: +1 / -1 on every response token
+OUTCOME_ADV = torch.tensor([1.0, -1.0, -1.0, 1.0]).unsqueeze(1) * MASK
+# step credit: -1 on the tokens of the first wrong step, +1 on right steps of failed responses
+EXTRA = torch.tensor(
+    [[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, -1.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+)
+
+
+def sums_of(advantages: torch.Tensor, outcome: torch.Tensor = OUTCOME) -> dict[str, float]:
+    sums = diagnostic_sums(advantages, OUTCOME_ADV, MASK, STEP_ID, FIRST_ERROR, outcome, 4)
+    return dict(zip(SUM_NAMES, sums.tolist(), strict=True))
+
+
+def test_step_mean_advantages():
+    adv = torch.tensor([[1.0, 3.0, 5.0, 9.0], [2.0, 4.0, 7.0, 100.0]])
+    step_id = torch.tensor([[0, 0, 1, 1], [0, 0, 1, -1]])
+    means, present = step_mean_advantages(adv, step_id, 3)
+    assert means.tolist() == [[2.0, 7.0, 0.0], [3.0, 7.0, 0.0]]
+    assert present.tolist() == [[True, True, False], [True, True, False]]
+
+
+def test_step_credit_counts_by_hand():
+    s = sums_of(OUTCOME_ADV + EXTRA)
+    assert (s["groups"], s["zero_spread_groups"]) == (1, 0)
+    # wrong steps: row 1 step 1 (-1 - 1) and row 2 step 0 (-1 - 1)
+    assert (s["wrong_steps"], s["wrong_steps_negative"], s["wrong_steps_adv"]) == (2, 2, -4)
+    # right steps: rows 0 and 3 both steps (+1), row 1 step 0 (-1 + 1 = 0, not negative)
+    assert (s["right_steps"], s["right_steps_negative"], s["right_steps_adv"]) == (5, 0, 4)
+    assert (s["right_steps_in_failed"], s["right_steps_in_failed_negative"]) == (1, 0)
+    assert s["outcome_adv_sq"] == 13  # 4 + 3 + 2 + 4 response tokens, each 1^2
+    assert s["step_adv_sq"] == 4
+    row = diagnostics_row(list(s.values()))
+    assert row["diag/wrong_step_adv_neg_frac"] == 1.0
+    assert row["diag/wrong_step_adv_mean"] == -2.0
+    assert row["diag/right_step_adv_mean"] == pytest.approx(0.8)
+    assert row["diag/right_step_in_failed_adv_neg_frac"] == 0.0
+    assert row["diag/step_credit_share"] == pytest.approx(4 / 17)
+
+
+def test_outcome_only_credit_pushes_down_right_steps_of_failed_responses():
+    row = diagnostics_row(
+        diagnostic_sums(OUTCOME_ADV, OUTCOME_ADV, MASK, STEP_ID, FIRST_ERROR, OUTCOME, 4)
+    )
+    assert row["diag/step_credit_share"] == 0.0
+    assert row["diag/right_step_in_failed_adv_neg_frac"] == 1.0
+    assert row["diag/right_step_adv_neg_frac"] == pytest.approx(1 / 5)
+
+
+def test_zero_spread_groups_and_empty_ratios_are_nan():
+    all_right = torch.ones(4)
+    s = sums_of(torch.zeros_like(MASK), outcome=all_right)
+    assert s["zero_spread_groups"] == 1
+    row = diagnostics_row(list(s.values()), with_share=False)
+    assert row["diag/zero_spread_group_frac"] == 1.0
+    assert math.isnan(row["diag/right_step_in_failed_adv_neg_frac"])  # no failed responses
+    assert "diag/step_credit_share" not in row
+
+
+def test_credit_diagnostics_need_the_builtin_task():
+    with pytest.raises(ConfigError, match="logging.credit_diagnostics"):
+        load_config(
+            "configs/quickstart.yaml",
+            ["logging.credit_diagnostics=true", "data.train=data/arith_chat/train.jsonl"],
+        )
