@@ -143,14 +143,17 @@ class Tunable:
     """A hyperparameter `--tune` searches: its `$name` appears in a method's overrides."""
 
     name: str
-    default: float
-    candidates: tuple[float, ...]
+    default: Any
+    candidates: tuple[Any, ...]
 
 
-LR = Tunable("lr", 1e-4, (2.5e-5, 5e-5, 1e-4, 2e-4))
-ALPHA = Tunable("alpha", 0.5, (0.2, 0.5, 1.0))
+LR = Tunable("lr", 1e-4, (2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4))
+ALPHA = Tunable("alpha", 0.5, (0.2, 0.5, 1.0, 2.0))
 PRM_LR = Tunable("prm_lr", 1e-4, (1e-5, 1e-4, 1e-3))
 CRITIC_LR = Tunable("critic_lr", 1e-4, (1e-5, 1e-4, 1e-3))
+PRIME_BASELINE = Tunable("baseline", "per_step", ("per_step", "last_token", "per_token_mean"))
+"""Where PRIME subtracts the leave-one-out baseline of the implicit reward (a categorical
+choice: the literal per-step form of Eq. 5 acts like a per-step penalty)."""
 
 
 @dataclass(frozen=True)
@@ -197,10 +200,10 @@ METHODS: tuple[Method, ...] = (
             "reward.heads=[{head: implicit_prm, kwargs: {beta: 0.05, lr: $prm_lr, update: after}}]",
             "algo.credit=prime",
             "algo.gamma=1.0",
-            "algo.credit_kwargs={process_coef: 1.0, outcome_coef: 1.0}",
+            "algo.credit_kwargs={process_coef: 1.0, outcome_coef: 1.0, baseline: $baseline}",
             "optim.lr=$lr",
         ),
-        tunables=(LR, PRM_LR),
+        tunables=(LR, PRM_LR, PRIME_BASELINE),
         paper="PRIME: 2.5x vs RLOO, ~1.28x step time (680 s vs 531 s)",
     ),
     Method(
@@ -817,8 +820,21 @@ def chosen_params(method: Method, tuning: dict[str, Any] | None) -> tuple[dict[s
     entry = (tuning or {}).get("methods", {}).get(method.name)
     if entry and entry.get("chosen"):
         params.update(entry["chosen"])
+        if entry.get("borrowed_from"):
+            return params, f"not tuned: {entry['borrowed_from']}'s tuned values"
         return params, "tuned on the validation split"
     return params, "defaults (not tuned)"
+
+
+def borrow_tuning(tuning: dict[str, Any], method: Method, source: str) -> dict[str, Any]:
+    """`tuning` with `method`'s values copied from `source`'s tuned ones (`--borrow`, for a
+    method too costly to tune; the summary says so). KeyError names a missing source."""
+    chosen = tuning.get("methods", {}).get(source, {}).get("chosen")
+    if not chosen:
+        raise KeyError(f"--borrow {method.name}={source}: {source} has no tuned values")
+    values = {t.name: chosen[t.name] for t in method.tunables if t.name in chosen}
+    entry = {"chosen": {**method.defaults(), **values}, "borrowed_from": source}
+    return {**tuning, "methods": {**tuning.get("methods", {}), method.name: entry}}
 
 
 # ----------------------------------------------------------------------------------- driving
@@ -858,6 +874,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=TARGET_RULES,
         default="half-gap",
         help="target accuracy: start + half the gap to 100%% (default) or outcome-only's final",
+    )
+    parser.add_argument(
+        "--borrow",
+        action="append",
+        default=[],
+        metavar="METHOD=FROM",
+        help="run METHOD with FROM's tuned values instead of its own (reported as not tuned)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
@@ -1177,6 +1200,10 @@ def main(argv: list[str]) -> int:
         tune(setup, methods, verifier, tuning_path)
         return 0
     tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else None
+    for item in args.borrow:
+        name, _, source = item.partition("=")
+        (method,) = select_methods(name)
+        tuning = borrow_tuning(tuning or {}, method, source)
     evaluate_methods(setup, methods, seeds, verifier, tuning, out, command, args.target)
     return 0
 

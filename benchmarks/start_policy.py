@@ -103,7 +103,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "config": args.config,
         "overrides": args.overrides,
-        "model": str(path),
+        "model": Path(path).name,  # the cached build's name (no machine path in results)
         "split": args.split,
         "prompts": len(rows),
         "samples_per_prompt": args.samples,

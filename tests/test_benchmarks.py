@@ -264,9 +264,17 @@ def test_methods_overrides_load() -> None:
         cfg = load_config(REPO / se.CONFIG, [*se.TASK_OVERRIDES, *overrides])
         assert cfg.data.task["n_steps"] == 4
     prime = se.select_methods("prime")[0]
-    cfg = load_config(REPO / se.CONFIG, se.method_overrides(prime, {"lr": 2e-4, "prm_lr": 1e-5}))
+    params = {"lr": 2e-4, "prm_lr": 1e-5, "baseline": "last_token"}
+    cfg = load_config(REPO / se.CONFIG, se.method_overrides(prime, params))
     assert cfg.algo.credit == "prime" and cfg.optim.lr == 2e-4
     assert float(cfg.reward.heads[0].kwargs["lr"]) == 1e-5
+    assert cfg.algo.credit_kwargs["baseline"] == "last_token"
+    assert se.params_slug(params) == "baseline=last_token,lr=0.0002,prm_lr=1.0e-05"
+    base = se.select_methods("pav_base")[0]
+    cfg = load_config(
+        REPO / se.CONFIG, se.method_overrides(base, {**base.defaults(), "verifier": "v"})
+    )
+    assert cfg.reward.heads[0].kwargs["prover_k"] == 1  # the negative control: Best-of-1
     with pytest.raises(ValueError, match="unknown method"):
         se.select_methods("outcome,nope")
     assert [m.name for m in se.select_methods("prime,outcome")] == ["outcome", "prime"]
@@ -293,9 +301,18 @@ def test_tuning_choice() -> None:
     prime = se.select_methods("prime")[0]
     tuning = {"methods": {"prime": {"chosen": {"lr": 5e-5, "prm_lr": 1e-3}}}}
     params, source = se.chosen_params(prime, tuning)
-    assert params == {"lr": 5e-5, "prm_lr": 1e-3} and "validation" in source
+    assert params == {"lr": 5e-5, "prm_lr": 1e-3, "baseline": "per_step"}
+    assert "validation" in source
     params, source = se.chosen_params(prime, None)
-    assert params == {"lr": 1e-4, "prm_lr": 1e-4} and "not tuned" in source
+    assert params == {"lr": 1e-4, "prm_lr": 1e-4, "baseline": "per_step"}
+    assert "not tuned" in source
+    oracle = se.select_methods("pav_mc_oracle")[0]
+    gold = {"methods": {"gold_steps": {"chosen": {"lr": 2e-4, "alpha": 1.0}}}}
+    params, source = se.chosen_params(oracle, se.borrow_tuning(gold, oracle, "gold_steps"))
+    assert params == {"lr": 2e-4, "alpha": 1.0, "n_mc": 4}
+    assert source == "not tuned: gold_steps's tuned values"
+    with pytest.raises(KeyError, match="outcome has no tuned values"):
+        se.borrow_tuning(gold, oracle, "outcome")
 
 
 def test_failure_lines() -> None:
