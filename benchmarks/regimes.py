@@ -61,12 +61,6 @@ REGIMES: tuple[Regime, ...] = (
         (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=96")
         + ("model.tiny.demo_fact_error_rate=0.3",),
     ),
-    Regime(
-        "s8_pm_q30",
-        "8 steps, + - only (an error is never erased by a later *0), 30% misremembered",
-        (*COMMON, "data.task.n_steps=8", "data.task.ops=+-", "rollout.max_new_tokens=96")
-        + ("model.tiny.demo_fact_error_rate=0.3",),
-    ),
 )
 
 RESULTS = REPO / "benchmarks" / "results" / "sample_efficiency_regimes"

@@ -85,3 +85,18 @@ def test_credit_diagnostics_need_the_builtin_task():
             "configs/quickstart.yaml",
             ["logging.credit_diagnostics=true", "data.train=data/arith_chat/train.jsonl"],
         )
+
+
+def test_clean_count_ignores_right_by_chance_and_padding_rows():
+    from types import SimpleNamespace
+
+    from rl.tasks.arith import parse_prompt, step_lines
+    from rl.trainer.diagnostics import CreditDiagnostics
+
+    cfg = load_config("configs/quickstart.yaml", ["logging.credit_diagnostics=true"])
+    diagnostics = CreditDiagnostics(cfg, tokenizer=None, credit_name="outcome")
+    prompt = "3 +4 *2 -6"  # modulus 7: 3+4=0, 0*2=0, 0-6=1
+    clean = "\n".join(step_lines(parse_prompt(prompt)))
+    lucky = clean.replace("3+4=0", "3+4=5")  # a wrong step, the same answer line
+    batch = SimpleNamespace(columns={"prompt": [prompt] * 3}, completions=[clean, lucky, clean])
+    assert diagnostics.clean_count(batch, n_real=2) == 1.0  # row 2 pads the rank's share

@@ -18,6 +18,9 @@ have exact first-error labels), every training step also logs, over all ranks:
   that step credit adds: a proxy for its share of the gradient, not a measured gradient
   norm (that would take a second backward pass). Not logged for `algo.credit=gae`, whose
   whitened GAE advantages have no outcome-only part.
+
+Evaluation then also logs `eval/clean_frac`: the share of held-out greedy answers whose every
+step is right (`eval/accuracy` also counts chains that reach the right answer by chance).
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ SUM_NAMES: tuple[str, ...] = (
     "outcome_adv_sq",
     "step_adv_sq",
 )
-"""The additive counts `diagnostic_sums` returns (summed over ranks, then divided)."""
+"""The additive counts `diagnostic_sums` returns (summed over ranks, then divided; a ratio
+over zero items is NaN, written as null in metrics.jsonl)."""
 
 
 def step_mean_advantages(
@@ -143,6 +147,20 @@ class CreditDiagnostics:
         self.modulus = ArithConfig(**dict(cfg.data.task)).modulus
         self.estimator = ADVANTAGE_ESTIMATORS.get(outcome_estimator(cfg.algo))
         self.with_share = credit_name != "gae"
+
+    def clean_count(self, batch: RolloutBatch, n_real: int) -> float:
+        """How many of the first `n_real` completions have every step right (eval's
+        `eval/clean_frac`: accuracy without the answers that are right by chance)."""
+        from rl.tasks.arith import first_error_step
+
+        problems = list(batch.columns["prompt"])[:n_real]
+        completions = batch.completions[:n_real]
+        return float(
+            sum(
+                first_error_step(p, c, self.modulus) < 0
+                for p, c in zip(problems, completions, strict=True)
+            )
+        )
 
     def row(self, batch: RolloutBatch, scored: Scored, credit: Credit) -> dict[str, float]:
         _, step_id = batch_steps(self.tokenizer, batch, self.delimiter)

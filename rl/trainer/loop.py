@@ -446,8 +446,12 @@ class Trainer:
         )
         _, per_fn = self.rewards.outcomes(batch)
         first = next(iter(per_fn.values()))[:n_real]
-        totals = eng.all_reduce_sum(torch.tensor([float(first.sum()), float(n_real)]))
-        return {"eval/accuracy": float(totals[0] / totals[1])}
+        clean = self.diagnostics.clean_count(batch, n_real) if self.diagnostics else 0.0
+        totals = eng.all_reduce_sum(torch.tensor([float(first.sum()), float(n_real), clean]))
+        row = {"eval/accuracy": float(totals[0] / totals[1])}
+        if self.diagnostics:  # every step right, not only the answer
+            row["eval/clean_frac"] = float(totals[2] / totals[1])
+        return row
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
