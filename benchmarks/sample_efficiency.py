@@ -180,6 +180,20 @@ PAV_HEAD = (
     "kwargs: {path: '$verifier', prover_k: $prover_k}}]"
 )
 
+
+def pav_method(name: str, label: str, prover_k: int, paper: str) -> Method:
+    """GRPO + the trained verifier's step advantages of a Best-of-`prover_k` prover."""
+    return Method(
+        name,
+        label,
+        (PAV_HEAD, "algo.credit=pav", "algo.credit_kwargs={alpha: $alpha}", "optim.lr=$lr"),
+        tunables=(LR, ALPHA),
+        fixed={"head_weight": 1.0, "prover_k": prover_k},
+        needs_verifier=True,
+        paper=paper,
+    )
+
+
 METHODS: tuple[Method, ...] = (
     Method(
         "outcome",
@@ -206,23 +220,12 @@ METHODS: tuple[Method, ...] = (
         tunables=(LR, PRM_LR, PRIME_BASELINE),
         paper="PRIME: 2.5x vs RLOO, ~1.28x step time (680 s vs 531 s)",
     ),
-    Method(
-        "pav",
-        "GRPO + PAV (Bo4 prover)",
-        (PAV_HEAD, "algo.credit=pav", "algo.credit_kwargs={alpha: $alpha}", "optim.lr=$lr"),
-        tunables=(LR, ALPHA),
-        fixed={"head_weight": 1.0, "prover_k": 4},
-        needs_verifier=True,
-        paper="PAV: 5-6x vs outcome-only RL",
-    ),
-    Method(
+    pav_method("pav", "GRPO + PAV (Bo4 prover)", 4, "PAV: 5-6x vs outcome-only RL"),
+    pav_method(
         "pav_base",
         "GRPO + PAV, prover = base policy (negative control)",
-        (PAV_HEAD, "algo.credit=pav", "algo.credit_kwargs={alpha: $alpha}", "optim.lr=$lr"),
-        tunables=(LR, ALPHA),
-        fixed={"head_weight": 1.0, "prover_k": 1},
-        needs_verifier=True,
-        paper="PAV: no better than outcome-only (the base policy's own advantages)",
+        1,
+        "PAV: no better than outcome-only (the base policy's own advantages)",
     ),
     Method(
         "ppo_pav",

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.launcher import FAST_OVERRIDES, TRAIN_PAV, check_ok, launch
+from tests.launcher import FAST_OVERRIDES, REPO, TRAIN_PAV, check_ok, launch
+
+SEARCH = REPO / "launch" / "search.py"
 
 pytestmark = pytest.mark.e2e
 
@@ -57,3 +59,37 @@ def test_train_pav_zero3_then_resume(tmp_path: Path, model_cache: Path) -> None:
     check_ok(proc)
     assert "resuming: 8/8 prompts already done" in proc.stdout
     assert sum(len(p.read_text().splitlines()) for p in data) == lines  # nothing regenerated
+
+
+def test_search_with_the_verifier_and_exact_labels(tmp_path: Path, model_cache: Path) -> None:
+    """launch/search.py --quick: best-of-N, majority vote and beam search with a trained PAV
+    verifier, then with the task's exact labels; a bad beam width is a one-line error."""
+    import csv
+
+    verifier = tmp_path / "verifier"
+    common = [*FAST_OVERRIDES, f"model.cache_dir={model_cache}"]
+    train = [*common, *PAV_OVERRIDES, f"output_dir={tmp_path / 'run'}"]
+    check_ok(launch([*train, f"pav.output_dir={verifier}"], launcher="python", script=TRAIN_PAV))
+    for head, kwargs in (("pav", f"{{path: '{verifier}'}}"), ("exact", "")):
+        out = tmp_path / f"search_{head}"
+        args = ["--quick", "--head", head, "--out", str(out)]
+        args += ["--head-kwargs", kwargs] if kwargs else []
+        check_ok(launch([*args, *common], launcher="python", script=SEARCH))
+        with open(out / "search.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [(r["strategy"], r["budget"]) for r in rows] == [
+            (s, b) for b in ("2", "4") for s in ("best_of_n", "majority", "beam")
+        ]
+        for row in rows:
+            assert 0.0 <= float(row["accuracy"]) <= 1.0 and row["problems"] == "8"
+            assert float(row["generated_tokens_per_problem"]) > 0
+            reads = float(row["verifier_tokens_per_problem"])
+            # only a model verifier reads tokens, and majority vote never reads any
+            assert (reads > 0) == (head == "pav" and row["strategy"] != "majority")
+    proc = launch(
+        ["--quick", "--head", "exact", "--beam-width", "4", *common],
+        launcher="python",
+        script=SEARCH,
+    )
+    assert proc.returncode != 0
+    assert "--beam-width 4 is larger than the candidates per step (2)" in proc.stdout + proc.stderr
