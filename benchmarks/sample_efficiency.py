@@ -125,11 +125,13 @@ EVAL_COLUMNS: tuple[str, ...] = (
     "eval_accuracy",
     "step_s",
     "extra_samples",
+    "clean_frac",
 )
 """evals.csv: method name; training seed; training step of the eval; samples generated for
 training so far (prompts x group size x step); greedy accuracy on the held-out eval split;
 the run's mean training-step time in seconds (steps 2..N: step 1 includes one-off warm-up);
-the method's own extra samples so far (the MC oracle's continuations, else 0)."""
+the method's own extra samples so far (the MC oracle's continuations, else 0); the share
+of eval answers with every step right (empty when the run did not log it)."""
 
 TUNE_SEED = 1000
 """Seed of the tuning runs (different from the full runs' seeds 0, 1, 2...)."""
@@ -331,6 +333,8 @@ class EvalPoint:
     extra_samples: float = 0.0
     """Samples the method generated beyond the policy's training rollouts up to this point
     (the MC oracle's continuations: `EXTRA_SAMPLES_KEY`), 0 for the others."""
+    clean: float | None = None
+    """Share of eval answers whose every step is right (`eval/clean_frac`), when logged."""
 
 
 EXTRA_SAMPLES_KEY = "/mc_rollouts_per_response"
@@ -400,8 +404,11 @@ def run_points(method: str, seed: int, rows: list[dict[str, Any]]) -> list[EvalP
     """The eval points of one run's metrics rows."""
     step_s = mean_step_time(rows)
     extra = extra_samples_by_step(rows)
+    clean = {
+        int(r["step"]): r["eval/clean_frac"] for r in rows if r.get("eval/clean_frac") is not None
+    }
     return [
-        EvalPoint(method, seed, st, sa, acc, step_s, extra.get(st, 0.0))
+        EvalPoint(method, seed, st, sa, acc, step_s, extra.get(st, 0.0), clean.get(st))
         for st, sa, acc in eval_rows(rows)
     ]
 
@@ -521,7 +528,7 @@ class SummaryRow:
     gain_with_extra: float | None = None
     """The gain with the extra samples counted (None when there are none or no target)."""
     diagnostics: dict[str, float] = field(default_factory=dict)
-    """`DIAGNOSTIC_KEYS` means over seeds."""
+    """`DIAGNOSTIC_KEYS` means over seeds, and `eval/clean_frac` at the end when logged."""
 
 
 def summarize(
@@ -580,6 +587,9 @@ def summarize(
             for key in DIAGNOSTIC_KEYS
             if any(key in d for d in per_seed)
         }
+        clean = [p.clean for p in mine if p.samples == curve.samples[-1] and p.clean is not None]
+        if clean:
+            diag[CLEAN_KEY] = statistics.fmean(clean)
         rows.append(
             SummaryRow(
                 method=m.name,
@@ -650,7 +660,10 @@ def render_table(target: float | None, rows: list[SummaryRow]) -> str:
     return "\n".join(out) + "\n"
 
 
+CLEAN_KEY = "eval/clean_frac"
+
 DIAGNOSTIC_HEADS: dict[str, str] = {
+    CLEAN_KEY: "final eval answers with every step right",
     "diag/zero_spread_group_frac": "groups with one outcome",
     "diag/wrong_step_adv_neg_frac": "first wrong steps pushed down",
     "diag/right_step_in_failed_adv_neg_frac": "right steps of failed responses pushed down",
@@ -660,7 +673,7 @@ DIAGNOSTIC_HEADS: dict[str, str] = {
 
 def render_diagnostics(rows: list[SummaryRow]) -> str:
     """The credit-diagnostics table (empty when no run logged them)."""
-    keys = [k for k in DIAGNOSTIC_KEYS if any(k in r.diagnostics for r in rows)]
+    keys = [k for k in (CLEAN_KEY, *DIAGNOSTIC_KEYS) if any(k in r.diagnostics for r in rows)]
     if not keys:
         return ""
     out = [
@@ -756,6 +769,7 @@ def write_evals_csv(points: list[EvalPoint], path: Path) -> None:
                     f"{p.accuracy:.6f}",
                     f"{p.step_s:.4f}",
                     f"{p.extra_samples:.0f}",
+                    "" if p.clean is None else f"{p.clean:.6f}",
                 ]
             )
 

@@ -177,6 +177,8 @@ def test_diagnostics_per_run_and_per_method() -> None:
             {"step": step, "samples": step, "time/step_s": 1.0, "diag/step_credit_share": share}
         )
     assert se.run_diagnostics(rows) == {"diag/step_credit_share": pytest.approx(0.3)}
+    rows[0]["eval/clean_frac"] = 0.25
+    assert [p.clean for p in se.run_points("m", 0, rows)] == [0.25]
     diagnostics = {"prime": [{"diag/step_credit_share": 0.3}, {"diag/step_credit_share": 0.5}]}
     _, out = se.summarize(
         list(SYNTHETIC), method_rows(["outcome", "prime"]), diagnostics=diagnostics
@@ -187,6 +189,13 @@ def test_diagnostics_per_run_and_per_method() -> None:
     assert "step-credit share of the advantage" in table.splitlines()[0]
     assert "| GRPO + online implicit PRM (PRIME) | 40.0% |" in table
     assert se.render_diagnostics(out[:1]) == ""
+    pts = [
+        se.EvalPoint(p.method, p.seed, p.step, p.samples, p.accuracy, p.step_s, clean=0.1 * p.seed)
+        for p in SYNTHETIC
+    ]
+    _, out = se.summarize(pts, method_rows(["outcome"]))
+    assert out[0].diagnostics == {"eval/clean_frac": pytest.approx(0.05)}  # seeds 0 and 1
+    assert "| 5.0% |" in se.render_diagnostics(out)
 
 
 def test_summary_without_baseline() -> None:
@@ -243,6 +252,7 @@ def test_evals_csv(tmp_path: Path) -> None:
         "eval_accuracy": "0.650000",
         "step_s": "2.0000",
         "extra_samples": "0",
+        "clean_frac": "",
     }
 
 
