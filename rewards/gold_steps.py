@@ -53,13 +53,17 @@ class GoldStepsHead(RewardHead):
         if ctx.cfg is not None:
             self.modulus = ArithConfig(**dict(ctx.cfg.data.task)).modulus
 
-    def first_errors(self, batch: HeadBatch) -> Tensor:
+    def first_errors(self, batch: HeadBatch, missing_is_error: bool = True) -> Tensor:
         """[B] index of each response's first wrong step (-1: all right), clamped to the
-        response's last step when the error is a missing line."""
+        response's last step when the error is a missing line (or, with `missing_is_error`
+        False, -1 then: a right partial solution)."""
         from rl.tasks.arith import DEFAULT_MODULUS
 
         modulus = self.modulus or DEFAULT_MODULUS
-        return first_error_steps(_prompt_column(batch), batch.completions, modulus, batch.step_id)
+        prompts = _prompt_column(batch)
+        return first_error_steps(
+            prompts, batch.completions, modulus, batch.step_id, missing_is_error
+        )
 
     def score(self, batch: HeadBatch) -> HeadOutput:
         first = self.first_errors(batch)  # [B]
@@ -71,18 +75,25 @@ class GoldStepsHead(RewardHead):
 
     def step_values(self, batch: HeadBatch) -> Tensor:
         """[B, Tr] 1 on tokens of steps before the first wrong one, 0 from it on and off
-        the response."""
-        first = self.first_errors(batch).unsqueeze(1)  # [B, 1]
+        the response. The lines a response has not written yet are not errors here (a
+        partial solution, as in step-level search, is right so far); `score` penalises a
+        response that stopped early."""
+        first = self.first_errors(batch, missing_is_error=False).unsqueeze(1)  # [B, 1]
         ok = (first < 0) | (batch.step_id < first)
         return ((batch.step_id >= 0) & ok).float()
 
 
 def first_error_steps(
-    problems: list[Any], completions: list[str], modulus: int, step_id: Tensor
+    problems: list[Any],
+    completions: list[str],
+    modulus: int,
+    step_id: Tensor,
+    missing_is_error: bool = True,
 ) -> Tensor:
     """[B] first wrong step of each completion of the built-in task (-1: all right), clamped
     to the response's last step (from `step_id` [B, Tr], -1 off the response) when the error
-    is a missing line, so that the index always names a step the response has."""
+    is a missing line, so that the index always names a step the response has; with
+    `missing_is_error` False a missing line is no error (-1)."""
     from rl.tasks.arith import first_error_step
 
     first = torch.tensor(
@@ -90,6 +101,8 @@ def first_error_steps(
         device=step_id.device,
     )
     last_step = step_id.max(dim=1).values  # [B], -1 for an empty response
+    if not missing_is_error:
+        first = torch.where(first > last_step, -1, first)
     return torch.where(first >= 0, torch.minimum(first, last_step.clamp(min=0)), first)
 
 

@@ -54,7 +54,10 @@ def test_step_values_are_one_before_the_first_error() -> None:
     values = GoldStepsHead().step_values(batch())
     assert values[0].tolist() == [1.0] * 8
     assert values[1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
-    assert values[2].tolist() == [0.0] * 8
+    # the short response is right so far: its written step is valued 1 (a partial solution
+    # in step-level search), although `score` penalises it for stopping early
+    assert values[2].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert GoldStepsHead().first_errors(batch(), missing_is_error=False).tolist() == [-1, 1, -1]
 
 
 def test_registered_and_checked() -> None:
