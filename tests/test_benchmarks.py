@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -553,3 +555,48 @@ def test_start_policy_chain_stats_by_hand() -> None:
     assert stats["accuracy"] == 0.5 and stats["clean"] == 0.25
     assert stats["right_by_chance"] == 0.25
     assert stats["first_error_hist"] == {0: 1, 1: 2}
+
+
+# ----------------------------------------------------------------------------- regime sweep
+
+
+def test_regime_sweep_commands_and_summary(tmp_path: Path) -> None:
+    from benchmarks import regimes
+
+    args = regimes.parse_args(["tune", "--regime", "s8_q30", "--methods", "pav"])
+    argv = regimes.sample_efficiency_argv(args, regimes.regime("s8_q30"))
+    assert argv[-6:] == list(regimes.regime("s8_q30").overrides)
+    assert "--tune" in argv and argv[argv.index("--methods") + 1] == "pav"
+    assert argv[argv.index("--out") + 1] == "benchmarks/results/sample_efficiency_regimes/s8_q30"
+    with pytest.raises(ValueError, match="unknown regime 'nope'"):
+        regimes.regime("nope")
+
+    (tmp_path / "start_policy").mkdir()
+    report = {
+        "greedy": {"accuracy": 0.25},
+        "sampled": {
+            "accuracy": 0.3,
+            "clean": 0.1,
+            "right_by_chance": 0.2,
+            "first_error_hist": {"0": 3, "1": 1},
+        },
+        "all_wrong_group_frac": 0.4,
+    }
+    (tmp_path / "start_policy" / "s8_q30.json").write_text(json.dumps(report))
+    target, rows = se.summarize(list(SYNTHETIC), method_rows(["outcome", "prime"]))
+    summary = {
+        "target": target,
+        "start_accuracy": 0.4,
+        "verifier_quality": {"f1": 0.5},
+        "rows": [dataclasses.asdict(r) for r in rows],
+    }
+    (tmp_path / "s8_q30").mkdir()
+    (tmp_path / "s8_q30" / "summary.json").write_text(json.dumps(summary))
+    text = regimes.render(tmp_path, list(regimes.REGIMES))
+    assert "| s8_q30 | 8 steps, + - *, 30% of facts misremembered | 25.0% | 30.0% | 10.0% " in text
+    assert "| 40.0% | 75.0% | 40.0% | 70.0% | 50.0% |" in text  # groups, top position share...
+    assert (
+        "| s8_q30 | GRPO + online implicit PRM (PRIME) | 2 | 85.0 ± 7.1% | 200 | 1.50x | same |"
+        in text
+    )
+    assert "| s4_q15 | (not run) |" in text
