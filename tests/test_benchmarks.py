@@ -174,7 +174,7 @@ def test_extra_samples_are_counted_in_their_own_column() -> None:
 
 def test_diagnostics_per_run_and_per_method() -> None:
     rows: list[dict[str, Any]] = [{"step": 0, "samples": 0, "eval/accuracy": 0.4}]
-    for step, share in ((1, 0.2), (2, 0.4), (3, float("nan"))):
+    for step, share in ((1, 0.2), (2, 0.4), (3, float("nan")), (4, None)):  # null: no items
         rows.append(
             {"step": step, "samples": step, "time/step_s": 1.0, "diag/step_credit_share": share}
         )
