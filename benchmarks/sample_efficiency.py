@@ -978,12 +978,21 @@ def verifier_quality(setup: Setup, verifier_dir: Path) -> dict[str, Any] | None:
     """The trained verifier's first-error scores on the task's exactly labelled held-out
     solutions (`launch/eval_prm.py --data builtin`, eval split), computed once and cached in
     the verifier's directory; None (the reason printed) when the evaluation fails."""
+    keep = [o for o in setup.base if not o.startswith(("trainer.", "logging."))]
+    return prm_eval_scores(verifier_dir, CONFIG, [*keep, *setup.extra])
+
+
+def prm_eval_scores(
+    verifier_dir: Path, config: str, overrides: Sequence[str]
+) -> dict[str, Any] | None:
+    """First-error scores of the PAV verifier in `verifier_dir` on the built-in task's
+    exactly labelled eval-split solutions (`launch/eval_prm.py --data builtin` with `config`
+    and `overrides`), cached as `prm_eval.json` there; None (reason printed) on failure."""
     out = verifier_dir / PRM_EVAL_FILE
     if not out.is_file():
-        keep = [o for o in setup.base if not o.startswith(("trainer.", "logging."))]
-        cmd = [sys.executable, PRM_EVAL, "--config", CONFIG, "--head", "pav"]
+        cmd = [sys.executable, PRM_EVAL, "--config", config, "--head", "pav"]
         cmd += ["--head-kwargs", f"{{path: '{verifier_dir}'}}", "--data", "builtin"]
-        cmd += ["--out", str(out), "logging.progress_bar=false", *keep, *setup.extra]
+        cmd += ["--out", str(out), "logging.progress_bar=false", *overrides]
         print("verifier first-error F1: " + " ".join(cmd[1:]), flush=True)
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:

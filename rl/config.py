@@ -232,6 +232,23 @@ class PAVConfig:
     """Sequences per forward/backward pass per rank when training the verifier."""
     val_fraction: float = 0.1
     """Share of solutions held out to report the verifier's BCE and accuracy."""
+    label_fraction: float = 1.0
+    """Active labelling (ActPRM, rl/pav/active.py): the share of each round's sampled
+    training solutions that get Monte-Carlo labels, in (0, 1]; 1.0 labels all of them (the
+    plain pipeline). Held-out solutions are always labelled (counted apart)."""
+    label_select: str = "uncertainty"
+    """Which solutions of a round are labelled when `label_fraction` < 1: `uncertainty` (the
+    most uncertain under an ensemble of value heads) or `random` (uniform labelling)."""
+    label_round_prompts: int = 64
+    """Training prompts per active-labelling round (over all ranks)."""
+    ensemble_heads: int = 4
+    """Value heads of the selection ensemble (on one shared backbone)."""
+    selector_epochs: int = 1
+    """Passes over the labels so far that train the selection ensemble after each round."""
+    label_pool: str | None = None
+    """A directory of Monte-Carlo data from an earlier `train_pav` run with the same data
+    settings: labels are looked up there instead of rolled out (rollouts are still counted
+    as spent). For comparing selection rules on the same labels."""
 
 
 @dataclass(frozen=True)

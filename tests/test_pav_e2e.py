@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from rl.pav.data import read_records
 from tests.launcher import FAST_OVERRIDES, REPO, TRAIN_PAV, check_ok, launch
 
 SEARCH = REPO / "launch" / "search.py"
@@ -59,6 +60,72 @@ def test_train_pav_zero3_then_resume(tmp_path: Path, model_cache: Path) -> None:
     check_ok(proc)
     assert "resuming: 8/8 prompts already done" in proc.stdout
     assert sum(len(p.read_text().splitlines()) for p in data) == lines  # nothing regenerated
+
+    # the same labels as a pool for active labelling: half of each round bought, none rolled out
+    pooled = tmp_path / "pooled"
+    pool_overrides = [
+        f"pav.label_pool={out}",
+        f"pav.output_dir={pooled}",
+        "pav.label_fraction=0.5",
+        "pav.label_round_prompts=2",
+        "pav.ensemble_heads=2",
+    ]
+    proc = launch([*common, *pool_overrides], launcher="python", script=TRAIN_PAV)
+    check_ok(proc)
+    active = json.loads((pooled / "train_pav_metrics.json").read_text())["active"]
+    # 6 training prompts in 3 rounds of 2 -> 4 candidates a round, 2 of them labelled
+    assert (active["rounds"], active["candidates"], active["labelled"]) == (3, 12, 6)
+    pool = {(r.prompt_index, r.sample): r for r in read_records(out.glob("mc_data.rank*.jsonl"))}
+    bought = read_records(pooled.glob("mc_data.rank*.jsonl"))
+    assert len(bought) == 6 + 4  # + the 2 held-out prompts' solutions, labelled in full
+    assert all(r == pool[(r.prompt_index, r.sample)] for r in bought)
+
+
+def test_active_labelling_on_two_ranks_then_restart(tmp_path: Path, model_cache: Path) -> None:
+    from rl.engine.value_model import load_value_model
+
+    out = tmp_path / "verifier"
+    common = [
+        *FAST_OVERRIDES,
+        *PAV_OVERRIDES,
+        "pav.prompts=12",
+        "pav.label_fraction=0.5",
+        "pav.label_round_prompts=4",
+        "pav.ensemble_heads=2",
+        f"output_dir={tmp_path / 'run'}",
+        f"model.cache_dir={model_cache}",
+        f"pav.output_dir={out}",
+    ]
+    proc = launch(common, script=TRAIN_PAV)
+    check_ok(proc)
+    assert "active labelling: 9/18 training solutions labelled" in proc.stdout, proc.stdout[-2000:]
+    metrics = json.loads((out / "train_pav_metrics.json").read_text())
+    active = metrics["active"]
+    # 3 of 12 prompts held out (labelled in full); 9 training prompts in rounds of 4, 4, 1
+    assert (active["rounds"], active["candidates"], active["labelled"]) == (3, 18, 9)
+    assert active["skipped"] == 9
+    assert 0 < active["mc_rollouts"] < active["mc_rollouts_all_candidates"]
+    assert active["mc_rollouts_val"] > 0
+    assert len(active["selector_bce"]) == 3 and all(
+        math.isfinite(x) for x in active["selector_bce"]
+    )
+    assert sorted(p.name for p in out.glob("candidates.rank*.jsonl")) == [
+        "candidates.rank0.jsonl",
+        "candidates.rank1.jsonl",
+    ]
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert len(skipped) == 9
+    # round 1 is ranked at random (no ensemble yet), later rounds by the ensemble's scores
+    assert any(row["score"] is None for row in skipped)
+    assert any(isinstance(row["score"], float) for row in skipped)
+    load_value_model(out)
+    lines = sum(len(p.read_text().splitlines()) for p in out.glob("mc_data.rank*.jsonl"))
+
+    proc = launch(common, launcher="python", script=TRAIN_PAV)  # every round found done
+    check_ok(proc)
+    assert sum(len(p.read_text().splitlines()) for p in out.glob("mc_data.rank*.jsonl")) == lines
+    again = json.loads((out / "train_pav_metrics.json").read_text())["active"]
+    assert (again["labelled"], again["skipped"]) == (9, 9)
 
 
 def test_search_with_the_verifier_and_exact_labels(tmp_path: Path, model_cache: Path) -> None:

@@ -31,7 +31,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,8 +149,94 @@ def check_meta(output_dir: Path, meta: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-Solution = tuple[list[int], list[int], list[int]]
-"""(prompt ids, response ids, response index of each step's last token) of one solution."""
+PLACEHOLDER_LABEL = 0.5
+"""A candidate's label before Monte-Carlo labelling (see `sample_candidates`)."""
+
+
+def sample_candidates(
+    rollout: RolloutBackend,
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[Any],
+    verifier: Verifier,
+    sampling: SamplingSettings,
+    samples_per_prompt: int,
+    delimiter: str,
+) -> list[SolutionRecord]:
+    """Sample `samples_per_prompt` solutions for each `PromptRow`, not yet labelled: a
+    candidate's labels are H placeholders (`PLACEHOLDER_LABEL`) and its verifier outcome last
+    (the outcome costs no rollout); a solution without steps has no labels."""
+    sols = rollout.rollout(
+        model,
+        [r.prompt_ids for r in rows],
+        [r.text for r in rows],
+        batch_columns(rows),
+        sampling,
+        samples_per_prompt,
+    )
+    outcome = verifier(sols.prompts, sols.completions, sols.columns).tolist()  # [B]
+    lengths = sols.response_mask.sum(dim=1).long().tolist()  # [B]
+    candidates = []
+    for b, n in enumerate(lengths):
+        row = rows[b // samples_per_prompt]
+        response = sols.response_ids[b, :n].tolist()
+        ends = [end for _, end in response_step_spans(tokenizer, response, delimiter)]
+        candidates.append(
+            SolutionRecord(
+                prompt_index=row.index,
+                sample=b % samples_per_prompt,
+                prompt_ids=list(row.prompt_ids),
+                response_ids=response,
+                step_ends=ends,
+                labels=solution_labels([PLACEHOLDER_LABEL] * len(ends), float(outcome[b])),
+                completion=sols.completions[b],
+            )
+        )
+    return candidates
+
+
+def mc_label(
+    rollout: RolloutBackend,
+    model: Any,
+    tokenizer: Any,
+    candidates: Sequence[SolutionRecord],
+    rows_by_index: dict[int, Any],
+    verifier: Verifier,
+    sampling: SamplingSettings,
+    n_mc: int,
+) -> tuple[list[SolutionRecord], int]:
+    """Label the candidates' step prefixes by `n_mc` rollouts each. `rows_by_index`: the
+    `PromptRow` of every candidate's prompt. Returns (records, prefixes rolled out)."""
+    prefixes: list[list[int]] = []
+    texts: list[str] = []
+    prompts: list[str] = []
+    owner_rows: list[Any] = []
+    for c in candidates:
+        row = rows_by_index[c.prompt_index]
+        found = step_prefixes(c.prompt_ids, c.response_ids, c.step_ends)
+        prefixes += found
+        texts += prefix_texts(tokenizer, c.response_ids, c.step_ends)
+        prompts += [row.text] * len(found)
+        owner_rows += [row] * len(found)
+    values = estimate_prefix_values(
+        rollout,
+        model,
+        prefixes,
+        texts,
+        prompts,
+        batch_columns(owner_rows),
+        verifier,
+        sampling,
+        n_mc,
+    ).tolist()  # [N]
+    records = []
+    start = 0
+    for c in candidates:
+        h = len(c.step_ends)
+        labels = solution_labels(values[start : start + h], c.labels[-1]) if h else []
+        records.append(replace(c, labels=labels))
+        start += h
+    return records, len(prefixes)
 
 
 def label_solutions(
@@ -166,70 +252,11 @@ def label_solutions(
 ) -> tuple[list[SolutionRecord], int]:
     """Sample `samples_per_prompt` solutions for each `PromptRow` and label their step
     prefixes by rollouts. Returns (records, number of prefixes rolled out)."""
-    sols = rollout.rollout(
-        model,
-        [r.prompt_ids for r in rows],
-        [r.text for r in rows],
-        batch_columns(rows),
-        sampling,
-        samples_per_prompt,
+    candidates = sample_candidates(
+        rollout, model, tokenizer, rows, verifier, sampling, samples_per_prompt, delimiter
     )
-    outcome = verifier(sols.prompts, sols.completions, sols.columns)  # [B]
-    lengths = sols.response_mask.sum(dim=1).long().tolist()  # [B]
-    prefixes: list[list[int]] = []
-    texts: list[str] = []
-    owner: list[int] = []  # solution row of each prefix
-    solutions: list[Solution] = []
-    for b, n in enumerate(lengths):
-        row = rows[b // samples_per_prompt]
-        response = sols.response_ids[b, :n].tolist()
-        ends = [end for _, end in response_step_spans(tokenizer, response, delimiter)]
-        solutions.append((row.prompt_ids, response, ends))
-        prefixes += step_prefixes(row.prompt_ids, response, ends)
-        texts += prefix_texts(tokenizer, response, ends)
-        owner += [b] * len(ends)
-    values = estimate_prefix_values(
-        rollout,
-        model,
-        prefixes,
-        texts,
-        [sols.prompts[b] for b in owner],
-        {k: [v[b] for b in owner] for k, v in sols.columns.items()},
-        verifier,
-        sampling,
-        n_mc,
-    )  # [N]
-    indices = [rows[b // samples_per_prompt].index for b in range(len(solutions))]
-    records = _records(solutions, indices, samples_per_prompt, values, outcome, sols.completions)
-    return records, len(prefixes)
-
-
-def _records(
-    solutions: Sequence[Solution],
-    prompt_indices: Sequence[int],
-    samples_per_prompt: int,
-    values: Tensor,
-    outcome: Tensor,
-    completions: Sequence[str],
-) -> list[SolutionRecord]:
-    """One record per solution b; its step prefixes' values are the next H_b of `values`."""
-    records = []
-    start = 0
-    for b, (prompt_ids, response, ends) in enumerate(solutions):
-        h = len(ends)
-        records.append(
-            SolutionRecord(
-                prompt_index=prompt_indices[b],
-                sample=b % samples_per_prompt,
-                prompt_ids=list(prompt_ids),
-                response_ids=response,
-                step_ends=ends,
-                labels=solution_labels(values[start : start + h].tolist(), float(outcome[b])),
-                completion=completions[b],
-            )
-        )
-        start += h
-    return records
+    rows_by_index = {r.index: r for r in rows}
+    return mc_label(rollout, model, tokenizer, candidates, rows_by_index, verifier, sampling, n_mc)
 
 
 def generate_mc_data(

@@ -25,33 +25,42 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from rewards.base import RewardSpec
 from rewards.build import make_verifier
-from rl.algos.losses import engine_loss_scale
 from rl.config import Config, to_dict
 from rl.core.errors import ConfigError, DataError
 from rl.data.prompts import PromptRow, PromptSampler, seeded
 from rl.engine import deepspeed_engine as eng
 from rl.engine.models import run_dtype
+from rl.pav.active import (
+    SELECT_RULES,
+    ActiveResult,
+    LabelFn,
+    SampleFn,
+    label_rounds,
+    make_selector,
+    pool_source,
+)
 from rl.pav.data import (
     DATA_GLOB,
     META_FILE,
-    LabelBatch,
     SolutionRecord,
+    append_records,
     check_meta,
-    collate,
     complete_prompts,
     generate_mc_data,
+    mc_label,
     read_records,
+    sample_candidates,
 )
+from rl.pav.fitting import evaluate, plan_micro_batches, train_epoch
 from rl.rollout.backend import RolloutBackend
 from rl.setup import (
     check_shared_dir,
@@ -78,6 +87,21 @@ def check_pav_config(cfg: Config) -> None:
         raise ConfigError(f"pav.lr: must be positive, got {pav.lr}")
     if not cfg.reward.functions:
         raise ConfigError("reward.functions: PAV needs a verifier (the first reward function)")
+    if not 0.0 < pav.label_fraction <= 1.0:
+        raise ConfigError(f"pav.label_fraction: must be in (0, 1], got {pav.label_fraction}")
+    if pav.label_select not in SELECT_RULES:
+        raise ConfigError(
+            f"pav.label_select: {pav.label_select!r} is not one of {', '.join(SELECT_RULES)}"
+        )
+    for key in ("label_round_prompts", "selector_epochs"):
+        if getattr(pav, key) < 1:
+            raise ConfigError(f"pav.{key}: must be at least 1, got {getattr(pav, key)}")
+    if pav.ensemble_heads < 2:
+        raise ConfigError(
+            f"pav.ensemble_heads: an ensemble needs at least 2 heads, got {pav.ensemble_heads}"
+        )
+    if pav.label_pool is not None and not Path(pav.label_pool).is_dir():
+        raise ConfigError(f"pav.label_pool: {pav.label_pool} is not a directory")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,27 +158,55 @@ def make_data(
         print(
             f"pav: resuming: {len(rows) - len(todo)}/{len(rows)} prompts already done", flush=True
         )
+    rollout = open_rollout(cfg, dist, policy, tokenizer, model_path)
+    n_prefixes = label_in_full(cfg, dist, rollout, policy, tokenizer, mine, "pav data")
+    eng.barrier()
+    return rollout, n_prefixes
+
+
+def open_rollout(
+    cfg: Config, dist: eng.DistInfo, policy: Any, tokenizer: Any, model_path: str
+) -> RolloutBackend:
+    """The base policy's rollout backend on this rank (no ZeRO), RNGs seeded per rank."""
     rollout = make_rollout(cfg, tokenizer, model_path, policy, dist, zero_stage=0)
     if cfg.rollout.backend == "transformers":
         from deepspeed.accelerator import get_accelerator
 
         policy.to(get_accelerator().device_name(dist.local_rank))
     seed_everything(cfg.seed * 1000 + dist.rank)  # after the engine: vLLM reseeds global RNGs
-    sampling = training_sampling(cfg)
+    return rollout
+
+
+def first_verifier(cfg: Config) -> Any:
+    """The first reward function, which judges solutions and rollouts."""
+    spec = cfg.reward.functions[0]
+    return make_verifier(RewardSpec(spec.fn, 1.0, dict(spec.kwargs)))
+
+
+def label_in_full(
+    cfg: Config,
+    dist: eng.DistInfo,
+    rollout: RolloutBackend,
+    policy: Any,
+    tokenizer: Any,
+    mine: list[PromptRow],
+    desc: str,
+) -> int:
+    """Sample and Monte-Carlo label every solution of this rank's prompts `mine`, appending
+    them to its data file; returns the prefixes rolled out."""
+    out = Path(cfg.pav.output_dir)
     per_batch = max(1, cfg.rollout.generation_batch_size // cfg.pav.samples_per_prompt)
     bar = None
     if dist.is_main and cfg.logging.progress_bar and mine:
-        bar = tqdm(total=0, desc="pav data (rank 0)", unit="prefix")
+        bar = tqdm(total=0, desc=f"{desc} (rank 0)", unit="prefix")
     n_prefixes = generate_mc_data(
         rollout,
         policy,
         tokenizer,
         mine,
         out / f"mc_data.rank{dist.rank}.jsonl",
-        make_verifier(
-            RewardSpec(cfg.reward.functions[0].fn, 1.0, dict(cfg.reward.functions[0].kwargs))
-        ),
-        sampling,
+        first_verifier(cfg),
+        training_sampling(cfg),
         samples_per_prompt=cfg.pav.samples_per_prompt,
         n_mc=cfg.pav.n_mc,
         delimiter=cfg.reward.step_delimiter,
@@ -163,8 +215,112 @@ def make_data(
     )
     if bar is not None:
         bar.close()
+    return n_prefixes
+
+
+def is_active(cfg: Config) -> bool:
+    """Whether `train_pav` labels in rounds (rl/pav/active.py) rather than all at once."""
+    return cfg.pav.label_fraction < 1.0 or cfg.pav.label_pool is not None
+
+
+def active_meta(cfg: Config) -> dict[str, Any]:
+    """The active-labelling settings a restart must keep (absent from a plain run's meta)."""
+    pav = cfg.pav
+    return {
+        "active": {
+            "label_fraction": pav.label_fraction,
+            "label_select": pav.label_select,
+            "label_round_prompts": pav.label_round_prompts,
+            "ensemble_heads": pav.ensemble_heads,
+            "selector_epochs": pav.selector_epochs,
+            "label_pool": pav.label_pool,
+            "val_fraction": pav.val_fraction,
+        }
+    }
+
+
+def make_active_data(
+    cfg: Config,
+    dist: eng.DistInfo,
+    policy: Any,
+    tokenizer: Any,
+    model_path: str,
+    rows: list[PromptRow],
+) -> tuple[RolloutBackend | None, set[int], ActiveResult, int]:
+    """Active labelling (rl/pav/active.py): the held-out prompts in full, then the training
+    prompts in rounds. Returns (the rollout backend or None with a label pool, the held-out
+    prompts, what was bought, held-out prefixes rolled out)."""
+    pav = cfg.pav
+    out = Path(pav.output_dir)
+    meta = data_meta(cfg, model_path)
+    check_meta(out, meta | active_meta(cfg))
     eng.barrier()
-    return rollout, n_prefixes
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / META_FILE).write_text(json.dumps(meta | active_meta(cfg), indent=2) + "\n")
+    val_prompts = val_prompt_set([r.index for r in rows], pav.val_fraction, cfg.seed)
+    val_rows = [r for r in rows if r.index in val_prompts]
+    train_rows = [r for r in rows if r.index not in val_prompts]
+    done = complete_prompts(read_records(out.glob(DATA_GLOB)), pav.samples_per_prompt)
+    eng.barrier()
+    todo_val = [r for r in val_rows if r.index not in done]
+    rollout: RolloutBackend | None = None
+    val_prefixes = 0
+    if pav.label_pool is not None:
+        sample, label = pool_source(pav.label_pool, meta)
+        if dist.is_main and todo_val:
+            append_records(out / "mc_data.rank0.jsonl", label(sample(todo_val)))
+    else:
+        rollout = open_rollout(cfg, dist, policy, tokenizer, model_path)
+        mine_val = todo_val[dist.rank :: dist.world_size]
+        val_prefixes = label_in_full(
+            cfg, dist, rollout, policy, tokenizer, mine_val, "pav val data"
+        )
+        sample, label = rollout_source(cfg, rollout, policy, tokenizer, rows)
+    eng.barrier()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    make = None
+    if pav.label_select == "uncertainty" and pav.label_fraction < 1.0:
+
+        def make() -> Any:
+            return make_selector(cfg, dist, model_path, pad_id)
+
+    n_rounds = math.ceil(len(train_rows) / pav.label_round_prompts)
+    bar = None
+    if dist.is_main and cfg.logging.progress_bar and n_rounds:
+        bar = tqdm(total=n_rounds, desc="pav active labelling", unit="round")
+    result = label_rounds(cfg, dist, train_rows, sample, label, make, bar)
+    if bar is not None:
+        bar.close()
+    return rollout, val_prompts, result, val_prefixes
+
+
+def rollout_source(
+    cfg: Config, rollout: RolloutBackend, policy: Any, tokenizer: Any, rows: list[PromptRow]
+) -> tuple[SampleFn, LabelFn]:
+    """Candidates sampled from the base policy and labelled by Monte-Carlo rollouts."""
+    pav = cfg.pav
+    verifier, sampling = first_verifier(cfg), training_sampling(cfg)
+    by_index = {r.index: r for r in rows}
+
+    def sample(mine: list[PromptRow]) -> list[SolutionRecord]:
+        return sample_candidates(
+            rollout,
+            policy,
+            tokenizer,
+            mine,
+            verifier,
+            sampling,
+            pav.samples_per_prompt,
+            cfg.reward.step_delimiter,
+        )
+
+    def label(candidates: list[SolutionRecord]) -> list[SolutionRecord]:
+        return mc_label(
+            rollout, policy, tokenizer, candidates, by_index, verifier, sampling, pav.n_mc
+        )[0]
+
+    return sample, label
 
 
 def split_by_prompt(
@@ -173,13 +329,27 @@ def split_by_prompt(
     """(train, val): `val_fraction` of the prompts, with all their solutions, held out (at
     least one prompt when the fraction is positive and there are two or more)."""
     records = [r for r in records if r.labels]  # a solution without steps has no label
-    prompts = sorted({r.prompt_index for r in records})
-    n_val = round(val_fraction * len(prompts))
-    if val_fraction > 0 and len(prompts) >= 2:
-        n_val = min(max(1, n_val), len(prompts) - 1)
-    perm = torch.randperm(len(prompts), generator=seeded(seed)).tolist()
-    val_prompts = {prompts[i] for i in perm[:n_val]}
-    ordered = sorted(records, key=lambda r: (r.prompt_index, r.sample))
+    val_prompts = val_prompt_set({r.prompt_index for r in records}, val_fraction, seed)
+    return split_records(records, val_prompts)
+
+
+def val_prompt_set(prompts: set[int] | Sequence[int], val_fraction: float, seed: int) -> set[int]:
+    """The held-out prompts: `val_fraction` of `prompts` in a seeded order (at least one when
+    the fraction is positive and there are two or more prompts, never all of them)."""
+    ordered = sorted(set(prompts))
+    n_val = round(val_fraction * len(ordered))
+    if val_fraction > 0 and len(ordered) >= 2:
+        n_val = min(max(1, n_val), len(ordered) - 1)
+    perm = torch.randperm(len(ordered), generator=seeded(seed)).tolist()
+    return {ordered[i] for i in perm[:n_val]}
+
+
+def split_records(
+    records: Sequence[SolutionRecord], val_prompts: set[int]
+) -> tuple[list[SolutionRecord], list[SolutionRecord]]:
+    """(train, val) by prompt, each sorted by (prompt, sample); records without labels
+    dropped."""
+    ordered = sorted((r for r in records if r.labels), key=lambda r: (r.prompt_index, r.sample))
     train = [r for r in ordered if r.prompt_index not in val_prompts]
     val = [r for r in ordered if r.prompt_index in val_prompts]
     return train, val
@@ -188,102 +358,6 @@ def split_by_prompt(
 # ----------------------------------------------------------------------------------------------
 # Verifier training
 # ----------------------------------------------------------------------------------------------
-
-
-def plan_micro_batches(
-    order: Sequence[int], world: int, rank: int, micro_batch_size: int
-) -> list[tuple[list[int], list[bool]]]:
-    """This rank's micro-batches over `order`: (indices, real) per step, the same number of
-    steps and rows on every rank (ZeRO's collectives need it). The tail is padded with rows
-    from the start of `order` marked `real=False` (they get weight 0)."""
-    if not order:
-        return []
-    per_step = micro_batch_size * world
-    steps = math.ceil(len(order) / per_step)
-    padded = list(order) + [order[i % len(order)] for i in range(steps * per_step - len(order))]
-    real = [i < len(order) for i in range(len(padded))]
-    out = []
-    for s in range(steps):
-        lo = s * per_step + rank * micro_batch_size
-        out.append((padded[lo : lo + micro_batch_size], real[lo : lo + micro_batch_size]))
-    return out
-
-
-def bce_terms(logits: torch.Tensor, batch: LabelBatch, weight: torch.Tensor) -> dict[str, Any]:
-    """Sum-form BCE pieces at labelled positions of rows with `weight` 1.
-
-    logits: [b, T] verifier outputs, batch: labels/label_mask [b, T], weight: [b] 0/1 ->
-    {"bce": scalar tensor (differentiable) = sum of BCE, "count": labelled positions,
-    "correct": positions where `sigmoid(logit) > 0.5` agrees with `label > 0.5`}.
-    """
-    labels = batch.labels.to(logits.device)
-    mask = batch.label_mask.to(logits.device) * weight.to(logits.device).unsqueeze(1)  # [b, T]
-    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # [b, T]
-    agree = ((logits.detach() > 0) == (labels > 0.5)).float()  # [b, T]
-    return {
-        "bce": (bce * mask).sum(),
-        "count": float(mask.sum()),
-        "correct": float((agree * mask).sum()),
-    }
-
-
-def _forward(model: Any, batch: LabelBatch, device: Any) -> torch.Tensor:
-    return model(
-        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
-    )  # [b, T]
-
-
-def train_epoch(
-    engine: Any,
-    records: Sequence[SolutionRecord],
-    order: list[int],
-    dist: eng.DistInfo,
-    micro_batch_size: int,
-    pad_id: int,
-    bar: Any = None,
-) -> float:
-    """One pass; each micro-batch is one optimizer step on the global mean BCE. Returns the
-    mean training BCE over the epoch's labelled positions (all ranks)."""
-    engine.train()
-    total = torch.zeros(2, dtype=torch.float64)  # (BCE sum, positions) on this rank
-    for index, real in plan_micro_batches(order, dist.world_size, dist.rank, micro_batch_size):
-        batch = collate([records[i] for i in index], pad_id)
-        weight = torch.tensor(real, dtype=torch.float32)
-        count = batch.label_mask.sum(dim=1) @ weight  # labelled positions of real rows here
-        global_count = float(eng.all_reduce_sum(count.reshape(1).double())[0])
-        terms = bce_terms(_forward(engine, batch, engine.device), batch, weight)
-        # sum form over the global micro-batch, scaled to cancel DeepSpeed's rank averaging
-        loss = terms["bce"] / max(global_count, 1.0) * engine_loss_scale(dist.world_size, 1)
-        engine.backward(loss)
-        engine.step()
-        total += torch.tensor([float(terms["bce"].detach()), terms["count"]], dtype=torch.float64)
-        if bar is not None:
-            bar.update(1)
-    total = eng.all_reduce_sum(total)
-    return float(total[0] / total[1].clamp(min=1.0))
-
-
-@torch.no_grad()
-def evaluate(
-    engine: Any,
-    records: Sequence[SolutionRecord],
-    dist: eng.DistInfo,
-    micro_batch_size: int,
-    pad_id: int,
-) -> dict[str, float]:
-    """Mean BCE and accuracy over every labelled position of `records` (all ranks)."""
-    engine.eval()
-    total = torch.zeros(3, dtype=torch.float64)  # (BCE sum, correct, positions)
-    order = list(range(len(records)))
-    for index, real in plan_micro_batches(order, dist.world_size, dist.rank, micro_batch_size):
-        batch = collate([records[i] for i in index], pad_id)
-        weight = torch.tensor(real, dtype=torch.float32)
-        terms = bce_terms(_forward(engine, batch, engine.device), batch, weight)
-        total += torch.tensor([float(terms["bce"]), terms["correct"], terms["count"]])
-    engine.train()
-    total = eng.all_reduce_sum(total)
-    n = float(total[2].clamp(min=1.0))
-    return {"bce": float(total[0]) / n, "acc": float(total[1]) / n}
 
 
 def constant_baselines(
@@ -374,6 +448,36 @@ def train_verifier(
 # ----------------------------------------------------------------------------------------------
 
 
+def collect_records(
+    cfg: Config,
+    dist: eng.DistInfo,
+    policy: Any,
+    tokenizer: Any,
+    model_path: str,
+    rows: list[PromptRow],
+) -> tuple[
+    RolloutBackend | None, list[SolutionRecord], list[SolutionRecord], int, dict[str, Any] | None
+]:
+    """The data phase, plain or active: (rollout backend to close last, train records, val
+    records, prefixes rolled out by rank 0, active-labelling counts or None)."""
+    out = Path(cfg.pav.output_dir)
+    selected = {r.index for r in rows}
+    if not is_active(cfg):
+        rollout, n_prefixes = make_data(cfg, dist, policy, tokenizer, model_path, rows)
+        records = [r for r in read_records(out.glob(DATA_GLOB)) if r.prompt_index in selected]
+        train, val = split_by_prompt(records, cfg.pav.val_fraction, cfg.seed)
+        return rollout, train, val, n_prefixes, None
+    maybe_rollout, val_prompts, bought, val_prefixes = make_active_data(
+        cfg, dist, policy, tokenizer, model_path, rows
+    )
+    records = [r for r in read_records(out.glob(DATA_GLOB)) if r.prompt_index in selected]
+    train, val = split_records(records, val_prompts)
+    active = asdict(bought) | {
+        "mc_rollouts_val": sum(cfg.pav.n_mc * max(0, len(r.labels) - 1) for r in val)
+    }
+    return maybe_rollout, train, val, val_prefixes, active
+
+
 def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
     """Data, then verifier, then save; returns the metrics written to `METRICS_FILE`."""
     from rl.engine.models import load_policy
@@ -386,12 +490,11 @@ def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
     policy, tokenizer, model_path = load_policy(cfg, dist)
     rows = select_prompts(cfg, tokenizer)
     start = time.perf_counter()
-    rollout, n_prefixes = make_data(cfg, dist, policy, tokenizer, model_path, rows)
+    rollout, train, val, n_prefixes, active = collect_records(
+        cfg, dist, policy, tokenizer, model_path, rows
+    )
     data_s = time.perf_counter() - start
     del policy
-    selected = {r.index for r in rows}
-    records = [r for r in read_records(out.glob(DATA_GLOB)) if r.prompt_index in selected]
-    train, val = split_by_prompt(records, cfg.pav.val_fraction, cfg.seed)
     if not train:
         raise DataError(f"pav: no labelled training solutions in {out}")
     start = time.perf_counter()
@@ -403,23 +506,26 @@ def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
     if dist.is_main:
         save_value_model(verifier.engine.module, tokenizer, out, state_dict=state)
         metrics = {
-            "prompts": len(selected),
+            "prompts": len(rows),
             "solutions": {"train": len(train), "val": len(val)},
             "labels": {
                 "train": sum(len(r.labels) for r in train),
                 "val": sum(len(r.labels) for r in val),
             },
-            "outcome_mean": sum(r.labels[-1] for r in records if r.labels) / max(1, len(records)),
+            "outcome_mean": sum(r.labels[-1] for r in train + val) / max(1, len(train + val)),
             "epochs": verifier.history,
             "baselines": constant_baselines(train, val),
             "time": {"data_s": data_s, "train_s": train_s, "prefixes_rank0": n_prefixes},
             "base_model": model_path,
             "pav": to_dict(cfg)["pav"],
         }
+        if active is not None:
+            metrics["active"] = active
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         print(summary_line(metrics, out), flush=True)
     eng.barrier()
-    rollout.close()
+    if rollout is not None:
+        rollout.close()
     return metrics
 
 
@@ -436,9 +542,16 @@ def summary_line(metrics: dict[str, Any], out: Path) -> str:
     )
     t = metrics["time"]
     sols = metrics["solutions"]
+    active = metrics.get("active")
+    bought = (
+        f"; active labelling: {active['labelled']}/{active['candidates']} training solutions "
+        f"labelled, {active['mc_rollouts']}/{active['mc_rollouts_all_candidates']} rollouts"
+        if active
+        else ""
+    )
     return (
         f"pav: {metrics['prompts']} prompts, {sols['train'] + sols['val']} solutions, "
         f"{metrics['labels']['train'] + metrics['labels']['val']} labels "
         f"(data {t['data_s']:.0f} s); verifier {len(metrics['epochs'])} epochs "
-        f"({t['train_s']:.0f} s): {scores} -> {out}"
+        f"({t['train_s']:.0f} s): {scores}{bought} -> {out}"
     )

@@ -1,0 +1,123 @@
+"""Fitting a value model on Monte-Carlo labels: micro-batch plans shared by every rank, the
+BCE terms, one training pass, evaluation. Used by the verifier (rl/pav/train.py) and the
+active-labelling ensemble (rl/pav/active.py)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rl.algos.losses import engine_loss_scale
+from rl.engine import deepspeed_engine as eng
+from rl.pav.data import LabelBatch, SolutionRecord, collate
+
+
+def plan_micro_batches(
+    order: Sequence[int], world: int, rank: int, micro_batch_size: int
+) -> list[tuple[list[int], list[bool]]]:
+    """This rank's micro-batches over `order`: (indices, real) per step, the same number of
+    steps and rows on every rank (ZeRO's collectives need it). The tail is padded with rows
+    from the start of `order` marked `real=False` (they get weight 0)."""
+    if not order:
+        return []
+    per_step = micro_batch_size * world
+    steps = math.ceil(len(order) / per_step)
+    padded = list(order) + [order[i % len(order)] for i in range(steps * per_step - len(order))]
+    real = [i < len(order) for i in range(len(padded))]
+    out = []
+    for s in range(steps):
+        lo = s * per_step + rank * micro_batch_size
+        out.append((padded[lo : lo + micro_batch_size], real[lo : lo + micro_batch_size]))
+    return out
+
+
+def bce_terms(logits: torch.Tensor, batch: LabelBatch, weight: torch.Tensor) -> dict[str, Any]:
+    """Sum-form BCE pieces at labelled positions of rows with `weight` 1.
+
+    logits: [b, T] verifier outputs, batch: labels/label_mask [b, T], weight: [b] 0/1 ->
+    {"bce": scalar tensor (differentiable) = sum of BCE, "count": labelled positions,
+    "correct": positions where `sigmoid(logit) > 0.5` agrees with `label > 0.5`}.
+    """
+    labels = batch.labels.to(logits.device)
+    mask = batch.label_mask.to(logits.device) * weight.to(logits.device).unsqueeze(1)  # [b, T]
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # [b, T]
+    agree = ((logits.detach() > 0) == (labels > 0.5)).float()  # [b, T]
+    return {
+        "bce": (bce * mask).sum(),
+        "count": float(mask.sum()),
+        "correct": float((agree * mask).sum()),
+    }
+
+
+TermsFn = Callable[[torch.Tensor, LabelBatch, torch.Tensor, list[int]], dict[str, Any]]
+"""(logits, batch, row weights [b], record indices [b]) -> {"bce": sum, "count": terms}."""
+
+
+def _forward(model: Any, batch: LabelBatch, device: Any) -> torch.Tensor:
+    return model(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+    )  # [b, T]
+
+
+def train_epoch(
+    engine: Any,
+    records: Sequence[SolutionRecord],
+    order: list[int],
+    dist: eng.DistInfo,
+    micro_batch_size: int,
+    pad_id: int,
+    bar: Any = None,
+    terms_fn: TermsFn | None = None,
+) -> float:
+    """One pass; each micro-batch is one optimizer step on the global mean BCE. Returns the
+    mean training BCE over the epoch's labelled positions (all ranks). `terms_fn`: the loss
+    pieces (default `bce_terms`; the selection ensemble of rl/pav/active.py has its own)."""
+    engine.train()
+    total = torch.zeros(2, dtype=torch.float64)  # (BCE sum, positions) on this rank
+    for index, real in plan_micro_batches(order, dist.world_size, dist.rank, micro_batch_size):
+        batch = collate([records[i] for i in index], pad_id)
+        weight = torch.tensor(real, dtype=torch.float32)
+        logits = _forward(engine, batch, engine.device)
+        if terms_fn is None:
+            terms = bce_terms(logits, batch, weight)
+        else:
+            terms = terms_fn(logits, batch, weight, index)
+        global_count = float(
+            eng.all_reduce_sum(torch.tensor([terms["count"]], dtype=torch.float64))[0]
+        )
+        # sum form over the global micro-batch, scaled to cancel DeepSpeed's rank averaging
+        loss = terms["bce"] / max(global_count, 1.0) * engine_loss_scale(dist.world_size, 1)
+        engine.backward(loss)
+        engine.step()
+        total += torch.tensor([float(terms["bce"].detach()), terms["count"]], dtype=torch.float64)
+        if bar is not None:
+            bar.update(1)
+    total = eng.all_reduce_sum(total)
+    return float(total[0] / total[1].clamp(min=1.0))
+
+
+@torch.no_grad()
+def evaluate(
+    engine: Any,
+    records: Sequence[SolutionRecord],
+    dist: eng.DistInfo,
+    micro_batch_size: int,
+    pad_id: int,
+) -> dict[str, float]:
+    """Mean BCE and accuracy over every labelled position of `records` (all ranks)."""
+    engine.eval()
+    total = torch.zeros(3, dtype=torch.float64)  # (BCE sum, correct, positions)
+    order = list(range(len(records)))
+    for index, real in plan_micro_batches(order, dist.world_size, dist.rank, micro_batch_size):
+        batch = collate([records[i] for i in index], pad_id)
+        weight = torch.tensor(real, dtype=torch.float32)
+        terms = bce_terms(_forward(engine, batch, engine.device), batch, weight)
+        total += torch.tensor([float(terms["bce"]), terms["correct"], terms["count"]])
+    engine.train()
+    total = eng.all_reduce_sum(total)
+    n = float(total[2].clamp(min=1.0))
+    return {"bce": float(total[0]) / n, "acc": float(total[1]) / n}
