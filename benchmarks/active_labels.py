@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks import sample_efficiency as se  # noqa: E402
 from benchmarks.launching import TRAIN_PAV, RunSpec, read_json, run_all  # noqa: E402
 from benchmarks.sample_efficiency import prm_eval_scores  # noqa: E402
 
@@ -54,12 +55,7 @@ CONFIG = "configs/quickstart_pav.yaml"
 DONE_FILE = "train_pav_metrics.json"
 SELECT_RULES = ("uncertainty", "random")
 QUICK_OVERRIDES = (
-    "model.tiny.hidden_size=64",
-    "model.tiny.num_heads=2",
-    "model.tiny.num_layers=2",
-    "model.tiny.intermediate_size=128",
-    "model.tiny.sft_steps=60",
-    "data.train_size=256",
+    *(o for o in se.QUICK_OVERRIDES if o.startswith(("model.tiny.", "data.train_size"))),
     "rollout.max_new_tokens=24",
     "pav.n_mc=2",
     "pav.epochs=1",

@@ -65,9 +65,10 @@ from rl.pav.data import (
     SolutionRecord,
     append_records,
     collate,
+    first_difference,
     read_records,
 )
-from rl.pav.fitting import plan_micro_batches, train_epoch
+from rl.pav.fitting import make_value_engine, plan_micro_batches, train_epoch
 
 SELECT_RULES = ("uncertainty", "random")
 CANDIDATES_GLOB = "candidates.rank*.jsonl"
@@ -256,25 +257,9 @@ def make_selector(cfg: Any, dist: eng.DistInfo, model_path: str, pad_id: int) ->
     from rl.engine.models import run_dtype
 
     pav = cfg.pav
-    ds_config = eng.build_ds_config(
-        cfg.deepspeed.config,
-        zero_stage=cfg.deepspeed.zero_stage,
-        micro_batch_size=pav.micro_batch_size,
-        grad_accum_steps=1,
-        world_size=dist.world_size,
-        max_grad_norm=cfg.optim.max_grad_norm,
-        bf16=eng.use_bf16(cfg.model.dtype),
-    )
     backbone = AutoModel.from_pretrained(model_path, dtype=run_dtype(cfg))
     model = EnsembleValueModel(backbone, pav.ensemble_heads, cfg.seed).to(run_dtype(cfg))
-    engine = eng.create_policy_engine(
-        model,
-        ds_config,
-        lr=pav.lr,
-        betas=cfg.optim.betas,
-        weight_decay=cfg.optim.weight_decay,
-        warmup_steps=0,
-    )
+    engine = make_value_engine(cfg, dist, model)
     return Selector(engine, dist, pav.micro_batch_size, pad_id, cfg.seed, pav.ensemble_heads)
 
 
@@ -297,12 +282,12 @@ def pool_source(pool_dir: str | Path, meta: dict[str, Any]) -> tuple[SampleFn, L
     if not meta_path.is_file():
         raise ConfigError(f"pav.label_pool: {pool} holds no Monte-Carlo data ({META_FILE})")
     old = json.loads(meta_path.read_text())
-    for key in sorted(set(old) | set(meta)):
-        if old.get(key) != meta.get(key):
-            raise ConfigError(
-                f"pav.label_pool: {pool} was made with {key}={old.get(key)!r}, but the config "
-                f"gives {meta.get(key)!r}"
-            )
+    key = first_difference(old, meta)
+    if key is not None:
+        raise ConfigError(
+            f"pav.label_pool: {pool} was made with {key}={old.get(key)!r}, but the config "
+            f"gives {meta.get(key)!r}"
+        )
     records = {(r.prompt_index, r.sample): r for r in read_records(pool.glob(DATA_GLOB))}
     by_prompt: dict[int, list[SolutionRecord]] = {}
     for r in records.values():

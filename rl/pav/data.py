@@ -135,13 +135,21 @@ def check_meta(output_dir: Path, meta: dict[str, Any]) -> None:
     if not path.is_file():
         return
     old = json.loads(path.read_text())
-    for key in sorted(set(old) | set(meta)):
-        if old.get(key) != meta.get(key):
-            raise ConfigError(
-                f"{output_dir} holds Monte-Carlo data made with {key}={old.get(key)!r}, but the "
-                f"config gives {meta.get(key)!r}: delete {output_dir} or set another "
-                "pav.output_dir"
-            )
+    key = first_difference(old, meta)
+    if key is not None:
+        raise ConfigError(
+            f"{output_dir} holds Monte-Carlo data made with {key}={old.get(key)!r}, but the "
+            f"config gives {meta.get(key)!r}: delete {output_dir} or set another "
+            "pav.output_dir"
+        )
+
+
+def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first key (sorted) whose value differs between two metas, or None."""
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            return key
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -121,3 +121,27 @@ def evaluate(
     total = eng.all_reduce_sum(total)
     n = float(total[2].clamp(min=1.0))
     return {"bce": float(total[0]) / n, "acc": float(total[1]) / n}
+
+
+def make_value_engine(cfg: Any, dist: eng.DistInfo, model: torch.nn.Module) -> Any:
+    """`model` as a DeepSpeed engine with the verifier's settings: `pav.micro_batch_size`
+    per rank, one micro-batch per step, AdamW at `pav.lr` (the run's betas and weight decay,
+    no warm-up), the run's `deepspeed` config, ZeRO stage, clipping and dtype."""
+    pav = cfg.pav
+    ds_config = eng.build_ds_config(
+        cfg.deepspeed.config,
+        zero_stage=cfg.deepspeed.zero_stage,
+        micro_batch_size=pav.micro_batch_size,
+        grad_accum_steps=1,
+        world_size=dist.world_size,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        bf16=eng.use_bf16(cfg.model.dtype),
+    )
+    return eng.create_policy_engine(
+        model,
+        ds_config,
+        lr=pav.lr,
+        betas=cfg.optim.betas,
+        weight_decay=cfg.optim.weight_decay,
+        warmup_steps=0,
+    )

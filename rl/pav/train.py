@@ -60,7 +60,7 @@ from rl.pav.data import (
     read_records,
     sample_candidates,
 )
-from rl.pav.fitting import evaluate, plan_micro_batches, train_epoch
+from rl.pav.fitting import evaluate, make_value_engine, plan_micro_batches, train_epoch
 from rl.rollout.backend import RolloutBackend
 from rl.setup import (
     check_shared_dir,
@@ -401,23 +401,7 @@ def train_verifier(
     from rl.engine.value_model import value_model_from_policy
 
     pav = cfg.pav
-    ds_config = eng.build_ds_config(
-        cfg.deepspeed.config,
-        zero_stage=cfg.deepspeed.zero_stage,
-        micro_batch_size=pav.micro_batch_size,
-        grad_accum_steps=1,
-        world_size=dist.world_size,
-        max_grad_norm=cfg.optim.max_grad_norm,
-        bf16=eng.use_bf16(cfg.model.dtype),
-    )
-    engine = eng.create_policy_engine(
-        value_model_from_policy(model_path, run_dtype(cfg)),
-        ds_config,
-        lr=pav.lr,
-        betas=cfg.optim.betas,
-        weight_decay=cfg.optim.weight_decay,
-        warmup_steps=0,
-    )
+    engine = make_value_engine(cfg, dist, value_model_from_policy(model_path, run_dtype(cfg)))
     steps = len(
         plan_micro_batches(list(range(len(train))), dist.world_size, 0, pav.micro_batch_size)
     )
