@@ -205,22 +205,45 @@ def mean_std(values: Sequence[float]) -> str:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per seed: each rule's rollout fraction needed to reach `all`'s F1; per arm: means."""
+    """Per seed, the rollouts each rule needs to reach a reference arm's F1, as a fraction of
+    the reference's rollouts: `needed` against `all` (every candidate labelled) for both
+    rules, `needed_vs_random` for `uncertainty` against `random` at the largest budget."""
     seeds = sorted({r["seed"] for r in rows})
     needed: dict[str, list[dict[str, Any]]] = {sel: [] for sel in SELECT_RULES}
+    vs_random: list[dict[str, Any]] = []
     for seed in seeds:
         mine = [r for r in rows if r["seed"] == seed and r["f1"] is not None]
         ref = [r for r in mine if r["arm"] == "all"]
-        if not ref or not ref[0]["mc_rollouts"]:
-            continue
-        for sel in SELECT_RULES:
-            pts = [
-                (r["mc_rollouts"] / ref[0]["mc_rollouts"], r["f1"]) for r in mine if r["arm"] == sel
-            ]
-            if pts:
-                frac, kind = needed_fraction(pts, ref[0]["f1"])
-                needed[sel].append({"seed": seed, "fraction": frac, "kind": kind})
-    return {"seeds": seeds, "needed": needed}
+        if ref and ref[0]["mc_rollouts"]:
+            for sel in SELECT_RULES:
+                found = needed_for(mine, sel, ref[0])
+                if found is not None:
+                    needed[sel].append({"seed": seed, **found})
+        randoms = sorted((r for r in mine if r["arm"] == "random"), key=lambda r: r["fraction"])
+        if randoms and randoms[-1]["mc_rollouts"]:
+            found = needed_for(mine, "uncertainty", randoms[-1])
+            if found is not None:
+                vs_random.append({"seed": seed, **found})
+    return {"seeds": seeds, "needed": needed, "needed_vs_random": vs_random}
+
+
+def needed_for(rows: list[dict[str, Any]], rule: str, ref: dict[str, Any]) -> dict[str, Any] | None:
+    """`needed_fraction` of `rule`'s arms (one seed's `rows`) against the `ref` row's F1."""
+    pts = [(r["mc_rollouts"] / ref["mc_rollouts"], r["f1"]) for r in rows if r["arm"] == rule]
+    if not pts:
+        return None
+    frac, kind = needed_fraction(pts, ref["f1"])
+    return {"fraction": frac, "kind": kind}
+
+
+def needed_line(label: str, found: list[dict[str, Any]]) -> str:
+    """`- label: seed 0: 0.412, seed 1: >0.500; mean ...` (mean only when none censored)."""
+    per_seed = ", ".join(f"seed {n['seed']}: {n['kind']}{n['fraction']:.3f}" for n in found)
+    censored = sum(1 for n in found if n["kind"])
+    if censored:
+        return f"- {label}: {per_seed} ({censored} seed(s) censored, see per seed)"
+    mean = mean_std([n["fraction"] for n in found]) if found else "-"
+    return f"- {label}: {per_seed or '-'}; mean {mean}"
 
 
 def render(rows: list[dict[str, Any]], summary: dict[str, Any], command: str) -> str:
@@ -251,12 +274,14 @@ def render(rows: list[dict[str, Any]], summary: dict[str, Any], command: str) ->
     if const:
         lines += ["", f"Held-out BCE of a constant predictor: {mean_std(const)}."]
     lines += ["", "Rollouts needed to reach `all`'s F1, as a fraction of `all`'s rollouts:", ""]
-    for sel, found in summary["needed"].items():
-        per_seed = ", ".join(f"seed {n['seed']}: {n['kind']}{n['fraction']:.3f}" for n in found)
-        exact = [n["fraction"] for n in found if not n["kind"]]
-        censored = len(found) - len(exact)
-        note = f" ({censored} seed(s) censored, see per seed)" if censored else ""
-        lines.append(f"- {sel}: {per_seed or '-'}{note}")
+    lines += [needed_line(sel, found) for sel, found in summary["needed"].items()]
+    lines += [
+        "",
+        "Rollouts `uncertainty` needs to reach `random`'s F1 at the largest budget, as a "
+        "fraction of that arm's rollouts:",
+        "",
+        needed_line("uncertainty", summary["needed_vs_random"]),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -336,8 +336,10 @@ def test_benchmark_summary_by_hand() -> None:
     assert summary["needed"]["random"] == [{"seed": 0, "fraction": 0.5, "kind": ">"}]
     text = render(rows, summary, "python benchmarks/active_labels.py")
     assert "| uncertainty | 0.5 | 50.000 | 500.000 | 0.900 | 0.500 |" in text
-    assert "- uncertainty: seed 0: 0.400" in text
+    assert "- uncertainty: seed 0: 0.400; mean 0.400" in text
     assert "- random: seed 0: >0.500 (1 seed(s) censored, see per seed)" in text
+    # against random at its largest budget (F1 0.7, 500 rollouts): reached at 300 = 0.6
+    assert summary["needed_vs_random"] == [{"seed": 0, "fraction": 0.6, "kind": "<="}]
 
 
 @pytest.mark.e2e
