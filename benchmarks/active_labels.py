@@ -14,7 +14,8 @@ selection ensemble's init):
    isolates the selection rule from Monte-Carlo noise. For each budget f in `--fractions`:
    `uncertainty` (ActPRM: the ensemble's most uncertain solutions of each round) and
    `random` (uniform labelling), both labelling `ceil(f * n)` of each round's n candidates;
-   plus `all` (f = 1: every candidate labelled, the reference). The verifier is then trained
+   plus `all` (f = 1: every candidate labelled, the reference). `--rules` adds
+   `epistemic` (uncertainty = the heads' disagreement only), a diagnostic. The verifier is then trained
    the same way in every arm (the config's `pav.epochs`, `pav.lr`).
 3. Quality of each arm's verifier: its held-out BCE on the seed's held-out prompts (the same
    for every arm of the seed, labelled in full) and its first-error F1 on the built-in
@@ -53,7 +54,14 @@ from benchmarks.sample_efficiency import prm_eval_scores  # noqa: E402
 
 CONFIG = "configs/quickstart_pav.yaml"
 DONE_FILE = "train_pav_metrics.json"
-SELECT_RULES = ("uncertainty", "random")
+RULES = ("uncertainty", "random", "epistemic")
+"""Selection rules an arm can use: `uncertainty` (ActPRM's rule, `pav.uncertainty=max`),
+`random` (uniform labelling) and `epistemic` (ensemble disagreement only, a diagnostic)."""
+RULE_OVERRIDES = {
+    "uncertainty": ("pav.label_select=uncertainty", "pav.uncertainty=max"),
+    "random": ("pav.label_select=random",),
+    "epistemic": ("pav.label_select=uncertainty", "pav.uncertainty=epistemic"),
+}
 QUICK_OVERRIDES = (
     *(o for o in se.QUICK_OVERRIDES if o.startswith(("model.tiny.", "data.train_size"))),
     "rollout.max_new_tokens=24",
@@ -101,6 +109,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--runs-dir", type=Path, default=None, help="run directories")
     parser.add_argument("--cache-dir", default=None, help="start-model cache (model.cache_dir)")
     parser.add_argument("--ranks", type=int, default=2, help="deepspeed --num_gpus")
+    parser.add_argument(
+        "--rules", default="uncertainty,random", help=f"selection rules, of {', '.join(RULES)}"
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny model and pool")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     return parser.parse_args(argv)
@@ -114,18 +125,14 @@ def floats(text: str) -> list[float]:
     return values
 
 
-def arms(fractions: Sequence[float]) -> list[Arm]:
-    """Every arm of one seed: the reference first, then both rules at each budget."""
-    return [Arm("all", 1.0)] + [Arm(sel, f) for f in fractions for sel in SELECT_RULES]
+def arms(fractions: Sequence[float], rules: Sequence[str] = ("uncertainty", "random")) -> list[Arm]:
+    """Every arm of one seed: the reference first, then each rule at each budget."""
+    return [Arm("all", 1.0)] + [Arm(rule, f) for f in fractions for rule in rules]
 
 
 def arm_overrides(arm: Arm, pool: Path) -> list[str]:
-    select = "random" if arm.select == "all" else arm.select
-    return [
-        f"pav.label_pool={pool}",
-        f"pav.label_fraction={arm.fraction:g}",
-        f"pav.label_select={select}",
-    ]
+    rule = RULE_OVERRIDES["random" if arm.select == "all" else arm.select]
+    return [f"pav.label_pool={pool}", f"pav.label_fraction={arm.fraction:g}", *rule]
 
 
 def specs_for_seed(
@@ -209,13 +216,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     the reference's rollouts: `needed` against `all` (every candidate labelled) for both
     rules, `needed_vs_random` for `uncertainty` against `random` at the largest budget."""
     seeds = sorted({r["seed"] for r in rows})
-    needed: dict[str, list[dict[str, Any]]] = {sel: [] for sel in SELECT_RULES}
+    rules = [rule for rule in RULES if any(r["arm"] == rule for r in rows)]
+    needed: dict[str, list[dict[str, Any]]] = {rule: [] for rule in rules}
     vs_random: list[dict[str, Any]] = []
     for seed in seeds:
         mine = [r for r in rows if r["seed"] == seed and r["f1"] is not None]
         ref = [r for r in mine if r["arm"] == "all"]
         if ref and ref[0]["mc_rollouts"]:
-            for sel in SELECT_RULES:
+            for sel in rules:
                 found = needed_for(mine, sel, ref[0])
                 if found is not None:
                     needed[sel].append({"seed": seed, **found})
@@ -256,8 +264,8 @@ def render(rows: list[dict[str, Any]], summary: dict[str, Any], command: str) ->
         "built-in task's exactly labelled eval-split solutions (threshold 0.5) and BCE on "
         "the seed's held-out prompts. Cost: Monte-Carlo rollouts of the training labels.",
         "",
-        "| arm | budget | labelled solutions | MC rollouts | F1 | held-out BCE |",
-        "|---|---|---|---|---|---|",
+        "| arm | budget | seeds | labelled solutions | MC rollouts | F1 | held-out BCE |",
+        "|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(r["arm"], r["fraction"]) for r in rows}, key=lambda k: (-k[1], k[0]))
     for arm, frac in keys:
@@ -267,7 +275,8 @@ def render(rows: list[dict[str, Any]], summary: dict[str, Any], command: str) ->
             return [float(r[key]) for r in mine if r[key] is not None]
 
         lines.append(
-            f"| {arm} | {frac:g} | {mean_std(vals('labelled'))} | {mean_std(vals('mc_rollouts'))}"
+            f"| {arm} | {frac:g} | {len(mine)} | {mean_std(vals('labelled'))} | "
+            f"{mean_std(vals('mc_rollouts'))}"
             f" | {mean_std(vals('f1'))} | {mean_std(vals('val_bce'))} |"
         )
     const = [float(r["val_bce_constant"]) for r in rows if r["val_bce_constant"] is not None]
@@ -297,7 +306,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for sel, color in (("uncertainty", "tab:red"), ("random", "tab:blue"), ("all", "black")):
+    colors = {"uncertainty": "tab:red", "random": "tab:blue", "epistemic": "tab:green"}
+    for sel, color in (*colors.items(), ("all", "black")):
         mine = [r for r in rows if r["arm"] == sel and r["f1"] is not None]
         for ax, key in zip(axes, ("f1", "val_bce"), strict=True):
             xs = [r["mc_rollouts"] for r in mine]
@@ -339,7 +349,11 @@ def main(argv: list[str]) -> int:
     if args.cache_dir:
         base.append(f"model.cache_dir={Path(args.cache_dir).resolve()}")
     base += args.overrides
-    seed_arms = arms(fractions)
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    unknown = [r for r in rules if r not in RULES]
+    if unknown:
+        raise SystemExit(f"--rules: unknown {unknown}; valid: {', '.join(RULES)}")
+    seed_arms = arms(fractions, rules)
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     for seed in seeds:

@@ -239,6 +239,10 @@ class PAVConfig:
     label_select: str = "uncertainty"
     """Which solutions of a round are labelled when `label_fraction` < 1: `uncertainty` (the
     most uncertain under an ensemble of value heads) or `random` (uniform labelling)."""
+    uncertainty: str = "max"
+    """How `uncertainty` selection scores a solution: `max` (ActPRM: the larger of the
+    aleatoric and the epistemic term at any step) or `epistemic` (the heads' disagreement
+    only; rl/pav/active.py)."""
     label_round_prompts: int = 64
     """Training prompts per active-labelling round (over all ranks)."""
     ensemble_heads: int = 4

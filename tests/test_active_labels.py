@@ -83,6 +83,14 @@ def test_uncertainty_takes_the_epistemic_term_when_heads_disagree() -> None:
     assert got.item() == pytest.approx(2 * math.sqrt(2 / 9), abs=1e-6)
 
 
+def test_epistemic_uncertainty_ignores_a_confident_half() -> None:
+    probs = torch.tensor([[[0.5, 0.9]], [[0.5, 0.5]]])  # K=2, one row, two positions
+    mask = torch.ones(1, 2)
+    # pos 0: heads agree on 0.5 -> epistemic 0 (aleatoric 1); pos 1: std 0.2 -> 0.4
+    assert uncertainty(probs, mask, "epistemic").item() == pytest.approx(0.4)
+    assert uncertainty(probs, mask).item() == pytest.approx(1.0)
+
+
 def test_rank_candidates_by_score_then_index_or_seeded_random() -> None:
     assert rank_candidates([0.1, 0.5, 0.5, 0.2], 4, seed=0) == [1, 2, 3, 0]
     random_order = rank_candidates(None, 6, seed=3)
@@ -146,6 +154,7 @@ def test_explicit_val_split_matches_the_plain_split() -> None:
         ("pav.label_fraction=1.5", "pav.label_fraction: must be in (0, 1]"),
         ("pav.label_select=entropy", "pav.label_select: 'entropy' is not one of"),
         ("pav.ensemble_heads=1", "pav.ensemble_heads: an ensemble needs at least 2 heads"),
+        ("pav.uncertainty=entropy", "pav.uncertainty: 'entropy' is not one of max, epistemic"),
         ("pav.label_round_prompts=0", "pav.label_round_prompts: must be at least 1"),
         ("pav.label_pool=no/such/dir", "pav.label_pool: no/such/dir is not a directory"),
     ],
@@ -322,6 +331,11 @@ def test_benchmark_summary_by_hand() -> None:
         "pav.label_fraction=1",
         "pav.label_select=random",
     ]
+    (epistemic,) = arms([0.5], ["epistemic"])[1:]
+    assert arm_overrides(epistemic, Path("p"))[2:] == [
+        "pav.label_select=uncertainty",
+        "pav.uncertainty=epistemic",
+    ]
     rows = [
         bench_row(0, "all", 1.0, 1000, 0.8),
         bench_row(0, "uncertainty", 0.25, 300, 0.7),
@@ -335,7 +349,7 @@ def test_benchmark_summary_by_hand() -> None:
     assert unc["fraction"] == pytest.approx(0.4) and unc["kind"] == ""
     assert summary["needed"]["random"] == [{"seed": 0, "fraction": 0.5, "kind": ">"}]
     text = render(rows, summary, "python benchmarks/active_labels.py")
-    assert "| uncertainty | 0.5 | 50.000 | 500.000 | 0.900 | 0.500 |" in text
+    assert "| uncertainty | 0.5 | 1 | 50.000 | 500.000 | 0.900 | 0.500 |" in text
     assert "- uncertainty: seed 0: 0.400; mean 0.400" in text
     assert "- random: seed 0: >0.500 (1 seed(s) censored, see per seed)" in text
     # against random at its largest budget (F1 0.7, 500 rollouts): reached at 300 = 0.6

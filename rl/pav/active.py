@@ -29,7 +29,9 @@ sense; we rank by the larger of the two, so that a fixed fraction can be kept): 
 labelled positions, with p_k the heads' predicted success probabilities,
     aleatoric = 1 - 2 |mean_k p_k - 0.5|     (1 when the ensemble predicts 0.5),
     epistemic = 2 std_k p_k                   (1 at the largest possible disagreement),
-and the candidate's score is the maximum of both over its positions (0 without steps).
+and the candidate's score is the maximum of both over its positions (0 without steps);
+`pav.uncertainty: epistemic` keeps the epistemic term only (soft Monte-Carlo labels near 0.5
+are noisy by nature: a confident 0.5 is not a reason to buy a label).
 
 Resume: a restarted run skips the rounds whose solutions are all labelled or skipped, retrains
 the ensemble `selector_epochs` passes over the labels so far and redoes an interrupted round
@@ -71,6 +73,7 @@ from rl.pav.data import (
 from rl.pav.fitting import make_value_engine, plan_micro_batches, train_epoch
 
 SELECT_RULES = ("uncertainty", "random")
+UNCERTAINTY_KINDS = ("max", "epistemic")
 CANDIDATES_GLOB = "candidates.rank*.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 
@@ -85,17 +88,20 @@ def n_selected(n: int, fraction: float) -> int:
     return min(n, math.ceil(fraction * n - 1e-9))
 
 
-def uncertainty(probs: Tensor, mask: Tensor) -> Tensor:
+def uncertainty(probs: Tensor, mask: Tensor, kind: str = "max") -> Tensor:
     """Per-candidate uncertainty in [0, 1] (module docstring).
 
     probs: [K, B, T] each head's P(success) at every position; mask: [B, T] 1 at labelled
-    positions -> [B]: max over labelled positions of max(aleatoric, epistemic); 0 for a row
-    without labelled positions.
+    positions -> [B]: max over labelled positions of max(aleatoric, epistemic) (`kind`
+    "max") or of the epistemic term alone ("epistemic"); 0 for a row without labelled
+    positions.
     """
-    mean = probs.mean(dim=0)  # [B, T]
-    aleatoric = 1.0 - 2.0 * (mean - 0.5).abs()  # [B, T]
     epistemic = 2.0 * probs.std(dim=0, correction=0)  # [B, T]
-    per_position = torch.maximum(aleatoric, epistemic) * mask  # [B, T]
+    if kind == "epistemic":
+        per_position = epistemic * mask
+    else:
+        aleatoric = 1.0 - 2.0 * (probs.mean(dim=0) - 0.5).abs()  # [B, T]
+        per_position = torch.maximum(aleatoric, epistemic) * mask  # [B, T]
     return per_position.max(dim=1).values.clamp(min=0.0)  # [B]
 
 
@@ -196,6 +202,8 @@ class Selector:
     pad_id: int
     seed: int
     heads: int
+    kind: str = "max"
+    """`uncertainty`'s kind (`pav.uncertainty`)."""
     trained: bool = False
     history: list[float] = field(default_factory=list)
 
@@ -241,7 +249,7 @@ class Selector:
                 attention_mask=batch.attention_mask.to(self.engine.device),
             )  # [b, T, K]
             probs = torch.sigmoid(logits).permute(2, 0, 1).cpu()  # [K, b, T]
-            found = uncertainty(probs, batch.label_mask).double()  # [b]
+            found = uncertainty(probs, batch.label_mask, self.kind).double()  # [b]
             for i, keep, value in zip(index, real, found.tolist(), strict=True):
                 if keep:
                     scores[i] = value
@@ -260,7 +268,9 @@ def make_selector(cfg: Any, dist: eng.DistInfo, model_path: str, pad_id: int) ->
     backbone = AutoModel.from_pretrained(model_path, dtype=run_dtype(cfg))
     model = EnsembleValueModel(backbone, pav.ensemble_heads, cfg.seed).to(run_dtype(cfg))
     engine = make_value_engine(cfg, dist, model)
-    return Selector(engine, dist, pav.micro_batch_size, pad_id, cfg.seed, pav.ensemble_heads)
+    return Selector(
+        engine, dist, pav.micro_batch_size, pad_id, cfg.seed, pav.ensemble_heads, pav.uncertainty
+    )
 
 
 # ----------------------------------------------------------------------------------------------

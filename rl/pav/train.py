@@ -41,6 +41,7 @@ from rl.engine import deepspeed_engine as eng
 from rl.engine.models import run_dtype
 from rl.pav.active import (
     SELECT_RULES,
+    UNCERTAINTY_KINDS,
     ActiveResult,
     LabelFn,
     SampleFn,
@@ -92,6 +93,10 @@ def check_pav_config(cfg: Config) -> None:
     if pav.label_select not in SELECT_RULES:
         raise ConfigError(
             f"pav.label_select: {pav.label_select!r} is not one of {', '.join(SELECT_RULES)}"
+        )
+    if pav.uncertainty not in UNCERTAINTY_KINDS:
+        raise ConfigError(
+            f"pav.uncertainty: {pav.uncertainty!r} is not one of {', '.join(UNCERTAINTY_KINDS)}"
         )
     for key in ("label_round_prompts", "selector_epochs"):
         if getattr(pav, key) < 1:
@@ -230,6 +235,7 @@ def active_meta(cfg: Config) -> dict[str, Any]:
         "active": {
             "label_fraction": pav.label_fraction,
             "label_select": pav.label_select,
+            "uncertainty": pav.uncertainty,
             "label_round_prompts": pav.label_round_prompts,
             "ensemble_heads": pav.ensemble_heads,
             "selector_epochs": pav.selector_epochs,
