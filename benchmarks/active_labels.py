@@ -15,8 +15,8 @@ selection ensemble's init):
    `uncertainty` (ActPRM: the ensemble's most uncertain solutions of each round) and
    `random` (uniform labelling), both labelling `ceil(f * n)` of each round's n candidates;
    plus `all` (f = 1: every candidate labelled, the reference). `--rules` adds
-   `epistemic` (uncertainty = the heads' disagreement only), a diagnostic. The verifier is then trained
-   the same way in every arm (the config's `pav.epochs`, `pav.lr`).
+   `epistemic` (uncertainty = the heads' disagreement only), a diagnostic. The verifier is
+   then trained the same way in every arm (the config's `pav.epochs`, `pav.lr`).
 3. Quality of each arm's verifier: its held-out BCE on the seed's held-out prompts (the same
    for every arm of the seed, labelled in full) and its first-error F1 on the built-in
    task's exactly labelled eval-split solutions (`launch/eval_prm.py --data builtin`).

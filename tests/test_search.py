@@ -3,6 +3,7 @@ search / best-of-N driven by a scripted sampler and the task's exact labels."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import pytest
@@ -125,3 +126,16 @@ def test_best_of_n_and_majority_pick_different_samples() -> None:
     assert out["majority"].completions == [wrong]  # answer 4 three times
     assert out["majority"].compute.verifier_tokens == 0
     assert out["majority"].compute.generated_tokens == out["best_of_n"].compute.generated_tokens
+
+
+def test_search_benchmark_helpers_by_hand() -> None:
+    """benchmarks/search_ranking.py's pairwise AUC and search_summary.py's Wilson interval."""
+    from benchmarks.search_ranking import pair_auc
+    from benchmarks.search_summary import wilson
+
+    # (positive score, negative score): a win, a tie, a loss, a win -> (2 + 0.5) / 4
+    assert pair_auc([(0.9, 0.1), (0.5, 0.5), (0.2, 0.3), (0.7, 0.6)]) == 0.625
+    assert math.isnan(pair_auc([]))
+    # p = 0.5, n = 100: centre 0.5, half-width 1.96 * sqrt(0.0025 + 1.96^2 / 40000) / 1.038416
+    lo, hi = wilson(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
