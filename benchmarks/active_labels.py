@@ -58,7 +58,7 @@ RULES = ("uncertainty", "random", "epistemic")
 """Selection rules an arm can use: `uncertainty` (ActPRM's rule, `pav.uncertainty=max`),
 `random` (uniform labelling) and `epistemic` (ensemble disagreement only, a diagnostic)."""
 RULE_OVERRIDES = {
-    "uncertainty": ("pav.label_select=uncertainty", "pav.uncertainty=max"),
+    "uncertainty": ("pav.label_select=uncertainty",),  # pav.uncertainty defaults to max
     "random": ("pav.label_select=random",),
     "epistemic": ("pav.label_select=uncertainty", "pav.uncertainty=epistemic"),
 }
