@@ -61,6 +61,14 @@ REGIMES: tuple[Regime, ...] = (
         (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=96")
         + ("model.tiny.demo_fact_error_rate=0.3",),
     ),
+    Regime(
+        "s8m11_q30",
+        "8 steps, + - *, modulus 11 (prime: few answers right by chance), 30% of facts "
+        "misremembered",
+        (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=96")
+        + ("data.task.modulus=11", "data.task.operand_max=10")
+        + ("model.tiny.demo_fact_error_rate=0.3",),
+    ),
 )
 
 RESULTS = REPO / "benchmarks" / "results" / "sample_efficiency_regimes"

@@ -314,6 +314,10 @@ class LoggingConfig:
     credit_diagnostics: bool = False
     """Log `diag/*` each step: where the advantages point on the built-in task's exactly
     labelled right and wrong steps (`rl.trainer.diagnostics`); needs data.train builtin:arith."""
+    credit_grad_share: bool = False
+    """With credit_diagnostics, also measure the step credit's share of the policy gradient
+    (`rl.trainer.grad_share`: one more forward and two backward passes per micro-batch);
+    ZeRO stage 0-2 only."""
 
 
 @dataclass(frozen=True)
@@ -449,6 +453,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "logging.credit_diagnostics: needs the built-in task's exact step labels "
             f"(data.train: builtin:arith), got data.train={cfg.data.train!r}"
+        )
+    if cfg.logging.credit_grad_share and not cfg.logging.credit_diagnostics:
+        raise ConfigError("logging.credit_grad_share: needs logging.credit_diagnostics=true")
+    if cfg.logging.credit_grad_share and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError(
+            "logging.credit_grad_share: needs the full parameters on every rank "
+            "(deepspeed.zero_stage 0-2), got 3"
         )
     if cfg.trainer.resume not in ("none", "auto") and not Path(cfg.trainer.resume).exists():
         raise ConfigError(f"trainer.resume: checkpoint {cfg.trainer.resume!r} does not exist")

@@ -70,8 +70,8 @@ def test_custom_head_by_import_path(tmp_path: Path, model_cache: Path):
 def test_gold_steps_head_two_ranks(tmp_path: Path, model_cache: Path):
     out = tmp_path / "run"
     heads = "reward.heads=[{head: gold_steps, kwargs: {penalty: 1.0}}]"
-    diag = "logging.credit_diagnostics=true"
-    check_ok(launch(overrides(out, model_cache, heads, "algo.credit_kwargs={alpha: 1.0}", diag)))
+    diag = ("logging.credit_diagnostics=true", "logging.credit_grad_share=true")
+    check_ok(launch(overrides(out, model_cache, heads, "algo.credit_kwargs={alpha: 1.0}", *diag)))
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for row in rows[1:]:  # diagnostics from the exact labels, over both ranks
@@ -82,6 +82,9 @@ def test_gold_steps_head_two_ranks(tmp_path: Path, model_cache: Path):
         if row["head/gold_steps/wrong_step_frac"] > 0:
             # -alpha on the first wrong step: step credit adds to the outcome advantage
             assert 0.0 < row["diag/step_credit_share"] <= 1.0
+            # measured on the gradients: step credit adds its own part there too
+            assert 0.0 < row["diag/step_credit_grad_share"] <= 1.0
+            assert -1.0 <= row["diag/step_outcome_grad_cos"] <= 1.0
             assert row["diag/wrong_step_adv_neg_frac"] is not None
     for row in rows[1:]:
         frac = row["head/gold_steps/wrong_step_frac"]

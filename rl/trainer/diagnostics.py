@@ -19,6 +19,9 @@ have exact first-error labels), every training step also logs, over all ranks:
   norm (that would take a second backward pass). Not logged for `algo.credit=gae`, whose
   whitened GAE advantages have no outcome-only part.
 
+With `logging.credit_grad_share: true` it also logs the measured gradient share
+(`diag/step_credit_grad_share`, `diag/step_outcome_grad_cos`; rl.trainer.grad_share).
+
 Evaluation then also logs `eval/clean_frac`: the share of held-out greedy answers whose every
 step is right (`eval/accuracy` also counts chains that reach the right answer by chance).
 """
@@ -36,6 +39,7 @@ from rl.config import Config, outcome_estimator
 from rl.core.types import Credit, RolloutBatch, Scored
 from rl.engine import deepspeed_engine as eng
 from rl.rollout.steps import batch_steps
+from rl.trainer.grad_share import measured_grad_share
 
 SUM_NAMES: tuple[str, ...] = (
     "groups",
@@ -147,6 +151,8 @@ class CreditDiagnostics:
         self.modulus = ArithConfig(**dict(cfg.data.task)).modulus
         self.estimator = ADVANTAGE_ESTIMATORS.get(outcome_estimator(cfg.algo))
         self.with_share = credit_name != "gae"
+        self.grad_share = cfg.logging.credit_grad_share and self.with_share
+        self.temperature = cfg.rollout.temperature
 
     def clean_count(self, batch: RolloutBatch, n_real: int) -> float:
         """How many of the first `n_real` completions have every step right (eval's
@@ -162,7 +168,16 @@ class CreditDiagnostics:
             )
         )
 
-    def row(self, batch: RolloutBatch, scored: Scored, credit: Credit) -> dict[str, float]:
+    def row(
+        self,
+        batch: RolloutBatch,
+        scored: Scored,
+        credit: Credit,
+        policy: Any = None,
+        micro_batch_size: int = 1,
+    ) -> dict[str, float]:
+        """The step's `diag/*` metrics; `policy` (the engine before the update) and its
+        micro-batch size are needed for the measured gradient share only."""
         _, step_id = batch_steps(self.tokenizer, batch, self.delimiter)
         step_id = step_id.to(credit.advantages.device)
         first = first_error_steps(
@@ -179,4 +194,16 @@ class CreditDiagnostics:
             scored.outcome,
             batch.group_size,
         )
-        return diagnostics_row(eng.all_reduce_sum(sums).tolist(), self.with_share)
+        row = diagnostics_row(eng.all_reduce_sum(sums).tolist(), self.with_share)
+        if self.grad_share and policy is not None:
+            row.update(
+                measured_grad_share(
+                    policy,
+                    batch,
+                    outcome_adv,
+                    credit.advantages,
+                    self.temperature,
+                    micro_batch_size,
+                )
+            )
+        return row

@@ -156,6 +156,8 @@ class Trainer:
         self.credit = build_credit(self.credit_name, cfg.algo, self.critic)
         self.rollout = make_rollout(cfg, self.tokenizer, model_path, policy, dist, self.zero_stage)
         self.rewards.setup(self._head_context(model_path, ds_config))
+        if cfg.logging.credit_grad_share and self.zero_stage == 3:  # stage set in a JSON file
+            raise ConfigError("logging.credit_grad_share: needs deepspeed.zero_stage 0-2, got 3")
         self.diagnostics = (
             CreditDiagnostics(cfg, self.tokenizer, self.credit_name)
             if cfg.logging.credit_diagnostics
@@ -342,6 +344,13 @@ class Trainer:
         )
         return run_updates(learners, [policy] if frozen else [], batch, logprobs, credit, plan)
 
+    def _diagnostics(self, batch: RolloutBatch, scored: Scored, credit: Credit) -> dict[str, Any]:
+        """The step's `diag/*` metrics (none without logging.credit_diagnostics)."""
+        if self.diagnostics is None:
+            return {}
+        size = self.cfg.trainer.forward_micro_batch_size or self.plan.micro_batch_size
+        return self.diagnostics.row(batch, scored, credit, self.engine, size)
+
     def train_step(self) -> dict[str, Any]:
         meter = PhaseMeter()
         start = time.perf_counter()
@@ -355,7 +364,7 @@ class Trainer:
         with meter.phase("credit"):
             credit = self.credit.assign(batch, scored, logprobs)
             credit = self.correct_off_policy(batch, logprobs, credit)
-            diagnostics = self.diagnostics.row(batch, scored, credit) if self.diagnostics else {}
+            diagnostics = self._diagnostics(batch, scored, credit)
         with meter.phase("update"):
             stats = self.update(batch, logprobs, credit)
         with meter.phase("weight_sync"):
