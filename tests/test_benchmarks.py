@@ -600,3 +600,36 @@ def test_regime_sweep_commands_and_summary(tmp_path: Path) -> None:
         in text
     )
     assert "| s4_q15 | (not run) |" in text
+
+
+# ----------------------------------------------------------------------------- gradient share
+
+
+def test_grad_share_remeasure_spec_and_checks(tmp_path: Path) -> None:
+    from benchmarks import grad_share
+
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {
+        "script": "launch/train_rl.py",
+        "config": "configs/quickstart.yaml",
+        "overrides": ["trainer.max_steps=40", "logging.credit_diagnostics=true", "seed=1"],
+        "ranks": 2,
+    }
+    (run / "benchmark_run.json").write_text(json.dumps(record))
+    spec = grad_share.remeasure_spec(run)
+    assert spec.overrides == (*record["overrides"], "logging.credit_grad_share=true")
+    assert spec.out_dir == run / "grad_share" and spec.max_steps == 40 and spec.ranks == 2
+    record["overrides"] = ["trainer.max_steps=40"]
+    (run / "benchmark_run.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="no logging.credit_diagnostics"):
+        grad_share.remeasure_spec(run)
+
+    a = [{"step": 1, "train/loss": 0.5, "reward/outcome_mean": 0.25}]
+    assert grad_share.mismatches(a, [dict(a[0])]) == []
+    b = [{"step": 1, "train/loss": 0.5001, "reward/outcome_mean": 0.25}]
+    assert grad_share.mismatches(a, b) == ["step 1 train/loss: 0.5 vs 0.5001"]
+    assert grad_share.mismatches(a, []) == ["1 rows vs 0"]
+    rows = [{"x": 0.2}, {"x": None}, {"x": float("nan")}, {"x": 0.4}]
+    assert grad_share.mean_of(rows, "x") == pytest.approx(0.3)
+    assert math.isnan(grad_share.mean_of([], "x"))
