@@ -49,7 +49,7 @@ def remeasure_spec(run_dir: Path) -> RunSpec:
         raise ValueError(f"{run_dir}: {SPEC_FILE} sets no trainer.max_steps")
     return RunSpec(
         name=run_dir.as_posix(),
-        out_dir=run_dir / "grad_share",
+        out_dir=run_dir.resolve() / "grad_share",
         overrides=(*overrides, FLAG),
         max_steps=int(steps[-1].partition("=")[2]),
         config=record["config"],
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
-    specs = [remeasure_spec(d.resolve()) for d in args.run_dirs]
+    specs = [remeasure_spec(d) for d in args.run_dirs]
     results = run_all(specs, desc="grad share")
     rows = []
     for run_dir, result in zip(args.run_dirs, results, strict=True):

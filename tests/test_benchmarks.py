@@ -619,7 +619,7 @@ def test_grad_share_remeasure_spec_and_checks(tmp_path: Path) -> None:
     (run / "benchmark_run.json").write_text(json.dumps(record))
     spec = grad_share.remeasure_spec(run)
     assert spec.overrides == (*record["overrides"], "logging.credit_grad_share=true")
-    assert spec.out_dir == run / "grad_share" and spec.max_steps == 40 and spec.ranks == 2
+    assert spec.out_dir == run.resolve() / "grad_share" and spec.max_steps == 40 and spec.ranks == 2
     record["overrides"] = ["trainer.max_steps=40"]
     (run / "benchmark_run.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="no logging.credit_diagnostics"):
