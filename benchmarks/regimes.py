@@ -2,7 +2,7 @@
 start policies make spread, learnable step errors, from easy to hard.
 
     .venv/bin/python benchmarks/regimes.py start [--regimes a,b]      # start-policy reports
-    .venv/bin/python benchmarks/regimes.py tune --regime s8_q30 [--methods m1,m2]
+    .venv/bin/python benchmarks/regimes.py tune --regime s8_q30 [--methods m1,m2] [--tune-seeds 3]
     .venv/bin/python benchmarks/regimes.py run --regime s8_q30 [--methods m1,m2] [--seeds 3]
     .venv/bin/python benchmarks/regimes.py summary                    # summary.md over regimes
 
@@ -92,6 +92,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--regimes", default=None, help="start/summary: comma-separated subset")
     parser.add_argument("--methods", default=None, help="tune/run: sample_efficiency methods")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tune-seeds", type=int, default=1, help="tune: validation seeds")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -119,7 +120,7 @@ def sample_efficiency_argv(args: argparse.Namespace, r: Regime) -> list[str]:
     if args.methods:
         argv += ["--methods", args.methods]
     if args.action == "tune":
-        argv.append("--tune")
+        argv += ["--tune", "--tune-seeds", str(args.tune_seeds)]
     for item in args.borrow:
         argv += ["--borrow", item]
     return argv + list(r.overrides)

@@ -21,10 +21,12 @@ model is built per task config and cached, so all methods share it.
     .venv/bin/python benchmarks/sample_efficiency.py           # 2. 3 seeds per method
     .venv/bin/python benchmarks/sample_efficiency.py --quick   # a few minutes, 1 seed, tiny
 
-`--tune` runs each method with one seed on the *validation* split (`data.eval_split=
-validation`), searching one hyperparameter at a time over its candidates (policy lr first),
-and writes what it tried and chose to `--tuning` (default `<out>/tuning.json`); the full run
-reads the chosen values (defaults, said so in the summary, where a method was not tuned).
+`--tune` runs each method on the *validation* split (`data.eval_split=validation`) with
+`--tune-seeds` seeds (default 1; a setting's score is the mean over them, and one seed can
+be too noisy to separate neighbouring learning rates), searching one hyperparameter at a
+time over its candidates (policy lr first), and writes what it tried and chose to
+`--tuning` (default `<out>/tuning.json`); the full run reads the chosen values
+(defaults, said so in the summary, where a method was not tuned).
 
 Each run is `deepspeed --num_gpus 2 launch/train_rl.py ...` with its own output dir under
 `--runs-dir`; a run whose metrics.jsonl is complete for the same command is reused, and a
@@ -878,6 +880,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps, tiny model")
     parser.add_argument("--tune", action="store_true", help="choose hyperparameters on validation")
+    parser.add_argument(
+        "--tune-seeds",
+        type=int,
+        default=1,
+        help="--tune: validation seeds per setting (scores averaged; one seed can be noise)",
+    )
     parser.add_argument("--methods", default=None, help="comma-separated subset of METHODS")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per method (3; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (60; quick 4)")
@@ -1062,13 +1070,79 @@ def not_run_reasons(results: list[RunResult]) -> list[tuple[str, str]]:
     return list(out.items())
 
 
-def tune(setup: Setup, methods: list[Method], verifier: dict[str, Any], path: Path) -> None:
-    """Coordinate search per method on the validation split; writes the tuning JSON."""
+def tune_seeds(n_seeds: int) -> list[int]:
+    """The tuning runs' seeds: TUNE_SEED, TUNE_SEED + 1, ... (`--tune-seeds`)."""
+    return [TUNE_SEED + k for k in range(n_seeds)]
+
+
+def tune_dir(setup: Setup, method: Method, trial: dict[str, Any], seed: int) -> Path:
+    """A tuning run's directory (the first seed's has no seed suffix, as before)."""
+    out = setup.runs_dir / "tune" / method.name / params_slug(trial)
+    return out if seed == TUNE_SEED else out / f"seed{seed}"
+
+
+def mean_score(scores: list[tuple[float, float] | None]) -> tuple[float, float] | None:
+    """The tuning score over seeds: the elementwise mean of (area, final), or None when
+    any seed's run did not finish (a setting is compared on all its seeds or not at all)."""
+    if not scores or any(score is None for score in scores):
+        return None
+    done = [score for score in scores if score is not None]
+    return statistics.fmean(a for a, _ in done), statistics.fmean(f for _, f in done)
+
+
+def tune_coordinate(
+    setup: Setup, method: Method, params: dict[str, Any], tunable: Tunable, n_seeds: int
+) -> list[dict[str, Any]]:
+    """Runs every candidate of `tunable` (others at `params`) on `n_seeds` validation seeds;
+    one trial record per candidate, scored by `mean_score`."""
+    seeds = tune_seeds(n_seeds)
+    specs = []
+    for value in tunable.candidates:
+        trial = {**params, tunable.name: value}
+        for seed in seeds:
+            out = tune_dir(setup, method, trial, seed)
+            specs.append(run_spec(setup, method, trial, seed, "validation", out))
+    results = run_all(specs, final_accuracy, desc=f"tune {method.name} {tunable.name}")
+    coordinate = []
+    for i, value in enumerate(tunable.candidates):
+        runs = results[i * len(seeds) : (i + 1) * len(seeds)]
+        scores = []
+        for seed, result in zip(seeds, runs, strict=True):
+            rows = read_jsonl(result.spec.out_dir / "metrics.jsonl") if result.ok else []
+            pts = run_points(method.name, seed, rows)
+            scores.append(validation_score(pts) if pts else None)
+        score = mean_score(scores)
+        bad = next((r for r in runs if not r.ok), runs[0])
+        coordinate.append(
+            {
+                "param": tunable.name,
+                "value": value,
+                "params": public({**params, tunable.name: value}),
+                "status": bad.status,
+                "reason": bad.reason,
+                "score": list(score) if score else None,
+                "seed_scores": [list(x) if x else None for x in scores],
+                "run_dir": repo_relative(runs[0].spec.out_dir),
+            }
+        )
+    return coordinate
+
+
+def tune(
+    setup: Setup,
+    methods: list[Method],
+    verifier: dict[str, Any],
+    path: Path,
+    n_seeds: int = 1,
+) -> None:
+    """Coordinate search per method on the validation split, each setting scored by its
+    mean over `n_seeds` seeds; writes the tuning JSON."""
     report: dict[str, Any] = {
         "criterion": "mean validation accuracy over the eval points after step 0 (area under "
         "the accuracy-vs-samples curve); ties: final validation accuracy, then candidate order",
         "split": "validation",
         "seed": TUNE_SEED,
+        "seeds": tune_seeds(n_seeds),
         "base_overrides": [*setup.base, *setup.extra],
         "methods": {},
     }
@@ -1081,28 +1155,7 @@ def tune(setup: Setup, methods: list[Method], verifier: dict[str, Any], path: Pa
         params = with_verifier(method, method.defaults(), verifier)
         trials: list[dict[str, Any]] = []
         for tunable in method.tunables:
-            specs = []
-            for value in tunable.candidates:
-                trial = {**params, tunable.name: value}
-                out = setup.runs_dir / "tune" / method.name / params_slug(trial)
-                specs.append(run_spec(setup, method, trial, TUNE_SEED, "validation", out))
-            results = run_all(specs, final_accuracy, desc=f"tune {method.name} {tunable.name}")
-            coordinate = []
-            for value, result in zip(tunable.candidates, results, strict=True):
-                rows = read_jsonl(result.spec.out_dir / "metrics.jsonl") if result.ok else []
-                pts = run_points(method.name, TUNE_SEED, rows)
-                score = validation_score(pts) if pts else None
-                coordinate.append(
-                    {
-                        "param": tunable.name,
-                        "value": value,
-                        "params": public({**params, tunable.name: value}),
-                        "status": result.status,
-                        "reason": result.reason,
-                        "score": list(score) if score else None,
-                        "run_dir": repo_relative(result.spec.out_dir),
-                    }
-                )
+            coordinate = tune_coordinate(setup, method, params, tunable, n_seeds)
             trials += coordinate
             best = choose(coordinate)
             if best is not None:
@@ -1224,7 +1277,7 @@ def main(argv: list[str]) -> int:
         path, reason = ensure_pav_verifier(setup)
         verifier = {"verifier": str(path)} if path is not None else {"reason": reason}
     if args.tune:
-        tune(setup, methods, verifier, tuning_path)
+        tune(setup, methods, verifier, tuning_path, args.tune_seeds)
         return 0
     tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else None
     for item in args.borrow:

@@ -633,3 +633,46 @@ def test_grad_share_remeasure_spec_and_checks(tmp_path: Path) -> None:
     rows = [{"x": 0.2}, {"x": None}, {"x": float("nan")}, {"x": 0.4}]
     assert grad_share.mean_of(rows, "x") == pytest.approx(0.3)
     assert math.isnan(grad_share.mean_of([], "x"))
+
+
+def test_tuning_over_several_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.launching import RunResult
+
+    assert se.tune_seeds(3) == [se.TUNE_SEED, se.TUNE_SEED + 1, se.TUNE_SEED + 2]
+    assert se.mean_score([(0.4, 0.5), (0.6, 0.9)]) == pytest.approx((0.5, 0.7))
+    assert se.mean_score([(0.4, 0.5), None]) is None  # compared on all seeds or not at all
+    assert se.mean_score([]) is None
+    setup = se.Setup(tmp_path, (), (), 2, 1, 2)
+    outcome = se.select_methods("outcome")[0]
+    trial = {"lr": 1e-4}
+    first = se.tune_dir(setup, outcome, trial, se.TUNE_SEED)
+    assert first == tmp_path / "tune" / "outcome" / "lr=0.0001"  # as with one seed
+    assert se.tune_dir(setup, outcome, trial, se.TUNE_SEED + 1) == first / "seed1001"
+
+    # final validation accuracy by (lr, seed): lr 1e-4 wins on the mean, not on seed 1000
+    final = {(1e-4, 1000): 0.4, (1e-4, 1001): 0.8, (2e-4, 1000): 0.5, (2e-4, 1001): 0.5}
+
+    def fake_run_all(specs: list[Any], *args: Any, **kwargs: Any) -> list[Any]:
+        out = []
+        for spec in specs:
+            lr = float(next(o for o in spec.overrides if o.startswith("optim.lr=")).split("=")[1])
+            seed = int(next(o for o in spec.overrides if o.startswith("seed=")).split("=")[1])
+            spec.out_dir.mkdir(parents=True, exist_ok=True)
+            rows = [
+                {"step": 0, "samples": 0, "eval/accuracy": 0.1},
+                {"step": 2, "samples": 64, "eval/accuracy": final[(lr, seed)]},
+            ]
+            (spec.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            out.append(RunResult(spec, "done"))
+        return out
+
+    monkeypatch.setattr(se, "run_all", fake_run_all)
+    lr = se.Tunable("lr", 1e-4, (1e-4, 2e-4))
+    trials = se.tune_coordinate(setup, outcome, {"lr": 1e-4}, lr, 2)
+    assert [t["score"] for t in trials] == [pytest.approx([0.6, 0.6]), pytest.approx([0.5, 0.5])]
+    assert trials[0]["seed_scores"] == [[0.4, 0.4], [0.8, 0.8]]
+    best = se.choose(trials)
+    assert best is not None and best["value"] == 1e-4
+    one = se.tune_coordinate(setup, outcome, {"lr": 1e-4}, lr, 1)
+    best = se.choose(one)
+    assert best is not None and best["value"] == 2e-4  # seed 1000 alone picks the other
