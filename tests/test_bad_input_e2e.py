@@ -133,3 +133,21 @@ def test_a_used_output_dir_is_refused_then_overwritten(tmp_path: Path, model_cac
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [row["step"] for row in read_metrics(tmp_path)] == [0, 1, 2, 3]
     assert not (tmp_path / "checkpoints" / "step_00000040").exists()
+
+
+def test_grad_share_with_a_zero3_json_names_the_key(tmp_path: Path):
+    # the stage comes from the DeepSpeed JSON, not deepspeed.zero_stage: caught at startup
+    proc = launch(
+        [
+            f"output_dir={tmp_path}",
+            "deepspeed.config=configs/deepspeed/zero3.json",
+            "logging.credit_diagnostics=true",
+            "logging.credit_grad_share=true",
+        ],
+        launcher="python",
+    )
+    assert proc.returncode == 2
+    assert first_line(proc.stderr) == (
+        "error: logging.credit_grad_share: needs deepspeed.zero_stage 0-2, got 3"
+    )
+    assert "Traceback" not in proc.stderr

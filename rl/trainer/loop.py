@@ -146,6 +146,8 @@ class Trainer:
         heads = build_heads(cfg)
         self.credit_name = resolve_credit(cfg, heads)
         ds_config = self._ds_config()
+        if cfg.logging.credit_grad_share and self.zero_stage == 3:  # stage set in a JSON file
+            raise ConfigError("logging.credit_grad_share: needs deepspeed.zero_stage 0-2, got 3")
         policy, self.tokenizer, model_path = load_policy(cfg, dist, ds_config=ds_config)
         self._load_data(policy)
         self._build_engines(policy, model_path, ds_config)
@@ -156,8 +158,6 @@ class Trainer:
         self.credit = build_credit(self.credit_name, cfg.algo, self.critic)
         self.rollout = make_rollout(cfg, self.tokenizer, model_path, policy, dist, self.zero_stage)
         self.rewards.setup(self._head_context(model_path, ds_config))
-        if cfg.logging.credit_grad_share and self.zero_stage == 3:  # stage set in a JSON file
-            raise ConfigError("logging.credit_grad_share: needs deepspeed.zero_stage 0-2, got 3")
         self.diagnostics = (
             CreditDiagnostics(cfg, self.tokenizer, self.credit_name)
             if cfg.logging.credit_diagnostics
