@@ -65,7 +65,8 @@ REGIMES: tuple[Regime, ...] = (
         "s8m11_q30",
         "8 steps, + - *, modulus 11 (prime: few answers right by chance), 30% of facts "
         "misremembered",
-        (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=96")
+        # two-digit operands: prompts reach 33 tokens, answers about 83, positions 128
+        (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
         + ("data.task.modulus=11", "data.task.operand_max=10")
         + ("model.tiny.demo_fact_error_rate=0.3",),
     ),
