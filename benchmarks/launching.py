@@ -422,3 +422,13 @@ def prebuild_start_model(config: str, overrides: list[str] | tuple[str, ...]) ->
     if not cache.is_absolute():
         cache = REPO / cache
     return ensure_start_model(cache, tiny_model_config(cfg))
+
+
+def start_model_line(path: Path | None) -> str:
+    """`<cache name>, weights sha256 <digest>` of a built-in start model ("" for others): the
+    cache name names the recipe; the digest tells two builds of it apart."""
+    if path is None:
+        return ""
+    from rl.engine.start_model import weights_digest
+
+    return f"{path.name}, weights sha256 {weights_digest(path)}"

@@ -83,6 +83,7 @@ from benchmarks.launching import (  # noqa: E402
     prebuild_start_model,
     read_jsonl,
     run_all,
+    start_model_line,
     step_rows,
 )
 
@@ -704,6 +705,8 @@ def render_summary(
         f"Hyperparameters: {meta.get('hyperparameters', '')}",
         "",
     ]
+    if meta.get("start_model"):
+        lines[-1:-1] = [f"Start model: {meta['start_model']}"]
     if target is not None and rows:
         if meta.get("target_rule", "half-gap") == "half-gap":
             start = meta.get("start_accuracy")
@@ -872,6 +875,8 @@ class Setup:
     steps: int
     eval_every: int
     ranks: int
+    start_model: str = ""
+    """The built-in start model's cache name and weights digest (which copy every run used)."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -1144,6 +1149,7 @@ def tune(
         "seed": TUNE_SEED,
         "seeds": tune_seeds(n_seeds),
         "base_overrides": [*setup.base, *setup.extra],
+        "start_model": setup.start_model,
         "methods": {},
     }
     if path.is_file():  # keep other methods' results when tuning a subset
@@ -1224,6 +1230,7 @@ def evaluate_methods(
         "verifier": verifier_line(quality),
         "budget": f"{setup.steps} step(s), eval every {setup.eval_every}, "
         f"{seeds} seed(s) per method",
+        "start_model": setup.start_model,
         "hyperparameters": "; ".join(f"{m.name}: {sources[m.name]}" for m in methods),
     }
     text = render_summary(target, rows, not_run_reasons(results), meta)
@@ -1239,6 +1246,7 @@ def evaluate_methods(
         "not_run": not_run_reasons(results),
         "command": command,
         "task": [*TASK_OVERRIDES, *setup.extra],
+        "start_model": setup.start_model,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(text)
@@ -1271,7 +1279,10 @@ def main(argv: list[str]) -> int:
             )
             print(" ".join(launch_command(spec)))
         return 0
-    prebuild_start_model(CONFIG, [*setup.base, *setup.extra])
+    setup = dataclasses.replace(
+        setup,
+        start_model=start_model_line(prebuild_start_model(CONFIG, [*setup.base, *setup.extra])),
+    )
     verifier: dict[str, Any] = {}
     if any(m.needs_verifier for m in methods):
         path, reason = ensure_pav_verifier(setup)

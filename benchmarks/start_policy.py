@@ -70,6 +70,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     from rl.config import load_config
     from rl.engine.deepspeed_engine import DistInfo
     from rl.engine.models import resolve_model_path
+    from rl.engine.start_model import weights_digest
     from rl.rollout.backend import SamplingSettings, TransformersRollout
     from rl.setup import prompt_rows, stop_token_ids
     from rl.tasks.arith import ArithConfig, parse_prompt
@@ -104,6 +105,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         "config": args.config,
         "overrides": args.overrides,
         "model": Path(path).name,  # the cached build's name (no machine path in results)
+        "weights_sha256": weights_digest(Path(path)),  # which copy of that build
         "split": args.split,
         "prompts": len(rows),
         "samples_per_prompt": args.samples,

@@ -107,8 +107,9 @@ def test_summary_table_text() -> None:
         "| 1.27x (1.40 s) |"
     )
     assert "| not reached | - | same | 1.82x (2.00 s) |" in lines[4]
-    meta = {"target_rule": "half-gap", "start_accuracy": 0.4}
+    meta = {"target_rule": "half-gap", "start_accuracy": 0.4, "start_model": "arith-tiny-ab, w"}
     doc = se.render_summary(target, rows, [("ppo_pav", "skipped (3 run(s)): error: x")], meta)
+    assert "\nStart model: arith-tiny-ab, w\n" in doc
     assert "Target: 70.0%, the start accuracy 40.0% plus half the gap to 100%" in doc
     assert "- ppo_pav: skipped (3 run(s)): error: x" in doc
     assert "5-6x" in doc and "2.5x" in doc

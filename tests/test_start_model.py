@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,20 @@ def test_ensure_start_model_builds_caches_reloads(
     with torch.no_grad():
         out = model.generate(**enc, do_sample=False, max_new_tokens=5)
     assert out.shape[1] <= enc.input_ids.shape[1] + 5
+
+
+def test_weights_digest_names_the_copy(tmp_path: Path) -> None:
+    """Two builds of one recipe on one machine are the same weights (same digest, recorded in
+    build_info.json); another seed is a different copy."""
+    first = sm.ensure_start_model(tmp_path / "a", TINY, show_progress=False)
+    again = sm.ensure_start_model(tmp_path / "b", TINY, show_progress=False)
+    other = sm.TinyModelConfig(**{**TINY.__dict__, "seed": 1})
+    other_path = sm.ensure_start_model(tmp_path / "c", other, show_progress=False)
+    digest = sm.weights_digest(first)
+    assert len(digest) == 16 and int(digest, 16) >= 0
+    assert sm.weights_digest(again) == digest
+    assert sm.weights_digest(other_path) != digest
+    info = json.loads((first / "build_info.json").read_text())
+    assert info["weights_sha256"] == digest
+    (first / "model.safetensors").write_bytes(b"changed")
+    assert sm.weights_digest(first) != digest

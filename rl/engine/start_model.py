@@ -290,10 +290,24 @@ def _build(out: Path, cfg: TinyModelConfig, kind: str, show_progress: bool) -> N
             "build_version": BUILD_VERSION,
             "sft_seconds": round(time.time() - t0, 1),
             "final_sft_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+            "weights_sha256": weights_digest(out),
         }
         (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     finally:
         torch.set_num_threads(threads)
+
+
+def weights_digest(checkpoint: Path) -> str:
+    """SHA-256 (first 16 hex digits) over the checkpoint's `*.safetensors` files, in name
+    order: which copy of a start model a report or run used. The cache key names the recipe
+    only, and two builds of one recipe on different machines or library versions can differ
+    (float summation order), so results record this beside the key."""
+    digest = hashlib.sha256()
+    for shard in sorted(Path(checkpoint).glob("*.safetensors")):
+        with open(shard, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _set_tokenizer_class(out: Path, name: str) -> None:
