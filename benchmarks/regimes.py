@@ -70,6 +70,20 @@ REGIMES: tuple[Regime, ...] = (
         + ("data.task.modulus=11", "data.task.operand_max=10")
         + ("model.tiny.demo_fact_error_rate=0.3",),
     ),
+    Regime(
+        "s4m11_q30",
+        "4 steps, + - *, modulus 11, 30% of facts misremembered (the easy end of the sweep)",
+        (*COMMON, "data.task.n_steps=4", "rollout.max_new_tokens=48")
+        + ("data.task.modulus=11", "data.task.operand_max=10")
+        + ("model.tiny.demo_fact_error_rate=0.3",),
+    ),
+    Regime(
+        "s8m11_q50",
+        "8 steps, + - *, modulus 11, 50% of facts misremembered (the hard end of the sweep)",
+        (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
+        + ("data.task.modulus=11", "data.task.operand_max=10")
+        + ("model.tiny.demo_fact_error_rate=0.5",),
+    ),
 )
 
 RESULTS = REPO / "benchmarks" / "results" / "sample_efficiency_regimes"
