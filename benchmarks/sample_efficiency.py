@@ -71,6 +71,15 @@ def repo_relative(path: Path) -> str:
         return str(path)
 
 
+def effective_overrides(overrides: Sequence[str]) -> list[str]:
+    """`key=value` overrides as they act: one per key, the last value given, in the order the
+    keys first appear (a regime's overrides repeat some of the benchmark task's)."""
+    last: dict[str, str] = {}
+    for override in overrides:
+        last[override.split("=", 1)[0]] = override
+    return list(last.values())
+
+
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -1224,7 +1233,7 @@ def evaluate_methods(
     )
     meta = {
         "command": command,
-        "task": [*TASK_OVERRIDES, *setup.extra],
+        "task": effective_overrides([*TASK_OVERRIDES, *setup.extra]),
         "target_rule": target_rule,
         "start_accuracy": start_accuracy(points),
         "verifier": verifier_line(quality),
@@ -1245,7 +1254,7 @@ def evaluate_methods(
         "rows": [dataclasses.asdict(r) for r in rows],
         "not_run": not_run_reasons(results),
         "command": command,
-        "task": [*TASK_OVERRIDES, *setup.extra],
+        "task": effective_overrides([*TASK_OVERRIDES, *setup.extra]),
         "start_model": setup.start_model,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -677,3 +677,18 @@ def test_tuning_over_several_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     one = se.tune_coordinate(setup, outcome, {"lr": 1e-4}, lr, 1)
     best = se.choose(one)
     assert best is not None and best["value"] == 2e-4  # seed 1000 alone picks the other
+
+
+def test_effective_overrides_keep_the_last_value_per_key() -> None:
+    given = [
+        "data.task.n_steps=4",
+        "data.task.modulus=10",
+        "reward.heads=[{head: pav, kwargs: {path: 'a=b'}}]",
+        "data.task.modulus=11",
+        "data.task.n_steps=8",
+    ]
+    assert se.effective_overrides(given) == [
+        "data.task.n_steps=8",
+        "data.task.modulus=11",
+        "reward.heads=[{head: pav, kwargs: {path: 'a=b'}}]",
+    ]
