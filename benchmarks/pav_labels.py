@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
@@ -32,10 +31,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from rl.pav.data import DATA_GLOB, META_FILE, read_records  # noqa: E402
+from rl.pav.fitting import soft_bce  # noqa: E402
 from rl.tasks.arith import DEFAULT_MODULUS, first_error_step, parse_prompt  # noqa: E402
-
-EPS = 1e-4
-"""Predictions are clipped to [EPS, 1 - EPS] so a label the fit never saw costs a finite BCE."""
 
 
 @dataclass(frozen=True)
@@ -57,15 +54,9 @@ def prefix_clean(first_error: int, n_prefixes: int) -> list[bool]:
     return [first_error < 0 or k <= first_error for k in range(n_prefixes)]
 
 
-def bce(p: float, q: float) -> float:
-    """Binary cross-entropy of prediction p against soft label q (p clipped to EPS)."""
-    p = min(max(p, EPS), 1.0 - EPS)
-    return -(q * math.log(p) + (1.0 - q) * math.log(1.0 - p))
-
-
 def entropy(q: float) -> float:
     """The label's own entropy: the BCE of predicting it exactly (0 at q = 0 or 1)."""
-    return 0.0 if q <= 0.0 or q >= 1.0 else bce(q, q)
+    return 0.0 if q <= 0.0 or q >= 1.0 else soft_bce(q, q)
 
 
 def fit_means(labels: Sequence[Label], key: Callable[[Label], Hashable]) -> dict[Hashable, float]:
@@ -83,7 +74,7 @@ def held_out_bce(
     `train` lacks)."""
     overall = sum(x.q for x in train) / len(train)
     means = fit_means(train, key)
-    return sum(bce(means.get(key(x), overall), x.q) for x in test) / len(test)
+    return sum(soft_bce(means.get(key(x), overall), x.q) for x in test) / len(test)
 
 
 PREDICTORS: dict[str, Callable[[Label], Hashable]] = {

@@ -1,4 +1,5 @@
-"""benchmarks/pav_labels.py: clean/broken prefix marking and held-out BCE of label predictors."""
+"""benchmarks/pav_labels.py and rl.pav.fitting.soft_bce: clean/broken prefix marking and the
+held-out BCE of label predictors."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from benchmarks import pav_labels as pl
 from rl.engine.start_model import build_tokenizer
 from rl.pav.data import META_FILE, SolutionRecord
+from rl.pav.fitting import soft_bce
 from rl.tasks.arith import ArithConfig, sample_problems, step_lines
 
 
@@ -23,11 +25,12 @@ def test_prefix_clean(first_error: int, n: int, want: list[bool]) -> None:
     assert pl.prefix_clean(first_error, n) == want
 
 
-def test_bce_and_entropy_hand_values() -> None:
-    assert pl.bce(0.5, 1.0) == pytest.approx(math.log(2))
+def test_soft_bce_and_entropy_hand_values() -> None:
+    assert soft_bce(0.5, 1.0) == pytest.approx(math.log(2))
     # -(0.5 ln 0.25 + 0.5 ln 0.75) = 0.5 * (1.386294 + 0.287682)
-    assert pl.bce(0.25, 0.5) == pytest.approx(0.836988, abs=1e-6)
-    assert pl.bce(1.0, 1.0) == pytest.approx(-math.log(1 - pl.EPS))  # clipped, finite
+    assert soft_bce(0.25, 0.5) == pytest.approx(0.836988, abs=1e-6)
+    assert soft_bce(0.0, 1.0) == pytest.approx(-math.log(1e-12))  # clipped: finite
+    assert soft_bce(1.0, 1.0, eps=1e-4) == pytest.approx(-math.log(1 - 1e-4))
     assert pl.entropy(0.0) == 0.0 and pl.entropy(1.0) == 0.0
     assert pl.entropy(0.5) == pytest.approx(math.log(2))
 
@@ -38,8 +41,8 @@ def test_held_out_bce_per_key_means() -> None:
     test = [L(1, 1, True, 1.0), L(1, 2, False, 1.0)]
     # constant: overall train mean 0.4 for both -> -ln 0.4 each
     assert pl.held_out_bce(train, test, pl.PREDICTORS["constant"]) == pytest.approx(-math.log(0.4))
-    # (length, clean): (1, True) -> 1.0 (clipped); (2, False) unseen -> overall 0.4
-    want = (-math.log(1 - pl.EPS) - math.log(0.4)) / 2
+    # (length, clean): (1, True) -> 1.0, exact; (2, False) unseen -> overall 0.4
+    want = (0.0 - math.log(0.4)) / 2
     assert pl.held_out_bce(train, test, pl.PREDICTORS["prefix length + clean"]) == pytest.approx(
         want
     )

@@ -16,6 +16,13 @@ from rl.engine import deepspeed_engine as eng
 from rl.pav.data import LabelBatch, SolutionRecord, collate
 
 
+def soft_bce(prediction: float, label: float, eps: float = 1e-12) -> float:
+    """Binary cross-entropy of a probability against a soft label in [0, 1]; the prediction is
+    clipped to [eps, 1 - eps] so that a certain wrong prediction costs a finite amount."""
+    p = min(max(prediction, eps), 1.0 - eps)
+    return -(label * math.log(p) + (1.0 - label) * math.log(1.0 - p))
+
+
 def plan_micro_batches(
     order: Sequence[int], world: int, rank: int, micro_batch_size: int
 ) -> list[tuple[list[int], list[bool]]]:

@@ -61,7 +61,13 @@ from rl.pav.data import (
     read_records,
     sample_candidates,
 )
-from rl.pav.fitting import evaluate, make_value_engine, plan_micro_batches, train_epoch
+from rl.pav.fitting import (
+    evaluate,
+    make_value_engine,
+    plan_micro_batches,
+    soft_bce,
+    train_epoch,
+)
 from rl.rollout.backend import RolloutBackend
 from rl.setup import (
     check_shared_dir,
@@ -376,15 +382,10 @@ def constant_baselines(
     ys = [y for r in val for y in r.labels]
     if not ys:
         return {}
-
-    def bce(q: float, y: float) -> float:
-        q = min(max(q, 1e-12), 1 - 1e-12)
-        return -(y * math.log(q) + (1 - y) * math.log(1 - q))
-
     return {
-        "val_bce_constant": sum(bce(p, y) for y in ys) / len(ys),
+        "val_bce_constant": sum(soft_bce(p, y) for y in ys) / len(ys),
         "val_acc_constant": sum((p > 0.5) == (y > 0.5) for y in ys) / len(ys),
-        "val_bce_floor": sum(bce(y, y) for y in ys) / len(ys),
+        "val_bce_floor": sum(soft_bce(y, y) for y in ys) / len(ys),
         "train_label_mean": p,
     }
 
