@@ -48,6 +48,10 @@ COMMON: tuple[str, ...] = (
     "model.tiny.demo_error_rate=0.0",  # no systematic slip: only misremembered facts
 )
 
+# A prime modulus makes `+`, `-` and `*` by a nonzero operand one-to-one, so a wrong value
+# stays wrong unless a `*0` follows; operands span the whole residue range.
+MODULUS_11: tuple[str, ...] = ("data.task.modulus=11", "data.task.operand_max=10")
+
 REGIMES: tuple[Regime, ...] = (
     Regime(
         "s4_q15",
@@ -67,21 +71,21 @@ REGIMES: tuple[Regime, ...] = (
         "misremembered",
         # two-digit operands: prompts reach 33 tokens, answers about 83, positions 128
         (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
-        + ("data.task.modulus=11", "data.task.operand_max=10")
+        + MODULUS_11
         + ("model.tiny.demo_fact_error_rate=0.3",),
     ),
     Regime(
         "s4m11_q30",
         "4 steps, + - *, modulus 11, 30% of facts misremembered (the easy end of the sweep)",
         (*COMMON, "data.task.n_steps=4", "rollout.max_new_tokens=48")
-        + ("data.task.modulus=11", "data.task.operand_max=10")
+        + MODULUS_11
         + ("model.tiny.demo_fact_error_rate=0.3",),
     ),
     Regime(
         "s8m11_q50",
         "8 steps, + - *, modulus 11, 50% of facts misremembered (the hard end of the sweep)",
         (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
-        + ("data.task.modulus=11", "data.task.operand_max=10")
+        + MODULUS_11
         + ("model.tiny.demo_fact_error_rate=0.5",),
     ),
 )

@@ -854,7 +854,8 @@ def chosen_params(method: Method, tuning: dict[str, Any] | None) -> tuple[dict[s
         params.update(entry["chosen"])
         if entry.get("borrowed_from"):
             return params, f"not tuned: {entry['borrowed_from']}'s tuned values"
-        return params, "tuned on the validation split"
+        n_seeds = len(entry.get("seeds", [TUNE_SEED]))
+        return params, f"tuned on the validation split ({n_seeds} seed{'s' * (n_seeds > 1)})"
     return params, "defaults (not tuned)"
 
 
@@ -1156,13 +1157,16 @@ def tune(
         "the accuracy-vs-samples curve); ties: final validation accuracy, then candidate order",
         "split": "validation",
         "seed": TUNE_SEED,
-        "seeds": tune_seeds(n_seeds),
+        "seeds": tune_seeds(n_seeds),  # this call's; each method records its own below
         "base_overrides": [*setup.base, *setup.extra],
         "start_model": setup.start_model,
         "methods": {},
     }
     if path.is_file():  # keep other methods' results when tuning a subset
-        report["methods"] = json.loads(path.read_text()).get("methods", {})
+        previous = json.loads(path.read_text())
+        report["methods"] = previous.get("methods", {})
+        for entry in report["methods"].values():  # records from before per-method seeds
+            entry.setdefault("seeds", previous.get("seeds", [previous.get("seed", TUNE_SEED)]))
     for method in methods:
         if method.needs_verifier and "verifier" not in verifier:
             report["methods"][method.name] = {"skipped": verifier.get("reason", "no verifier")}
@@ -1178,6 +1182,7 @@ def tune(
         chosen = {t.name: params[t.name] for t in method.tunables}
         finished = any(t["score"] is not None for t in trials)
         report["methods"][method.name] = {
+            "seeds": tune_seeds(n_seeds),
             "tried": trials,
             "chosen": chosen if finished else None,
         }

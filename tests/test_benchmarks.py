@@ -679,6 +679,33 @@ def test_tuning_over_several_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert best is not None and best["value"] == 2e-4  # seed 1000 alone picks the other
 
 
+def test_tuning_records_each_methods_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.launching import RunResult
+
+    def fake_run_all(specs: list[Any], *args: Any, **kwargs: Any) -> list[Any]:
+        for spec in specs:
+            spec.out_dir.mkdir(parents=True, exist_ok=True)
+            rows = [{"step": 0, "samples": 0, "eval/accuracy": 0.1}]
+            rows.append({"step": 2, "samples": 64, "eval/accuracy": 0.5})
+            (spec.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return [RunResult(spec, "done") for spec in specs]
+
+    monkeypatch.setattr(se, "run_all", fake_run_all)
+    setup = se.Setup(tmp_path / "runs", (), (), 2, 1, 2)
+    path = tmp_path / "tuning.json"
+    # a record written before methods carried their own seeds: the file's seeds are its
+    path.write_text(json.dumps({"seeds": [1000, 1001, 1002], "methods": {"old": {"chosen": {}}}}))
+    se.tune(setup, se.select_methods("outcome"), {}, path, 3)
+    se.tune(setup, se.select_methods("gold_steps"), {}, path, 1)
+    methods = json.loads(path.read_text())["methods"]
+    assert methods["old"]["seeds"] == [1000, 1001, 1002]
+    assert methods["outcome"]["seeds"] == se.tune_seeds(3)
+    assert methods["gold_steps"]["seeds"] == [se.TUNE_SEED]
+    tuning = json.loads(path.read_text())
+    assert se.chosen_params(se.select_methods("outcome")[0], tuning)[1].endswith("(3 seeds)")
+    assert se.chosen_params(se.select_methods("gold_steps")[0], tuning)[1].endswith("(1 seed)")
+
+
 def test_effective_overrides_keep_the_last_value_per_key() -> None:
     given = [
         "data.task.n_steps=4",
