@@ -188,3 +188,15 @@ def test_misremembered_facts_are_fixed_per_fact() -> None:
     assert wrong == {f: arith.misremembered(*f, 10, errors) for f in facts}  # deterministic
     with pytest.raises(ValueError, match="fact_rate must be in"):
         arith.DemoErrors(fact_rate=1.5)
+
+
+def test_operand_min_removes_the_reset_by_zero() -> None:
+    cfg = ArithConfig(n_steps=8, modulus=11, operand_max=10, operand_min=1)
+    problems = sample_problems("train", 200, cfg, seed=0)
+    operands = [b for p in problems for b in p.operands]
+    assert min(operands) == 1 and max(operands) == 10
+    default = ArithConfig(n_steps=8, modulus=11, operand_max=10)
+    assert min(b for p in sample_problems("train", 200, default, seed=0) for b in p.operands) == 0
+    for bad in (-1, 11):
+        with pytest.raises(ValueError, match="operand_min must be in 0..operand_max"):
+            ArithConfig(operand_max=10, operand_min=bad)

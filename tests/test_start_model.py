@@ -96,3 +96,11 @@ def test_weights_digest_names_the_copy(tmp_path: Path) -> None:
     assert info["weights_sha256"] == digest
     (first / "model.safetensors").write_bytes(b"changed")
     assert sm.weights_digest(first) != digest
+
+
+def test_cache_key_of_a_later_task_field() -> None:
+    # operand_min was added after models were cached: at its default the key must not move
+    # (this hash is the key of every cached default start model before the field existed)
+    assert sm.cache_key(sm.TinyModelConfig()) == "0642f5cfe60b316c"
+    task = ArithConfig(operand_min=1)
+    assert sm.cache_key(sm.TinyModelConfig(task=task)) != sm.cache_key(sm.TinyModelConfig())

@@ -205,6 +205,8 @@ def cache_key(cfg: TinyModelConfig, kind: str = ARITH_TINY) -> str:
     """A short hash of the configs, the kind and the build version: the checkpoint's cache
     name (arith-tiny's hash leaves the kind out, so existing caches stay valid)."""
     recipe: dict[str, Any] = {"version": BUILD_VERSION, "cfg": asdict(cfg)}
+    if cfg.task.operand_min == 0:  # a field added later: at its default, keep the old hashes
+        del recipe["cfg"]["task"]["operand_min"]
     if kind != ARITH_TINY:
         recipe["kind"] = kind
     blob = json.dumps(recipe, sort_keys=True)

@@ -60,7 +60,10 @@ class ArithConfig:
     n_steps: int = 3
     """Operations per problem (step lines per response, not counting the answer line)."""
     operand_max: int = 6
-    """Operands are drawn uniformly from 0..operand_max (inclusive)."""
+    """Operands are drawn uniformly from operand_min..operand_max (inclusive)."""
+    operand_min: int = 0
+    """Smallest operand. 1 removes `*0`, which resets the chain to 0 and so erases every earlier
+    error; with a prime modulus every step is then one-to-one and a wrong value stays wrong."""
     modulus: int = DEFAULT_MODULUS
     """Every intermediate value is reduced modulo this; the start value is in 0..modulus-1."""
     ops: str = "+-*"
@@ -71,6 +74,11 @@ class ArithConfig:
             raise ValueError(f"n_steps must be >= 1, got {self.n_steps}")
         if self.operand_max < 0:
             raise ValueError(f"operand_max must be >= 0, got {self.operand_max}")
+        if not 0 <= self.operand_min <= self.operand_max:
+            raise ValueError(
+                f"operand_min must be in 0..operand_max ({self.operand_max}), "
+                f"got {self.operand_min}"
+            )
         if self.modulus < 2:
             raise ValueError(f"modulus must be >= 2, got {self.modulus}")
         if not self.ops or any(op not in "+-*" for op in self.ops):
@@ -150,7 +158,7 @@ def random_problem(rng: random.Random, cfg: ArithConfig) -> ArithProblem:
     """A uniformly random problem of the whole space (any split)."""
     start = rng.randrange(cfg.modulus)
     ops = tuple(rng.choice(cfg.ops) for _ in range(cfg.n_steps))
-    operands = tuple(rng.randint(0, cfg.operand_max) for _ in range(cfg.n_steps))
+    operands = tuple(rng.randint(cfg.operand_min, cfg.operand_max) for _ in range(cfg.n_steps))
     return ArithProblem(start, ops, operands, cfg.modulus)
 
 
