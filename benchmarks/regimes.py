@@ -88,6 +88,24 @@ REGIMES: tuple[Regime, ...] = (
         + MODULUS_11
         + ("model.tiny.demo_fact_error_rate=0.5",),
     ),
+    # Operands 1-10: no `*0`, so a wrong value stays wrong and an answer is right by chance
+    # only when two errors cancel; the start accuracy is then about the clean-chain rate.
+    Regime(
+        "s8m11nz_q30",
+        "8 steps, + - *, modulus 11, operands 1-10 (no *0: errors are never erased), 30% of "
+        "facts misremembered (about 10%, without luck)",
+        (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
+        + (*MODULUS_11, "data.task.operand_min=1")
+        + ("model.tiny.demo_fact_error_rate=0.3",),
+    ),
+    Regime(
+        "s8m11nz_q50",
+        "8 steps, + - *, modulus 11, operands 1-10, 50% of facts misremembered (a few %, "
+        "without luck)",
+        (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
+        + (*MODULUS_11, "data.task.operand_min=1")
+        + ("model.tiny.demo_fact_error_rate=0.5",),
+    ),
 )
 
 RESULTS = REPO / "benchmarks" / "results" / "sample_efficiency_regimes"

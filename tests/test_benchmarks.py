@@ -719,3 +719,16 @@ def test_effective_overrides_keep_the_last_value_per_key() -> None:
         "data.task.modulus=11",
         "reward.heads=[{head: pav, kwargs: {path: 'a=b'}}]",
     ]
+
+
+def test_every_regime_is_a_valid_task() -> None:
+    from benchmarks import regimes
+    from rl.config import load_config
+    from rl.tasks.arith import ArithConfig
+
+    for r in regimes.REGIMES:
+        cfg = load_config(REPO / se.CONFIG, list(r.overrides))
+        task = ArithConfig(**dict(cfg.data.task))  # raises on a bad knob
+        assert f"data.task.n_steps={task.n_steps}" in r.overrides
+    no_zero = load_config(REPO / se.CONFIG, list(regimes.regime("s8m11nz_q50").overrides))
+    assert ArithConfig(**dict(no_zero.data.task)).operand_min == 1
