@@ -203,7 +203,7 @@ def method_lines(name: str, summary: dict[str, Any]) -> list[str]:
         reach = row["samples_to_target"]
         reach_text = "not reached" if reach is None else f"{reach:,}"
         gain = se.format_ratio(row["gain"], row["gain_is_lower_bound"])
-        extra = "same"
+        extra = se.not_reached_with_extra(row["final_samples"], row.get("extra_samples_final", 0))
         if row["extra_samples_to_target"] and reach is not None:
             extra = se.format_ratio(row["gain_with_extra"], row["gain_is_lower_bound"])
         accuracy = se.format_accuracy(row["final_mean"], row["final_std"])

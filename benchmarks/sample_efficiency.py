@@ -540,8 +540,18 @@ class SummaryRow:
     """Mean over seeds of the method's extra samples (MC rollouts) when it reached the target."""
     gain_with_extra: float | None = None
     """The gain with the extra samples counted (None when there are none or no target)."""
+    extra_samples_final: float = 0.0
+    """Mean over seeds of the method's extra samples at its last eval point."""
     diagnostics: dict[str, float] = field(default_factory=dict)
     """`DIAGNOSTIC_KEYS` means over seeds, and `eval/clean_frac` at the end when logged."""
+
+
+def not_reached_with_extra(final_samples: int, extra_final: float) -> str:
+    """The extra-samples cell of a method that did not reach the target: its total sample
+    count at the end when it has extra samples, else "same"."""
+    if not extra_final:
+        return "same"
+    return f"not reached in {final_samples + extra_final:,.0f} samples"
 
 
 def summarize(
@@ -586,6 +596,9 @@ def summarize(
             if reach is not None
             else 0.0
         )
+        extra_final = statistics.fmean(
+            [p.extra_samples for p in mine if p.samples == curve.samples[-1]]
+        )
         gain, bound = efficiency_gain(base_samples, reach), False
         gain_extra = efficiency_gain(base_samples, reach + extra) if extra and reach else None
         if base_curve is not None and target is not None and base_samples is None:
@@ -619,6 +632,7 @@ def summarize(
                 gain_is_lower_bound=bound,
                 extra_samples_to_target=extra,
                 gain_with_extra=gain_extra,
+                extra_samples_final=extra_final,
                 diagnostics=diag,
             )
         )
@@ -663,7 +677,7 @@ def render_table(target: float | None, rows: list[SummaryRow]) -> str:
                 f"{total:,.0f} samples: {format_ratio(r.gain_with_extra, r.gain_is_lower_bound)}"
             )
         else:
-            extra = "same"
+            extra = not_reached_with_extra(r.final_samples, r.extra_samples_final)
         step = f"{format_ratio(r.step_time_ratio)} ({r.step_s:.2f} s)"
         out.append(
             f"| {r.label} | {r.n_seeds} | {format_accuracy(r.final_mean, r.final_std)} "

@@ -171,6 +171,11 @@ def test_extra_samples_are_counted_in_their_own_column() -> None:
     assert mc.samples_to_target == 100 and mc.gain == pytest.approx(3.0)
     assert mc.extra_samples_to_target == 300.0 and mc.gain_with_extra == pytest.approx(0.75)
     assert "| 400 samples: 0.75x |" in se.render_table(target, out)
+    # an oracle that never reaches the target still shows what it spent, not "same"
+    stuck = [dataclasses.replace(p, accuracy=0.4) for p in oracle]
+    target, out = se.summarize(pts[:4] + stuck, method_rows(["outcome", "pav_mc_oracle"]))
+    assert out[1].samples_to_target is None and out[1].extra_samples_final == 900.0
+    assert "| not reached | - | not reached in 1,200 samples |" in se.render_table(target, out)
 
 
 def test_diagnostics_per_run_and_per_method() -> None:
