@@ -93,15 +93,15 @@ REGIMES: tuple[Regime, ...] = (
     Regime(
         "s8m11nz_q30",
         "8 steps, + - *, modulus 11, operands 1-10 (no *0: errors are never erased), 30% of "
-        "facts misremembered (about 10%, without luck)",
+        "facts misremembered (aimed at about 10% start accuracy, with little luck)",
         (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
         + (*MODULUS_11, "data.task.operand_min=1")
         + ("model.tiny.demo_fact_error_rate=0.3",),
     ),
     Regime(
         "s8m11nz_q50",
-        "8 steps, + - *, modulus 11, operands 1-10, 50% of facts misremembered (a few %, "
-        "without luck)",
+        "8 steps, + - *, modulus 11, operands 1-10, 50% of facts misremembered (aimed at a few % "
+        "start accuracy, with little luck)",
         (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
         + (*MODULUS_11, "data.task.operand_min=1")
         + ("model.tiny.demo_fact_error_rate=0.5",),
