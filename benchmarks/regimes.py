@@ -88,20 +88,20 @@ REGIMES: tuple[Regime, ...] = (
         + MODULUS_11
         + ("model.tiny.demo_fact_error_rate=0.5",),
     ),
-    # Operands 1-10: no `*0`, so a wrong value stays wrong and an answer is right by chance
-    # only when two errors cancel; the start accuracy is then about the clean-chain rate.
+    # Operands 1-10: no `*0`, so one wrong value stays wrong; an answer is right by chance only
+    # when a later error lands on the right value (measured: still 7.8% of greedy answers at
+    # q 0.5, since chains there carry several errors and end near-uniform over 11 values).
     Regime(
         "s8m11nz_q30",
         "8 steps, + - *, modulus 11, operands 1-10 (no *0: errors are never erased), 30% of "
-        "facts misremembered (aimed at about 10% start accuracy, with little luck)",
+        "facts misremembered",
         (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
         + (*MODULUS_11, "data.task.operand_min=1")
         + ("model.tiny.demo_fact_error_rate=0.3",),
     ),
     Regime(
         "s8m11nz_q50",
-        "8 steps, + - *, modulus 11, operands 1-10, 50% of facts misremembered (aimed at a few % "
-        "start accuracy, with little luck)",
+        "8 steps, + - *, modulus 11, operands 1-10, 50% of facts misremembered",
         (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
         + (*MODULUS_11, "data.task.operand_min=1")
         + ("model.tiny.demo_fact_error_rate=0.5",),
