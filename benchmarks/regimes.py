@@ -93,8 +93,7 @@ REGIMES: tuple[Regime, ...] = (
     # q 0.5, since chains there carry several errors and end near-uniform over 11 values).
     Regime(
         "s8m11nz_q30",
-        "8 steps, + - *, modulus 11, operands 1-10 (no *0: errors are never erased), 30% of "
-        "facts misremembered",
+        "8 steps, + - *, modulus 11, operands 1-10 (no *0), 30% of facts misremembered",
         (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
         + (*MODULUS_11, "data.task.operand_min=1")
         + ("model.tiny.demo_fact_error_rate=0.3",),
