@@ -63,7 +63,8 @@ class ArithConfig:
     """Operands are drawn uniformly from operand_min..operand_max (inclusive)."""
     operand_min: int = 0
     """Smallest operand. 1 removes `*0`, which resets the chain to 0 and so erases every earlier
-    error; with a prime modulus every step is then one-to-one and a wrong value stays wrong."""
+    error; with a prime modulus every step is then one-to-one, so a wrong value stays wrong
+    unless a later error happens to land on the right one."""
     modulus: int = DEFAULT_MODULUS
     """Every intermediate value is reduced modulo this; the start value is in 0..modulus-1."""
     ops: str = "+-*"
