@@ -1010,33 +1010,52 @@ PRM_EVAL = "launch/eval_prm.py"
 PRM_EVAL_FILE = "prm_eval.json"
 """The verifier's first-error F1 (written by launch/eval_prm.py into the verifier's dir)."""
 
+TUNE_THRESHOLD_SPLIT = "validation"
+"""Where the verifier's second F1 chooses its threshold (the F1 itself is on the eval split)."""
+
 
 def verifier_quality(setup: Setup, verifier_dir: Path) -> dict[str, Any] | None:
     """The trained verifier's first-error scores on the task's exactly labelled held-out
-    solutions (`launch/eval_prm.py --data builtin`, eval split), computed once and cached in
-    the verifier's directory; None (the reason printed) when the evaluation fails."""
+    solutions (`launch/eval_prm.py --data builtin`, eval split), at the fixed threshold 0.5
+    and, under "tuned", at the threshold with the best F1 on the validation split; computed
+    once and cached in the verifier's directory; None (the reason printed) when the
+    evaluation fails."""
     keep = [o for o in setup.base if not o.startswith(("trainer.", "logging."))]
-    return prm_eval_scores(verifier_dir, CONFIG, [*keep, *setup.extra])
+    overrides = [*keep, *setup.extra]
+    fixed = prm_eval_scores(verifier_dir, CONFIG, overrides)
+    if fixed is None:
+        return None
+    tuned = prm_eval_scores(verifier_dir, CONFIG, overrides, tune_split=TUNE_THRESHOLD_SPLIT)
+    return {**fixed, "tuned": tuned}
 
 
 def prm_eval_scores(
-    verifier_dir: Path, config: str, overrides: Sequence[str]
+    verifier_dir: Path,
+    config: str,
+    overrides: Sequence[str],
+    tune_split: str | None = None,
 ) -> dict[str, Any] | None:
     """First-error scores of the PAV verifier in `verifier_dir` on the built-in task's
     exactly labelled eval-split solutions (`launch/eval_prm.py --data builtin` with `config`
-    and `overrides`), cached as `prm_eval.json` there; None (reason printed) on failure."""
-    out = verifier_dir / PRM_EVAL_FILE
+    and `overrides`; with `tune_split`, at the threshold chosen there), cached as
+    `prm_eval.json` (or `prm_eval_tuned_<split>.json`) there; None (reason printed) on
+    failure."""
+    name = PRM_EVAL_FILE if tune_split is None else f"prm_eval_tuned_{tune_split}.json"
+    out = verifier_dir / name
     if not out.is_file():
         cmd = [sys.executable, PRM_EVAL, "--config", config, "--head", "pav"]
         cmd += ["--head-kwargs", f"{{path: '{verifier_dir}'}}", "--data", "builtin"]
+        cmd += [] if tune_split is None else ["--tune-threshold-on", tune_split]
         cmd += ["--out", str(out), "logging.progress_bar=false", *overrides]
         print("verifier first-error F1: " + " ".join(cmd[1:]), flush=True)
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"verifier evaluation failed: {error_line(proc.stdout + proc.stderr)}")
             return None
-    scores = json.loads(out.read_text())["scores"]
-    return {k: scores.get(k) for k in ("f1", "acc_error", "acc_correct", "n")}
+    results = json.loads(out.read_text())
+    scores = results["scores"]
+    quality = {k: scores.get(k) for k in ("f1", "acc_error", "acc_correct", "n")}
+    return {**quality, "threshold": results.get("threshold", 0.5)}
 
 
 def verifier_line(quality: dict[str, Any] | None) -> str:
@@ -1047,10 +1066,19 @@ def verifier_line(quality: dict[str, Any] | None) -> str:
     def pct(x: Any) -> str:
         return "-" if x is None else f"{100 * float(x):.1f}%"
 
-    return (
+    line = (
         f"first-error F1 {pct(quality['f1'])} on {quality['n']} exactly labelled held-out "
         f"solutions (accuracy on wrong ones {pct(quality['acc_error'])}, on right ones "
-        f"{pct(quality['acc_correct'])}; launch/eval_prm.py --data builtin, threshold 0.5)."
+        f"{pct(quality['acc_correct'])}; launch/eval_prm.py --data builtin, threshold 0.5)"
+    )
+    tuned = quality.get("tuned")
+    if not tuned:
+        return line + "."
+    return line + (
+        f"; {pct(tuned['f1'])} at threshold {tuned['threshold']:.2f}, the best on the "
+        f"{TUNE_THRESHOLD_SPLIT} split (accuracy on wrong ones {pct(tuned['acc_error'])}, "
+        f"on right ones {pct(tuned['acc_correct'])}; the verifier predicts the base policy's "
+        "P(success), below 0.5 on every step when that policy is weak)."
     )
 
 

@@ -2,7 +2,8 @@
 
     python launch/eval_prm.py --config configs/quickstart.yaml --head pav \\
         --head-kwargs '{path: runs/pav/verifier}' [--data builtin | --data file.jsonl] \\
-        [--n 512] [--threshold 0.5] [--out results.json] [key=value ...]
+        [--n 512] [--threshold 0.5 | --tune-threshold-on validation] [--out results.json] \\
+        [key=value ...]
 
 --head: a registered head or `package.module:ClassName` (default: the config's first
 `reward.heads` entry, with its kwargs). --data builtin: labelled solutions of the built-in
@@ -10,9 +11,12 @@ arithmetic task (`data.task`, split --split, exact labels, half of them with one
 a .jsonl file: ProcessBench rows {problem, steps, label}. The head predicts the first step
 whose estimated P(still correct) is below --threshold (-1: none); the table shows the
 accuracy on wrong solutions, on right ones and their harmonic mean (F1) next to the
-constant predictors. Steps are joined with `reward.step_delimiter`; ProcessBench's steps
-are paragraphs: pass 'reward.step_delimiter="\\n\\n"' (YAML double quotes, so that \\n is a
-newline). See rl/eval/prm.py for how a head's per-step values are read.
+constant predictors. --tune-threshold-on SPLIT (built-in data only) first scores the head on
+that split's labelled solutions and uses the threshold with the best F1 there (a grid of
+0.01 .. 0.99): a value model of a weak policy, such as PAV's, sits below 0.5 on every step.
+Steps are joined with `reward.step_delimiter`; ProcessBench's steps are paragraphs: pass
+'reward.step_delimiter="\\n\\n"' (YAML double quotes, so that \\n is a newline). See
+rl/eval/prm.py for how a head's per-step values are read.
 
 Runs as one process (plain `python`): torch.distributed is initialised as a world of one,
 since heads may build DeepSpeed engines in `setup`. Overrides are dotted config keys.
@@ -45,7 +49,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--n", type=int, default=None, help="solutions (builtin: 512; a file: all, or the first n)"
     )
-    parser.add_argument("--threshold", type=float, default=0.5, help="P(correct) cut-off")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="P(correct) cut-off (default 0.5)"
+    )
+    parser.add_argument(
+        "--tune-threshold-on",
+        default=None,
+        metavar="SPLIT",
+        help="built-in data: choose the threshold with the best F1 on this split",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -86,7 +98,7 @@ def load_labelled(args: argparse.Namespace, cfg: Any) -> list[dict[str, Any]]:
 
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
-    if not 0.0 <= args.threshold <= 1.0:
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise ConfigError(f"--threshold must be a probability in [0, 1], got {args.threshold}")
     if args.data in BUILTIN_DATA:
         if cfg.reward.step_delimiter != arith.STEP_DELIMITER:
@@ -97,6 +109,26 @@ def load_labelled(args: argparse.Namespace, cfg: Any) -> list[dict[str, Any]]:
         n = BUILTIN_N if args.n is None else args.n
         return prm_eval.builtin_labelled_solutions(cfg.data.task, args.split, n, cfg.seed)
     return prm_eval.load_processbench_jsonl(args.data, args.n)
+
+
+def check_threshold_args(args: argparse.Namespace) -> None:
+    """ConfigError naming the flag when --tune-threshold-on cannot be honoured."""
+    from rl.core.errors import ConfigError
+    from rl.tasks import arith
+
+    split = args.tune_threshold_on
+    if split is None:
+        return
+    if args.threshold is not None:
+        raise ConfigError("--threshold and --tune-threshold-on exclude each other")
+    if args.data not in BUILTIN_DATA:
+        raise ConfigError("--tune-threshold-on needs --data builtin (labelled solutions per split)")
+    if split not in arith.SPLITS:
+        raise ConfigError(f"--tune-threshold-on: unknown split {split!r}; valid: {arith.SPLITS}")
+    if split == args.split:
+        raise ConfigError(
+            f"--tune-threshold-on {split} is the split being scored; tune on another one"
+        )
 
 
 def policy_tokenizer(cfg: Any, dist: Any) -> tuple[Any, str]:
@@ -166,6 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = load_config(args.config, args.overrides)
     spec, kwargs = head_spec(args, cfg)
+    check_threshold_args(args)
     rows = load_labelled(args, cfg)
     batch_size = cfg.trainer.micro_batch_size if args.batch_size is None else args.batch_size
     if batch_size < 1:
@@ -181,17 +214,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         policy_path=policy_path,
         batch_size=batch_size,
     )
-    result = prm_eval.evaluate_head(
-        head,
-        rows,
-        tokenizer,
-        threshold=args.threshold,
-        delimiter=cfg.reward.step_delimiter,
-        batch_size=batch_size,
-        apply_chat_template=cfg.data.apply_chat_template,
-        source=args.data,
-        progress=cfg.logging.progress_bar,
-    )
+    scoring = {
+        "tokenizer": tokenizer,
+        "delimiter": cfg.reward.step_delimiter,
+        "batch_size": batch_size,
+        "apply_chat_template": cfg.data.apply_chat_template,
+        "progress": cfg.logging.progress_bar,
+    }
+    threshold, tuning = 0.5 if args.threshold is None else args.threshold, None
+    if args.tune_threshold_on is not None:
+        tune_rows = prm_eval.builtin_labelled_solutions(
+            cfg.data.task, args.tune_threshold_on, len(rows), cfg.seed
+        )
+        tune_values = prm_eval.solution_step_values(
+            head, tune_rows, source=f"builtin {args.tune_threshold_on}", **scoring
+        )
+        threshold, tune_f1 = prm_eval.best_threshold(tune_values, [r["label"] for r in tune_rows])
+        tuning = {"split": args.tune_threshold_on, "n": len(tune_rows), "f1": tune_f1}
+        print(
+            f"threshold {threshold:.2f}: best F1 {tune_f1:.3f} on the "
+            f"{args.tune_threshold_on} split ({len(tune_rows)} solutions)",
+            flush=True,
+        )
+    step_values = prm_eval.solution_step_values(head, rows, source=args.data, **scoring)
+    result = prm_eval.score_step_values(step_values, [r["label"] for r in rows], threshold)
     head.close()
     shutdown()
     print(prm_eval.format_table(result["scores"], result["baselines"]), flush=True)
@@ -200,7 +246,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "head_kwargs": kwargs,
         "data": args.data,
         "split": args.split if args.data in BUILTIN_DATA else None,
-        "threshold": args.threshold,
+        "threshold": threshold,
+        "threshold_tuning": tuning,
         "step_delimiter": cfg.reward.step_delimiter,
         "policy_path": policy_path,
         **result,

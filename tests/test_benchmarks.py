@@ -153,6 +153,17 @@ def test_gain_is_a_lower_bound_when_outcome_never_reaches_the_target() -> None:
     assert "| not reached | - |" in table and "| 200 | > 1.50x |" in table
 
 
+def test_verifier_line_gives_both_thresholds() -> None:
+    fixed = {"f1": 0.08, "acc_error": 0.094, "acc_correct": 0.07, "n": 512, "threshold": 0.5}
+    tuned = {"f1": 0.41, "acc_error": 0.3, "acc_correct": 0.65, "n": 512, "threshold": 0.13}
+    line = se.verifier_line({**fixed, "tuned": tuned})
+    assert line.startswith("first-error F1 8.0% on 512 exactly labelled held-out solutions")
+    assert "; 41.0% at threshold 0.13, the best on the validation split" in line
+    assert "(accuracy on wrong ones 30.0%, on right ones 65.0%;" in line
+    assert se.verifier_line({**fixed, "tuned": None}).endswith("threshold 0.5).")
+    assert se.verifier_line(None) == ""
+
+
 def test_extra_samples_are_counted_in_their_own_column() -> None:
     """An MC oracle run: 100 training samples per step plus 300 extra (3 rollouts per
     response) per step; it reaches the target at step 1, where it has 300 extra."""
@@ -593,14 +604,14 @@ def test_regime_sweep_commands_and_summary(tmp_path: Path) -> None:
     summary = {
         "target": target,
         "start_accuracy": 0.4,
-        "verifier_quality": {"f1": 0.5},
+        "verifier_quality": {"f1": 0.5, "tuned": {"f1": 0.6, "threshold": 0.12}},
         "rows": [dataclasses.asdict(r) for r in rows],
     }
     (tmp_path / "s8_q30").mkdir()
     (tmp_path / "s8_q30" / "summary.json").write_text(json.dumps(summary))
     text = regimes.render(tmp_path, list(regimes.REGIMES))
     assert "| s8_q30 | 8 steps, + - *, 30% of facts misremembered | 25.0% | 30.0% | 10.0% " in text
-    assert "| 40.0% | 75.0% | 40.0% | 70.0% | 50.0% |" in text  # groups, top position share...
+    assert "| 40.0% | 75.0% | 40.0% | 70.0% | 50.0% | 60.0% (0.12) |" in text  # groups, top...
     assert (
         "| s8_q30 | GRPO + online implicit PRM (PRIME) | 2 | 85.0 ± 7.1% | 200 | 1.50x | same |"
         in text

@@ -98,6 +98,30 @@ def test_first_error_rejects_nan() -> None:
         prm_eval.first_error_from_step_values([0.9, math.nan], 0.5)
 
 
+# A weak policy's value model: every value is below 0.5, the error shows as a drop.
+WEAK_VALUES = [[0.3, 0.1, 0.05], [0.3, 0.25, 0.2], [0.2, 0.04]]
+WEAK_LABELS = [1, -1, 1]
+
+
+def test_fixed_threshold_flags_step_0_of_a_weak_policys_values() -> None:
+    result = prm_eval.score_step_values(WEAK_VALUES, WEAK_LABELS, 0.5)
+    assert result["predictions"] == [0, 0, 0]
+    assert result["scores"]["f1"] == 0.0  # no wrong solution's step 0, no right one kept
+
+
+def test_best_threshold_hand_computed() -> None:
+    # F1 = 1 needs solutions 0 and 2 flagged at step 1 (0.1 < t <= 0.3, 0.04 < t <= 0.2)
+    # and solution 1 never flagged (t <= 0.2): the first grid value in (0.1, 0.2] is 0.11
+    assert prm_eval.best_threshold(WEAK_VALUES, WEAK_LABELS) == (0.11, 1.0)
+    assert prm_eval.score_step_values(WEAK_VALUES, WEAK_LABELS, 0.11)["predictions"] == [1, -1, 1]
+    # at 0.1: solution 0 is missed (0.1 is not below 0.1), so acc_error 1/2, acc_correct 1
+    assert prm_eval.best_threshold(WEAK_VALUES, WEAK_LABELS, [0.1]) == (0.1, pytest.approx(2 / 3))
+    # ties go to the earliest candidate
+    assert prm_eval.best_threshold(WEAK_VALUES, WEAK_LABELS, [0.5, 0.2, 0.15]) == (0.2, 1.0)
+    with pytest.raises(ValueError, match="no candidate"):
+        prm_eval.best_threshold(WEAK_VALUES, WEAK_LABELS, [])
+
+
 # --------------------------------------------------------------------------------------------
 # Labelled data
 # --------------------------------------------------------------------------------------------
@@ -388,6 +412,62 @@ def test_launcher_scores_the_oracle_head(tmp_path: Path) -> None:
     assert results["baselines"]["always_no_error"]["f1"] == 0.0
     assert results["predictions"] == results["labels"]
     assert "always_step_0" in proc.stdout
+
+
+def test_launcher_tunes_the_threshold_on_another_split(tmp_path: Path) -> None:
+    build_tokenizer().save_pretrained(tmp_path / "tok")
+    out = tmp_path / "results.json"
+    proc = run_eval(
+        [
+            "--head",
+            "tests.heads:ArithOraclePRM",
+            "--head-kwargs",
+            "{modulus: 7}",
+            "--n",
+            "24",
+            "--tune-threshold-on",
+            "validation",
+            "--out",
+            str(out),
+            f"model.path={tmp_path / 'tok'}",
+            "logging.progress_bar=false",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    # the oracle's values are 0 or 1: every threshold in the grid scores F1 1, the first wins
+    assert results["threshold"] == 0.01
+    assert results["threshold_tuning"] == {"split": "validation", "n": 24, "f1": 1.0}
+    assert results["split"] == "eval" and results["scores"]["f1"] == 1.0
+    assert "best F1 1.000 on the validation split" in proc.stdout
+
+
+def load_eval_prm() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_prm", REPO / "launch" / "eval_prm.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tune-threshold-on", "eval"], "--tune-threshold-on eval is the split being scored"),
+        (["--tune-threshold-on", "dev"], "--tune-threshold-on: unknown split 'dev'"),
+        (["--tune-threshold-on", "validation", "--threshold", "0.3"], "exclude each other"),
+        (["--tune-threshold-on", "validation", "--data", "pb.jsonl"], "needs --data builtin"),
+    ],
+)
+def test_bad_threshold_tuning_flags_name_the_flag(flags: list[str], message: str) -> None:
+    from rl.core.errors import ConfigError
+
+    module = load_eval_prm()
+    args = module.parse_args(["--config", "c.yaml", *flags])
+    with pytest.raises(ConfigError, match=message):
+        module.check_threshold_args(args)
 
 
 def test_launcher_bad_data_is_a_one_line_error(tmp_path: Path) -> None:

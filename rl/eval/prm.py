@@ -6,7 +6,9 @@ error from its per-step estimate of the probability that the solution is still c
 after each step: the first step whose value is below `threshold` (default 0.5), or -1.
 ProcessBench (Zheng et al. 2024) scores the exact-index accuracy on wrong solutions
 (`acc_error`), the accuracy on right ones (predicting -1, `acc_correct`) and their
-harmonic mean `F1 = 2 a_err a_cor / (a_err + a_cor)`.
+harmonic mean `F1 = 2 a_err a_cor / (a_err + a_cor)`. A value model of a weak policy (PAV's)
+sits below 0.5 everywhere; `best_threshold` picks the cut-off with the best F1 on another
+split (launch/eval_prm.py --tune-threshold-on validation).
 
 Per-step values of a head (`head_step_values`) are its `step_values(batch) -> Tensor [B, Tr]`
 (probabilities in [0, 1], checked) read at the step-end tokens. PAV heads return their
@@ -374,28 +376,24 @@ def predict_first_errors(head: RewardHead, batch: HeadBatch, threshold: float = 
     return [first_error_from_step_values(values[b, :h], threshold) for b, h in enumerate(counts)]
 
 
-def evaluate_head(
+def solution_step_values(
     head: RewardHead,
     rows: Sequence[Row],
     tokenizer: Any,
     *,
-    threshold: float = 0.5,
     delimiter: str = "\n",
     batch_size: int = 16,
     apply_chat_template: ChatTemplateMode = "auto",
     source: str = "eval data",
     progress: bool = False,
-) -> dict[str, Any]:
-    """Score `head` on labelled solutions, `batch_size` at a time.
-
-    Returns {"scores": processbench_scores, "baselines": trivial_baselines,
-    "predictions": [N], "labels": [N]}.
-    """
+) -> list[list[float]]:
+    """Each labelled solution's per-step values (P(still correct) after each of its steps),
+    `batch_size` solutions at a time: [N][H_n]."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     if not rows:
         raise DataError("no labelled solutions to evaluate")
-    predictions: list[int] = []
+    per_solution: list[list[float]] = []
     with tqdm(total=len(rows), desc="scoring", unit="solution", disable=not progress) as bar:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -408,15 +406,86 @@ def evaluate_head(
                 first_index=start,
             )
             with torch.no_grad():
-                predictions.extend(predict_first_errors(head, batch, threshold))
+                values, step_mask = head_step_values(head, batch)  # [B, H]
+            counts = step_mask.sum(dim=1).long().tolist()  # [B]
+            per_solution += [values[b, :h].tolist() for b, h in enumerate(counts)]
             bar.update(len(chunk))
-    labels = [int(r["label"]) for r in rows]
+    return per_solution
+
+
+def score_step_values(
+    step_values: Sequence[Sequence[float]], labels: Sequence[int], threshold: float = 0.5
+) -> dict[str, Any]:
+    """First-error predictions at `threshold` from per-solution step values ([N][H_n]) and
+    their scores: {"scores": processbench_scores, "baselines": trivial_baselines,
+    "predictions": [N], "labels": [N]}."""
+    predictions = [first_error_from_step_values(v, threshold) for v in step_values]
+    labels = [int(y) for y in labels]
     return {
         "scores": processbench_scores(predictions, labels),
         "baselines": trivial_baselines(labels),
         "predictions": predictions,
         "labels": labels,
     }
+
+
+THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(1, 100))
+"""Thresholds `best_threshold` tries by default: 0.01, 0.02, ..., 0.99."""
+
+
+def best_threshold(
+    step_values: Sequence[Sequence[float]],
+    labels: Sequence[int],
+    candidates: Sequence[float] = THRESHOLD_GRID,
+) -> tuple[float, float]:
+    """(threshold, its F1): the candidate whose first-error predictions from `step_values`
+    ([N][H_n]) score the highest F1 against `labels` ([N]); ties go to the earliest candidate.
+
+    A fixed threshold of 0.5 suits a head trained on binary step labels (ProcessBench's
+    setting). A value model such as PAV's predicts the base policy's P(success), which sits
+    below 0.5 on every step when the policy is weak, so there the fixed cut-off flags step 0
+    of every solution. Choose the threshold on a split other than the one scored.
+    """
+    if not candidates:
+        raise ValueError("no candidate thresholds")
+    best: tuple[float, float] | None = None
+    for threshold in candidates:
+        f1 = score_step_values(step_values, labels, threshold)["scores"]["f1"]
+        f1 = -1.0 if f1 is None else float(f1)
+        if best is None or f1 > best[1]:
+            best = (float(threshold), f1)
+    assert best is not None
+    return best
+
+
+def evaluate_head(
+    head: RewardHead,
+    rows: Sequence[Row],
+    tokenizer: Any,
+    *,
+    threshold: float = 0.5,
+    delimiter: str = "\n",
+    batch_size: int = 16,
+    apply_chat_template: ChatTemplateMode = "auto",
+    source: str = "eval data",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score `head` on labelled solutions at `threshold`, `batch_size` at a time.
+
+    Returns {"scores": processbench_scores, "baselines": trivial_baselines,
+    "predictions": [N], "labels": [N]}.
+    """
+    step_values = solution_step_values(
+        head,
+        rows,
+        tokenizer,
+        delimiter=delimiter,
+        batch_size=batch_size,
+        apply_chat_template=apply_chat_template,
+        source=source,
+        progress=progress,
+    )
+    return score_step_values(step_values, [int(r["label"]) for r in rows], threshold)
 
 
 def format_table(scores: Mapping[str, Any], baselines: Mapping[str, Mapping[str, Any]]) -> str:
