@@ -105,6 +105,15 @@ REGIMES: tuple[Regime, ...] = (
         + (*MODULUS_11, "data.task.operand_min=1")
         + ("model.tiny.demo_fact_error_rate=0.5",),
     ),
+    # Modulus 23 and operands 1-10: a chain with two or more errors still ends near-uniform,
+    # but over 23 values, so luck falls to about 1/23 of the chains with several errors.
+    Regime(
+        "s8m23nz_q40",
+        "8 steps, + - *, modulus 23, operands 1-10, 40% of facts misremembered (little luck)",
+        (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
+        + ("data.task.modulus=23", "data.task.operand_max=10", "data.task.operand_min=1")
+        + ("model.tiny.demo_fact_error_rate=0.4",),
+    ),
 )
 
 RESULTS = REPO / "benchmarks" / "results" / "sample_efficiency_regimes"
