@@ -386,55 +386,33 @@ def run_eval(args: list[str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_launcher_scores_the_oracle_head(tmp_path: Path) -> None:
+def run_oracle_eval(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """The launcher on 24 built-in solutions with the oracle head: (process, results JSON)."""
     # a tokenizer-only "model" directory: the oracle head needs no weights
     build_tokenizer().save_pretrained(tmp_path / "tok")
     out = tmp_path / "results.json"
+    head = ["--head", "tests.heads:ArithOraclePRM", "--head-kwargs", "{modulus: 7}"]
     proc = run_eval(
-        [
-            "--head",
-            "tests.heads:ArithOraclePRM",
-            "--head-kwargs",
-            "{modulus: 7}",
-            "--n",
-            "24",
-            "--out",
-            str(out),
-            f"model.path={tmp_path / 'tok'}",
-            "logging.progress_bar=false",
-        ]
+        [*head, "--n", "24", *flags, "--out", str(out), f"model.path={tmp_path / 'tok'}"]
+        + ["logging.progress_bar=false"]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_launcher_scores_the_oracle_head(tmp_path: Path) -> None:
+    proc, results = run_oracle_eval(tmp_path)
     assert results["head"] == "tests.heads:ArithOraclePRM"
     assert results["head_kwargs"] == {"modulus": 7}
     assert results["scores"]["f1"] == 1.0 and results["scores"]["n"] == 24
     assert results["baselines"]["always_no_error"]["f1"] == 0.0
     assert results["predictions"] == results["labels"]
+    assert results["threshold"] == 0.5 and results["threshold_tuning"] is None
     assert "always_step_0" in proc.stdout
 
 
 def test_launcher_tunes_the_threshold_on_another_split(tmp_path: Path) -> None:
-    build_tokenizer().save_pretrained(tmp_path / "tok")
-    out = tmp_path / "results.json"
-    proc = run_eval(
-        [
-            "--head",
-            "tests.heads:ArithOraclePRM",
-            "--head-kwargs",
-            "{modulus: 7}",
-            "--n",
-            "24",
-            "--tune-threshold-on",
-            "validation",
-            "--out",
-            str(out),
-            f"model.path={tmp_path / 'tok'}",
-            "logging.progress_bar=false",
-        ]
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    proc, results = run_oracle_eval(tmp_path, "--tune-threshold-on", "validation")
     # the oracle's values are 0 or 1: every threshold in the grid scores F1 1, the first wins
     assert results["threshold"] == 0.01
     assert results["threshold_tuning"] == {"split": "validation", "n": 24, "f1": 1.0}
@@ -479,12 +457,8 @@ def test_launcher_bad_data_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_launcher_keeps_dotted_overrides() -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("eval_prm", REPO / "launch" / "eval_prm.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    args = module.parse_args(["--config", "c.yaml", "--head", "pav", "model.path=/m", "a.b=1"])
+    args = load_eval_prm().parse_args(
+        ["--config", "c.yaml", "--head", "pav", "model.path=/m", "a.b=1"]
+    )
     assert args.head == "pav"
     assert args.overrides == ["model.path=/m", "a.b=1"]
