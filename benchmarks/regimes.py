@@ -109,7 +109,7 @@ REGIMES: tuple[Regime, ...] = (
     # but over 23 values, so luck falls to about 1/23 of the chains with several errors.
     Regime(
         "s8m23nz_q40",
-        "8 steps, + - *, modulus 23, operands 1-10, 40% of facts misremembered (little luck)",
+        "8 steps, + - *, modulus 23, operands 1-10, 40% of facts misremembered (luck about 1/23)",
         (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
         + ("data.task.modulus=23", "data.task.operand_max=10", "data.task.operand_min=1")
         + ("model.tiny.demo_fact_error_rate=0.4",),
