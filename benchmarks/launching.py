@@ -76,6 +76,10 @@ class RunSpec:
     done_file: str | None = None
     """If set, the run is complete when this file exists in `out_dir` (e.g. the PAV
     verifier's metrics); else when metrics.jsonl holds the final eval row."""
+    start_model: str = ""
+    """The built-in start model the run starts from (`start_model_line`), part of what
+    identifies its results: a rebuilt start model of the same recipe can be another policy,
+    so a finished run from another copy is not reused. "" when not known or not built-in."""
 
 
 @dataclass
@@ -184,13 +188,17 @@ def command(spec: RunSpec, port: int | None = None) -> list[str]:
 
 
 def spec_record(spec: RunSpec) -> dict[str, Any]:
-    """What identifies a run's results: script, config and overrides (not the port)."""
-    return {
+    """What identifies a run's results: script, config, overrides and, when known, the start
+    model's weights (not the port)."""
+    record: dict[str, Any] = {
         "script": spec.script,
         "config": spec.config,
         "overrides": list(spec.overrides),
         "ranks": spec.ranks,
     }
+    if spec.start_model:
+        record["start_model"] = spec.start_model
+    return record
 
 
 def run_env() -> dict[str, str]:

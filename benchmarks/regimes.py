@@ -144,6 +144,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--runs-dir", type=Path, default=RUNS)
     parser.add_argument("--cache-dir", default=None, help="start-model cache (model.cache_dir)")
     parser.add_argument("--borrow", action="append", default=[], metavar="METHOD=FROM")
+    parser.add_argument(
+        "--allow-other-start-model",
+        action="store_true",
+        help="tune/run: use a tuning JSON made on another build of the start model",
+    )
     return parser.parse_args(argv)
 
 
@@ -168,6 +173,8 @@ def sample_efficiency_argv(args: argparse.Namespace, r: Regime) -> list[str]:
         argv += ["--tune", "--tune-seeds", str(args.tune_seeds)]
     for item in args.borrow:
         argv += ["--borrow", item]
+    if args.allow_other_start_model:
+        argv.append("--allow-other-start-model")
     return argv + list(r.overrides)
 
 

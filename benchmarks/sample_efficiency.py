@@ -884,6 +884,21 @@ def borrow_tuning(tuning: dict[str, Any], method: Method, source: str) -> dict[s
     return {**tuning, "methods": {**tuning.get("methods", {}), method.name: entry}}
 
 
+def other_start_model(recorded: str | None, current: str, source: Path) -> str | None:
+    """Why `source`'s tuned values (made on start model `recorded`) must not be used with
+    this run's start model `current`, or None when they may: the same copy, or either not
+    known (older files, models that are not built-in). Both are `start_model_line`s."""
+    if not recorded or not current or recorded == current:
+        return None
+    return (
+        f"{source} was tuned on start model {recorded!r}, but this run's start model is "
+        f"{current!r}. Two builds of one recipe on different machines or library versions "
+        "can be different policies, so values tuned on one need not hold on the other. "
+        "Tune again (--tune, into another --out or --tuning), or pass "
+        "--allow-other-start-model to use them anyway"
+    )
+
+
 # ----------------------------------------------------------------------------------- driving
 
 
@@ -937,6 +952,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="METHOD=FROM",
         help="run METHOD with FROM's tuned values instead of its own (reported as not tuned)",
     )
+    parser.add_argument(
+        "--allow-other-start-model",
+        action="store_true",
+        help="use a tuning JSON made on another build of the start model (its weights differ)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     return parser.parse_args(argv)
@@ -972,6 +992,7 @@ def run_spec(
         config=CONFIG,
         ranks=setup.ranks,
         group=method.name,
+        start_model=setup.start_model,
     )
 
 
@@ -990,6 +1011,7 @@ def verifier_spec(setup: Setup) -> RunSpec:
         ranks=setup.ranks,
         done_file=PAV_DONE_FILE,
         group="pav_verifier",
+        start_model=setup.start_model,
     )
 
 
@@ -1339,6 +1361,11 @@ def main(argv: list[str]) -> int:
         setup,
         start_model=start_model_line(prebuild_start_model(CONFIG, [*setup.base, *setup.extra])),
     )
+    tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else None
+    # before any run: a run uses these values, --tune keeps the other methods' ones
+    why = other_start_model((tuning or {}).get("start_model"), setup.start_model, tuning_path)
+    if why and not args.allow_other_start_model:
+        raise SystemExit(f"error: {why}")
     verifier: dict[str, Any] = {}
     if any(m.needs_verifier for m in methods):
         path, reason = ensure_pav_verifier(setup)
@@ -1346,7 +1373,6 @@ def main(argv: list[str]) -> int:
     if args.tune:
         tune(setup, methods, verifier, tuning_path, args.tune_seeds)
         return 0
-    tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else None
     for item in args.borrow:
         name, _, source = item.partition("=")
         (method,) = select_methods(name)

@@ -574,6 +574,48 @@ def test_start_policy_chain_stats_by_hand() -> None:
     assert stats["first_error_hist"] == {0: 1, 1: 2}
 
 
+# ------------------------------------------------------------------ start-model copies
+
+
+def test_tuned_values_from_another_start_model_copy_are_refused(tmp_path: Path) -> None:
+    old = "arith-tiny-7faa9f672c57ea46, weights sha256 f0f942929a6f6777"
+    new = "arith-tiny-7faa9f672c57ea46, weights sha256 46f0d54e01abb8fd"
+    source = tmp_path / "tuning.json"
+    why = se.other_start_model(old, new, source)
+    assert why is not None
+    assert old in why and new in why and str(source) in why
+    assert "--allow-other-start-model" in why
+    assert se.other_start_model(old, old, source) is None
+    assert se.other_start_model(None, new, source) is None  # older files recorded none
+    assert se.other_start_model(old, "", source) is None  # not a built-in start model
+    args = se.parse_args(["--allow-other-start-model"])
+    assert args.allow_other_start_model and not se.parse_args([]).allow_other_start_model
+
+    from benchmarks import regimes
+
+    argv = ["run", "--regime", "s8_q30", "--allow-other-start-model"]
+    forwarded = regimes.sample_efficiency_argv(regimes.parse_args(argv), regimes.regime("s8_q30"))
+    assert "--allow-other-start-model" in forwarded
+
+
+def test_finished_run_from_another_start_model_copy_is_not_reused(tmp_path: Path) -> None:
+    from benchmarks import launching
+
+    def spec(start_model: str) -> launching.RunSpec:
+        return launching.RunSpec(
+            "outcome seed0", tmp_path / "run", ("seed=0",), max_steps=0, start_model=start_model
+        )
+
+    launching.prepare_dir(spec("copy A"))
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.5}\n')
+    assert launching.is_cached(spec("copy A"))
+    assert not launching.is_cached(spec("copy B"))
+    # runs of other benchmarks (no start model recorded) keep their old records
+    assert "start_model" not in launching.spec_record(spec(""))
+    launching.prepare_dir(spec("copy B"))  # another copy's run dir is wiped, not resumed
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 # ----------------------------------------------------------------------------- regime sweep
 
 
