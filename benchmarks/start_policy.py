@@ -63,6 +63,18 @@ def chain_stats(problems: list[Any], completions: list[str]) -> dict[str, Any]:
     }
 
 
+def sft_record(model_dir: Path) -> dict[str, Any]:
+    """A built-in start model's SFT outcome from its build_info.json (final loss and loss
+    curve; {} for other models or older builds): a build whose loss is still high or still
+    falling fast had not finished learning, and its policy depends on the build."""
+    info_path = model_dir / "build_info.json"
+    if not info_path.is_file():
+        return {}
+    info = json.loads(info_path.read_text())
+    keys = ("sft_seconds", "final_sft_loss", "sft_loss_curve")
+    return {k: info[k] for k in keys if k in info}
+
+
 def report(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -106,6 +118,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         "overrides": args.overrides,
         "model": Path(path).name,  # the cached build's name (no machine path in results)
         "weights_sha256": weights_digest(Path(path)),  # which copy of that build
+        "sft": sft_record(Path(path)),
         "split": args.split,
         "prompts": len(rows),
         "samples_per_prompt": args.samples,

@@ -557,6 +557,16 @@ def test_release_shm_removes_only_this_jobs_buffers(
     assert other.exists() and not any(p.exists() for p in mine)
 
 
+def test_start_policy_report_carries_the_builds_sft_record(tmp_path: Path) -> None:
+    from benchmarks.start_policy import sft_record
+
+    assert sft_record(tmp_path) == {}  # not a built-in start model
+    curve = {"every_steps": 100, "mean_loss": [1.0, 0.5]}
+    info = {"final_sft_loss": 0.2, "sft_loss_curve": curve, "weights_sha256": "ab", "kind": "x"}
+    (tmp_path / "build_info.json").write_text(json.dumps(info))
+    assert sft_record(tmp_path) == {"final_sft_loss": 0.2, "sft_loss_curve": curve}
+
+
 def test_start_policy_chain_stats_by_hand() -> None:
     from benchmarks.start_policy import chain_stats
     from rl.tasks.arith import parse_prompt

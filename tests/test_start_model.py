@@ -56,11 +56,21 @@ def test_sft_batch_masks_prompt() -> None:
     assert mask[1].sum() == 1 + 8 + 1 + 1  # bos, "1 +2 *3\n", "x", eos
 
 
+def test_loss_curve_means_equal_spans() -> None:
+    curve = sm.loss_curve([4.0, 2.0, 1.0, 1.0, 0.5], points=2)  # spans of ceil(5 / 2) = 3
+    assert curve == {"every_steps": 3, "mean_loss": [round(7 / 3, 4), 0.75]}
+    assert sm.loss_curve([1.0, 3.0], points=12) == {"every_steps": 1, "mean_loss": [1.0, 3.0]}
+
+
 def test_ensure_start_model_builds_caches_reloads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = sm.ensure_start_model(tmp_path, TINY, show_progress=False)
-    assert (path / "build_info.json").exists()
+    info = json.loads((path / "build_info.json").read_text())
+    curve = info["sft_loss_curve"]
+    assert curve["every_steps"] == 1 and len(curve["mean_loss"]) == TINY.sft_steps
+    mean = sum(curve["mean_loss"]) / TINY.sft_steps  # final_sft_loss: the last 20 steps' mean
+    assert mean == pytest.approx(info["final_sft_loss"], abs=1e-3)
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [path.name]  # no temp left
 
     def no_rebuild(*args: object, **kwargs: object) -> None:

@@ -201,6 +201,15 @@ def sft(
     return losses
 
 
+def loss_curve(losses: list[float], points: int = 12) -> dict[str, Any]:
+    """`losses` (one per SFT step) as the means of `points` equal spans of steps, for
+    build_info.json: whether SFT converged or was still leaving a plateau when it stopped
+    is what most often makes two builds of one recipe different policies."""
+    every = max(1, -(-len(losses) // points))  # ceil
+    spans = [losses[i : i + every] for i in range(0, len(losses), every)]
+    return {"every_steps": every, "mean_loss": [round(sum(s) / len(s), 4) for s in spans]}
+
+
 def cache_key(cfg: TinyModelConfig, kind: str = ARITH_TINY) -> str:
     """A short hash of the configs, the kind and the build version: the checkpoint's cache
     name (arith-tiny's hash leaves the kind out, so existing caches stay valid)."""
@@ -292,6 +301,7 @@ def _build(out: Path, cfg: TinyModelConfig, kind: str, show_progress: bool) -> N
             "build_version": BUILD_VERSION,
             "sft_seconds": round(time.time() - t0, 1),
             "final_sft_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+            "sft_loss_curve": loss_curve(losses),
             "weights_sha256": weights_digest(out),
         }
         (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
