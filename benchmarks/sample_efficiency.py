@@ -884,7 +884,7 @@ def borrow_tuning(tuning: dict[str, Any], method: Method, source: str) -> dict[s
     return {**tuning, "methods": {**tuning.get("methods", {}), method.name: entry}}
 
 
-def other_start_model(recorded: str | None, current: str, source: Path) -> str | None:
+def other_start_model(recorded: str | None, current: str, source: str | Path) -> str | None:
     """Why `source`'s tuned values (made on start model `recorded`) must not be used with
     this run's start model `current`, or None when they may: the same copy, or either not
     known (older files, models that are not built-in). Both are `start_model_line`s."""
@@ -1363,7 +1363,8 @@ def main(argv: list[str]) -> int:
     )
     tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else None
     # before any run: a run uses these values, --tune keeps the other methods' ones
-    why = other_start_model((tuning or {}).get("start_model"), setup.start_model, tuning_path)
+    recorded = (tuning or {}).get("start_model")
+    why = other_start_model(recorded, setup.start_model, repo_relative(tuning_path))
     if why and not args.allow_other_start_model:
         raise SystemExit(f"error: {why}")
     verifier: dict[str, Any] = {}
