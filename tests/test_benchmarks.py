@@ -792,6 +792,7 @@ def test_effective_overrides_keep_the_last_value_per_key() -> None:
 def test_every_regime_is_a_valid_task() -> None:
     from benchmarks import regimes
     from rl.config import load_config
+    from rl.engine.tiny_config import TinyModelConfig
     from rl.tasks.arith import ArithConfig
 
     for r in regimes.REGIMES:
@@ -800,3 +801,9 @@ def test_every_regime_is_a_valid_task() -> None:
         assert f"data.task.n_steps={task.n_steps}" in r.overrides
     no_zero = load_config(REPO / se.CONFIG, list(regimes.regime("s8m11nz_q50").overrides))
     assert ArithConfig(**dict(no_zero.data.task)).operand_min == 1
+    # the converged recipe differs from its 1,200-step one only in the SFT length
+    short = load_config(REPO / se.CONFIG, list(regimes.regime("s8m23nz_q40").overrides))
+    long = load_config(REPO / se.CONFIG, list(regimes.regime("s8m23nz_q40_sft3000").overrides))
+    sft_steps = [TinyModelConfig(**dict(c.model.tiny)).sft_steps for c in (short, long)]
+    assert sft_steps == [1200, 3000]
+    assert dict(short.data.task) == dict(long.data.task)
