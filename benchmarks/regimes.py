@@ -52,6 +52,14 @@ COMMON: tuple[str, ...] = (
 # stays wrong unless a `*0` follows; operands span the whole residue range.
 MODULUS_11: tuple[str, ...] = ("data.task.modulus=11", "data.task.operand_max=10")
 
+# Modulus 23 and operands 1-10: a chain with two or more errors still ends near-uniform,
+# but over 23 values, so luck falls to about 1/23 of the chains with several errors.
+S8M23NZ_Q40: tuple[str, ...] = (
+    (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
+    + ("data.task.modulus=23", "data.task.operand_max=10", "data.task.operand_min=1")
+    + ("model.tiny.demo_fact_error_rate=0.4",)
+)
+
 REGIMES: tuple[Regime, ...] = (
     Regime(
         "s4_q15",
@@ -105,14 +113,10 @@ REGIMES: tuple[Regime, ...] = (
         + (*MODULUS_11, "data.task.operand_min=1")
         + ("model.tiny.demo_fact_error_rate=0.5",),
     ),
-    # Modulus 23 and operands 1-10: a chain with two or more errors still ends near-uniform,
-    # but over 23 values, so luck falls to about 1/23 of the chains with several errors.
     Regime(
         "s8m23nz_q40",
         "8 steps, + - *, modulus 23, operands 1-10, 40% of facts misremembered (luck about 1/23)",
-        (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
-        + ("data.task.modulus=23", "data.task.operand_max=10", "data.task.operand_min=1")
-        + ("model.tiny.demo_fact_error_rate=0.4",),
+        S8M23NZ_Q40,
     ),
     # The same task with 3,000 SFT steps: at 1,200 the build's SFT may still sit on a loss
     # plateau when it stops (a rebuild on another machine never learned step 0); at 3,000
@@ -120,9 +124,7 @@ REGIMES: tuple[Regime, ...] = (
     Regime(
         "s8m23nz_q40_sft3000",
         "s8m23nz_q40 with 3,000 SFT steps (a start model that converges on every build tried)",
-        (*COMMON, "data.task.n_steps=8", "rollout.max_new_tokens=88")
-        + ("data.task.modulus=23", "data.task.operand_max=10", "data.task.operand_min=1")
-        + ("model.tiny.demo_fact_error_rate=0.4", "model.tiny.sft_steps=3000"),
+        (*S8M23NZ_Q40, "model.tiny.sft_steps=3000"),
     ),
 )
 
