@@ -161,7 +161,9 @@ class Tunable:
     candidates: tuple[Any, ...]
 
 
-LR = Tunable("lr", 1e-4, (2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4))
+LR = Tunable("lr", 1e-4, (2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4))
+"""8e-4 is in the grid because gold_steps chose 4e-4, the top of the earlier grid, in
+`s8m23nz_q40_sft3000` (benchmarks/RESULTS.md)."""
 ALPHA = Tunable("alpha", 0.5, (0.2, 0.5, 1.0, 2.0, 4.0))
 """The step-credit weight; 4.0 is in the grid because gold_steps chose 2.0, the top of the
 earlier grid, in every modulus-11 and modulus-23 regime (benchmarks/RESULTS.md)."""
