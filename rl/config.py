@@ -224,6 +224,10 @@ class PAVConfig:
     """Solutions sampled from the base policy per prompt."""
     n_mc: int = 8
     """Monte-Carlo continuations from every step prefix (estimates Q^pi)."""
+    init_model: str | None = None
+    """A checkpoint (hub name or local path) the verifier's backbone starts from instead of
+    the base policy, e.g. a larger or better-informed model; it must use the base policy's
+    tokenizer. None (the default): the base policy, as in the PAV paper."""
     epochs: int = 3
     """Passes over the labelled prefixes when training the verifier."""
     lr: float = 1e-4

@@ -13,6 +13,7 @@ from torch import nn
 import rewards.pav as pav
 import rl.engine.start_model as sm
 from rewards.heads import HeadBatch, HeadContext, checked_score
+from rl.config import load_config
 from rl.core.errors import ConfigError
 from rl.engine.deepspeed_engine import DistInfo
 from rl.engine.value_model import (
@@ -33,7 +34,7 @@ from rl.pav.data import (
     step_prefixes,
     success_rates,
 )
-from rl.pav.train import plan_micro_batches, split_by_prompt
+from rl.pav.train import plan_micro_batches, split_by_prompt, verifier_init
 from tests.models import tiny_llama
 
 # ----------------------------------------------------------------------------------------------
@@ -51,6 +52,27 @@ def tiny_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     tok.save_pretrained(path)
     return path
+
+
+PAV_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart_pav.yaml"
+
+
+def test_verifier_init_defaults_to_the_policy_and_checks_the_tokenizer(
+    tiny_policy: Path, tmp_path: Path
+) -> None:
+    tok = sm.build_tokenizer()
+    unset = load_config(PAV_CONFIG)
+    assert verifier_init(unset, tok, "policy/dir") == "policy/dir"
+    same = load_config(PAV_CONFIG, [f"pav.init_model={tiny_policy}"])
+    assert verifier_init(same, tok, "policy/dir") == str(tiny_policy)
+
+    other_vocab = {**tok.get_vocab(), "<extra>": len(tok)}
+    other = type("Other", (), {"get_vocab": lambda self: other_vocab, "__len__": lambda s: 1})()
+    with pytest.raises(ConfigError, match="pav.init_model: .* has another tokenizer"):
+        verifier_init(same, other, "policy/dir")
+    missing = load_config(PAV_CONFIG, [f"pav.init_model={tmp_path / 'no'}"])
+    with pytest.raises(ConfigError, match="pav.init_model: cannot load a tokenizer from"):
+        verifier_init(missing, tok, "policy/dir")
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:

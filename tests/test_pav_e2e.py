@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from rl.engine.start_model import build_tokenizer
 from rl.pav.data import read_records
 from tests.launcher import FAST_OVERRIDES, REPO, TRAIN_PAV, check_ok, launch
+from tests.models import tiny_llama
 
 SEARCH = REPO / "launch" / "search.py"
 
@@ -56,10 +58,19 @@ def test_train_pav_zero3_then_resume(tmp_path: Path, model_cache: Path) -> None:
     )  # trained away from the zero init
     assert PAVHead(path=str(out)).path == str(out)
 
-    proc = launch(common, launcher="python", script=TRAIN_PAV)
+    # the restart trains the verifier from another checkpoint with the policy's tokenizer
+    other = tmp_path / "other_init"
+    tok = build_tokenizer()
+    tiny_llama(len(tok), pad_token_id=tok.pad_token_id).save_pretrained(other)
+    tok.save_pretrained(other)
+    proc = launch([*common, f"pav.init_model={other}"], launcher="python", script=TRAIN_PAV)
     check_ok(proc)
     assert "resuming: 8/8 prompts already done" in proc.stdout
     assert sum(len(p.read_text().splitlines()) for p in data) == lines  # nothing regenerated
+    metrics = json.loads((out / "train_pav_metrics.json").read_text())
+    assert metrics["verifier_init"] == str(other)
+    model, _ = load_value_model(out)
+    assert model.backbone.config.hidden_size == 32  # the other checkpoint's; the policy's is 64
 
     # the same labels as a pool for active labelling: half of each round bought, none rolled out
     pooled = tmp_path / "pooled"

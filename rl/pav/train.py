@@ -7,7 +7,8 @@
    (`reward.functions[0]`, the verifier). Generation runs on a full copy of the base policy on
    every rank (no ZeRO: each rank generates on its own, at its own pace); records are appended
    to `<pav.output_dir>/mc_data.rank{r}.jsonl`, and a restarted run skips the prompts done.
-2. Verifier: a `ValueModel` initialised from the base policy (fresh zero head),
+2. Verifier: a `ValueModel` initialised from the base policy, or from `pav.init_model`
+   when set (same tokenizer; fresh zero head),
    wrapped as a DeepSpeed engine with the run's `deepspeed` settings, trained for
    `pav.epochs` epochs at `pav.lr` (AdamW, no warm-up) with binary cross-entropy on the soft
    labels at every labelled position (the last prompt token, every step-end token). Losses are
@@ -295,7 +296,7 @@ def make_active_data(
     if pav.label_select == "uncertainty" and pav.label_fraction < 1.0:
 
         def make() -> Any:
-            return make_selector(cfg, dist, model_path, pad_id)
+            return make_selector(cfg, dist, verifier_init(cfg, tokenizer, model_path), pad_id)
 
     n_rounds = math.ceil(len(train_rows) / pav.label_round_prompts)
     bar = None
@@ -399,16 +400,17 @@ class VerifierRun:
 def train_verifier(
     cfg: Config,
     dist: eng.DistInfo,
-    model_path: str,
+    init_path: str,
     train: list[SolutionRecord],
     val: list[SolutionRecord],
     pad_id: int,
 ) -> VerifierRun:
-    """Build the verifier engine and train it; returns it with per-epoch metrics."""
+    """Build the verifier engine from the checkpoint at `init_path` (fresh value head) and
+    train it; returns it with per-epoch metrics."""
     from rl.engine.value_model import value_model_from_policy
 
     pav = cfg.pav
-    engine = make_value_engine(cfg, dist, value_model_from_policy(model_path, run_dtype(cfg)))
+    engine = make_value_engine(cfg, dist, value_model_from_policy(init_path, run_dtype(cfg)))
     steps = len(
         plan_micro_batches(list(range(len(train))), dist.world_size, 0, pav.micro_batch_size)
     )
@@ -432,6 +434,30 @@ def train_verifier(
     if bar is not None:
         bar.close()
     return VerifierRun(engine, history)
+
+
+def verifier_init(cfg: Config, tokenizer: Any, model_path: str) -> str:
+    """The checkpoint the verifier starts from: `pav.init_model`, or the base policy's
+    `model_path` when unset. ConfigError naming `pav.init_model` when it cannot be loaded or
+    its tokenizer's vocabulary is not the base policy's (the verifier reads the policy's
+    tokens at training and at RL time)."""
+    init = cfg.pav.init_model
+    if init is None:
+        return model_path
+    from transformers import AutoTokenizer
+
+    try:
+        init_tokenizer = AutoTokenizer.from_pretrained(init)
+    except (OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"pav.init_model: cannot load a tokenizer from {init}: {first}") from err
+    if init_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"pav.init_model: {init} has another tokenizer than the base policy "
+            f"({len(init_tokenizer)} vs {len(tokenizer)} tokens, or the same count mapped "
+            "differently); the verifier must read the policy's tokens"
+        )
+    return init
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,6 +505,7 @@ def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
     check_shared_dir(out, dist, "pav.output_dir")  # every rank writes data rank 0 reads
     seed_everything(cfg.seed)
     policy, tokenizer, model_path = load_policy(cfg, dist)
+    init_path = verifier_init(cfg, tokenizer, model_path)  # fail before the rollouts
     rows = select_prompts(cfg, tokenizer)
     start = time.perf_counter()
     rollout, train, val, n_prefixes, active = collect_records(
@@ -490,7 +517,7 @@ def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
         raise DataError(f"pav: no labelled training solutions in {out}")
     start = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    verifier = train_verifier(cfg, dist, model_path, train, val, pad_id)
+    verifier = train_verifier(cfg, dist, init_path, train, val, pad_id)
     train_s = time.perf_counter() - start
     state = eng.full_state_dict(verifier.engine)  # collective; full weights on rank 0 only
     metrics: dict[str, Any] = {}
@@ -508,6 +535,7 @@ def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
             "baselines": constant_baselines(train, val),
             "time": {"data_s": data_s, "train_s": train_s, "prefixes_rank0": n_prefixes},
             "base_model": model_path,
+            "verifier_init": init_path,
             "pav": to_dict(cfg)["pav"],
         }
         if active is not None:
