@@ -259,10 +259,12 @@ def make_active_data(
     tokenizer: Any,
     model_path: str,
     rows: list[PromptRow],
+    init_path: str,
 ) -> tuple[RolloutBackend | None, set[int], ActiveResult, int]:
     """Active labelling (rl/pav/active.py): the held-out prompts in full, then the training
-    prompts in rounds. Returns (the rollout backend or None with a label pool, the held-out
-    prompts, what was bought, held-out prefixes rolled out)."""
+    prompts in rounds; the selection ensemble starts from `init_path`. Returns (the rollout
+    backend or None with a label pool, the held-out prompts, what was bought, held-out
+    prefixes rolled out)."""
     pav = cfg.pav
     out = Path(pav.output_dir)
     meta = data_meta(cfg, model_path)
@@ -296,7 +298,7 @@ def make_active_data(
     if pav.label_select == "uncertainty" and pav.label_fraction < 1.0:
 
         def make() -> Any:
-            return make_selector(cfg, dist, verifier_init(cfg, tokenizer, model_path), pad_id)
+            return make_selector(cfg, dist, init_path, pad_id)
 
     n_rounds = math.ceil(len(train_rows) / pav.label_round_prompts)
     bar = None
@@ -472,11 +474,13 @@ def collect_records(
     tokenizer: Any,
     model_path: str,
     rows: list[PromptRow],
+    init_path: str,
 ) -> tuple[
     RolloutBackend | None, list[SolutionRecord], list[SolutionRecord], int, dict[str, Any] | None
 ]:
     """The data phase, plain or active: (rollout backend to close last, train records, val
-    records, prefixes rolled out by rank 0, active-labelling counts or None)."""
+    records, prefixes rolled out by rank 0, active-labelling counts or None). `init_path`:
+    the checkpoint the active-labelling selector starts from (`verifier_init`)."""
     out = Path(cfg.pav.output_dir)
     selected = {r.index for r in rows}
     if not is_active(cfg):
@@ -485,7 +489,7 @@ def collect_records(
         train, val = split_by_prompt(records, cfg.pav.val_fraction, cfg.seed)
         return rollout, train, val, n_prefixes, None
     maybe_rollout, val_prompts, bought, val_prefixes = make_active_data(
-        cfg, dist, policy, tokenizer, model_path, rows
+        cfg, dist, policy, tokenizer, model_path, rows, init_path
     )
     records = [r for r in read_records(out.glob(DATA_GLOB)) if r.prompt_index in selected]
     train, val = split_records(records, val_prompts)
@@ -509,7 +513,7 @@ def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
     rows = select_prompts(cfg, tokenizer)
     start = time.perf_counter()
     rollout, train, val, n_prefixes, active = collect_records(
-        cfg, dist, policy, tokenizer, model_path, rows
+        cfg, dist, policy, tokenizer, model_path, rows, init_path
     )
     data_s = time.perf_counter() - start
     del policy
