@@ -801,9 +801,12 @@ def test_every_regime_is_a_valid_task() -> None:
         assert f"data.task.n_steps={task.n_steps}" in r.overrides
     no_zero = load_config(REPO / se.CONFIG, list(regimes.regime("s8m11nz_q50").overrides))
     assert ArithConfig(**dict(no_zero.data.task)).operand_min == 1
-    # the converged recipe differs from its 1,200-step one only in the SFT length
-    short = load_config(REPO / se.CONFIG, list(regimes.regime("s8m23nz_q40").overrides))
-    long = load_config(REPO / se.CONFIG, list(regimes.regime("s8m23nz_q40_sft3000").overrides))
-    sft_steps = [TinyModelConfig(**dict(c.model.tiny)).sft_steps for c in (short, long)]
-    assert sft_steps == [1200, 3000]
-    assert dict(short.data.task) == dict(long.data.task)
+    # each converged recipe differs from its 1,200-step one only in the SFT length
+    for name in ("s8m23nz_q40", "s4m11_q30"):
+        short = load_config(REPO / se.CONFIG, list(regimes.regime(name).overrides))
+        long = load_config(REPO / se.CONFIG, list(regimes.regime(f"{name}_sft3000").overrides))
+        short_tiny, long_tiny = (TinyModelConfig(**dict(c.model.tiny)) for c in (short, long))
+        assert [short_tiny.sft_steps, long_tiny.sft_steps] == [1200, 3000]
+        assert dataclasses.replace(long_tiny, sft_steps=1200) == short_tiny
+        assert dict(short.data.task) == dict(long.data.task)
+        assert short.rollout == long.rollout
