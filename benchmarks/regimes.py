@@ -59,6 +59,11 @@ S8M23NZ_Q40: tuple[str, ...] = (
     + ("data.task.modulus=23", "data.task.operand_max=10", "data.task.operand_min=1")
     + ("model.tiny.demo_fact_error_rate=0.4",)
 )
+S4M11_Q30: tuple[str, ...] = (
+    (*COMMON, "data.task.n_steps=4", "rollout.max_new_tokens=48")
+    + MODULUS_11
+    + ("model.tiny.demo_fact_error_rate=0.3",)
+)
 
 REGIMES: tuple[Regime, ...] = (
     Regime(
@@ -85,9 +90,7 @@ REGIMES: tuple[Regime, ...] = (
     Regime(
         "s4m11_q30",
         "4 steps, + - *, modulus 11, 30% of facts misremembered (the easy end of the sweep)",
-        (*COMMON, "data.task.n_steps=4", "rollout.max_new_tokens=48")
-        + MODULUS_11
-        + ("model.tiny.demo_fact_error_rate=0.3",),
+        S4M11_Q30,
     ),
     Regime(
         "s8m11_q50",
@@ -132,9 +135,7 @@ REGIMES: tuple[Regime, ...] = (
     Regime(
         "s4m11_q30_sft3000",
         "s4m11_q30 with 3,000 SFT steps (the easy end, every method on one build)",
-        (*COMMON, "data.task.n_steps=4", "rollout.max_new_tokens=48")
-        + MODULUS_11
-        + ("model.tiny.demo_fact_error_rate=0.3", "model.tiny.sft_steps=3000"),
+        (*S4M11_Q30, "model.tiny.sft_steps=3000"),
     ),
 )
 
