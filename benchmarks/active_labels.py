@@ -169,9 +169,12 @@ def specs_for_seed(
 def arm_row(
     seed: int, arm: Arm, metrics: dict[str, Any], quality: dict[str, Any] | None, wall_s: float
 ) -> dict[str, Any]:
-    """One arms.csv row from the arm's train_pav metrics and first-error scores."""
+    """One arms.csv row from the arm's train_pav metrics (the saved epoch's validation BCE)
+    and first-error scores."""
+    from rl.pav.train import kept_row  # torch-heavy; only when summarising
+
     active = metrics.get("active", {})
-    last = metrics["epochs"][-1] if metrics.get("epochs") else {}
+    last = kept_row(metrics)
     quality = quality or {}
     return {
         "seed": seed,

@@ -236,6 +236,9 @@ class PAVConfig:
     """Sequences per forward/backward pass per rank when training the verifier."""
     val_fraction: float = 0.1
     """Share of solutions held out to report the verifier's BCE and accuracy."""
+    keep: str = "best"
+    """Which epoch's verifier is saved: `best` (the lowest validation BCE; the last epoch when
+    `val_fraction` is 0) or `last`."""
     label_fraction: float = 1.0
     """Active labelling (ActPRM, rl/pav/active.py): the share of each round's sampled
     training solutions that get Monte-Carlo labels, in (0, 1]; 1.0 labels all of them (the

@@ -12,6 +12,7 @@ from torch import nn
 
 import rewards.pav as pav
 import rl.engine.start_model as sm
+import rl.pav.train as pav_train
 from rewards.heads import HeadBatch, HeadContext, checked_score
 from rl.config import load_config
 from rl.core.errors import ConfigError
@@ -34,7 +35,15 @@ from rl.pav.data import (
     step_prefixes,
     success_rates,
 )
-from rl.pav.train import plan_micro_batches, split_by_prompt, verifier_init
+from rl.pav.train import (
+    check_pav_config,
+    cpu_copy,
+    is_better,
+    kept_row,
+    plan_micro_batches,
+    split_by_prompt,
+    verifier_init,
+)
 from tests.models import tiny_llama
 
 # ----------------------------------------------------------------------------------------------
@@ -434,3 +443,95 @@ def test_split_by_prompt_keeps_solutions_together() -> None:
     assert not val_prompts & {r.prompt_index for r in train}
     assert all(r.labels for r in train + val)  # the solution without steps is dropped
     assert split_by_prompt(records, 0.2, seed=0) == (train, val)  # deterministic
+
+
+# ----------------------------------------------------------------------------------------------
+# Which epoch's verifier is saved (`pav.keep`)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_is_better_compares_validation_bce() -> None:
+    assert is_better({"val_bce": 0.7}, None)  # the first epoch
+    assert is_better({"val_bce": 0.6}, 0.7)
+    assert not is_better({"val_bce": 0.7}, 0.7)  # a tie keeps the earlier epoch
+    assert not is_better({"val_bce": 0.8}, 0.7)
+    assert is_better({"train_bce": 0.9}, 0.7)  # no validation set: the latest epoch
+
+
+def test_cpu_copy_is_not_changed_by_later_steps() -> None:
+    live = {"w": torch.ones(3)}
+    kept = cpu_copy(live)
+    live["w"].add_(1.0)  # an optimizer step on the live parameter
+    assert kept is not None and kept["w"].tolist() == [1.0, 1.0, 1.0]
+    assert cpu_copy(None) is None  # ranks other than 0 hold no gathered weights
+
+
+def test_kept_row_reads_the_saved_epoch() -> None:
+    epochs = [{"epoch": 1, "val_bce": 0.6}, {"epoch": 2, "val_bce": 0.7}]
+    assert kept_row({"epochs": epochs, "kept_epoch": 1}) == epochs[0]
+    assert kept_row({"epochs": epochs}) == epochs[1]  # older files kept the last epoch
+    assert kept_row({"epochs": [], "kept_epoch": 0}) == {}
+
+
+def test_bad_keep_rule_names_the_key() -> None:
+    cfg = load_config(PAV_CONFIG, ["pav.keep=first"])
+    with pytest.raises(ConfigError, match="pav.keep: 'first' is not one of best, last"):
+        check_pav_config(cfg)
+
+
+class ScriptedFit:
+    """Stands in for the verifier's engine and fitting on one rank: epoch e sets the single
+    weight to e and reports the scripted validation BCE of that epoch."""
+
+    def __init__(self, val_bces: list[float]) -> None:
+        self.val_bces = val_bces
+        self.weight = torch.zeros(1)
+        self.epoch = 0
+
+    def train_epoch(self, *args: Any, **kwargs: Any) -> float:
+        self.epoch += 1
+        self.weight.fill_(float(self.epoch))  # in place, like an optimizer step
+        return 1.0
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        return {"bce": self.val_bces[self.epoch - 1], "acc": 0.5}
+
+    def full_state_dict(self, engine: Any) -> dict[str, torch.Tensor]:
+        return {"w": self.weight}  # the live tensor, as on a CPU run without ZeRO-3
+
+
+@pytest.mark.parametrize(
+    ("keep", "val_bces", "with_val", "want_epoch"),
+    [
+        ("best", [0.5, 0.3, 0.4], True, 2),  # an earlier epoch
+        ("best", [0.5, 0.4, 0.3], True, 3),  # the last one
+        ("best", [0.3, 0.3, 0.3], True, 1),  # ties keep the earliest
+        ("last", [0.5, 0.3, 0.4], True, 3),
+        ("best", [0.5, 0.3, 0.4], False, 3),  # nothing held out: the last
+    ],
+)
+def test_train_verifier_saves_the_kept_epochs_weights(
+    monkeypatch: pytest.MonkeyPatch,
+    keep: str,
+    val_bces: list[float],
+    with_val: bool,
+    want_epoch: int,
+) -> None:
+    import rl.engine.value_model as value_model
+
+    fit = ScriptedFit(val_bces)
+    monkeypatch.setattr(value_model, "value_model_from_policy", lambda path, dtype: nn.Linear(1, 1))
+    monkeypatch.setattr(pav_train, "make_value_engine", lambda cfg, dist, model: object())
+    monkeypatch.setattr(pav_train, "train_epoch", fit.train_epoch)
+    monkeypatch.setattr(pav_train, "evaluate", fit.evaluate)
+    monkeypatch.setattr(pav_train.eng, "full_state_dict", fit.full_state_dict)
+    cfg = load_config(
+        PAV_CONFIG, [f"pav.keep={keep}", "pav.epochs=3", "logging.progress_bar=false"]
+    )
+    train = [record(p, 0) for p in range(4)]
+    val = [record(9, 0)] if with_val else []
+    run = pav_train.train_verifier(cfg, DistInfo(0, 1, 0), "unused", train, val, pad_id=0)
+    assert len(run.history) == 3
+    assert run.kept_epoch == want_epoch
+    assert run.kept_state is not None
+    assert run.kept_state["w"].tolist() == [float(want_epoch)]  # that epoch's weights

@@ -8,9 +8,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from rl.engine.start_model import build_tokenizer
-from rl.pav.data import read_records
+from rl.pav.data import SolutionRecord, collate, read_records
+from rl.pav.fitting import bce_terms
+from rl.pav.train import split_by_prompt
 from tests.launcher import FAST_OVERRIDES, REPO, TRAIN_PAV, check_ok, launch
 from tests.models import tiny_llama
 
@@ -28,6 +31,19 @@ PAV_OVERRIDES = [
 ]
 
 
+def saved_val_bce(verifier_dir: Path, val: list[SolutionRecord]) -> float:
+    """Mean BCE of the verifier saved in `verifier_dir` over every labelled position of
+    `val`, in one batch on this process."""
+    from rl.engine.value_model import load_value_model
+
+    model, tokenizer = load_value_model(verifier_dir)
+    batch = collate(val, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    terms = bce_terms(logits, batch, torch.ones(len(val)))
+    return float(terms["bce"]) / terms["count"]
+
+
 def test_train_pav_zero3_then_resume(tmp_path: Path, model_cache: Path) -> None:
     from rewards.pav import PAVHead
     from rl.engine.value_model import load_value_model
@@ -40,13 +56,24 @@ def test_train_pav_zero3_then_resume(tmp_path: Path, model_cache: Path) -> None:
         f"model.cache_dir={model_cache}",
         f"pav.output_dir={out}",
     ]
-    proc = launch([*common, "deepspeed.zero_stage=3"], script=TRAIN_PAV)
+    # 3 epochs at a high lr, so that the validation BCE moves and `pav.keep=best` chooses
+    proc = launch(
+        [*common, "deepspeed.zero_stage=3", "pav.epochs=3", "pav.lr=0.02"], script=TRAIN_PAV
+    )
     check_ok(proc)
     assert "pav: 8 prompts, 16 solutions" in proc.stdout, proc.stdout[-2000:]
     metrics = json.loads((out / "train_pav_metrics.json").read_text())
     assert metrics["solutions"] == {"train": 12, "val": 4}  # 2 of 8 prompts held out
-    assert all(math.isfinite(metrics["epochs"][0][k]) for k in ("train_bce", "val_bce"))
-    assert 0 <= metrics["epochs"][0]["val_acc"] <= 1
+    history = metrics["epochs"]
+    assert len(history) == 3
+    assert all(math.isfinite(row[k]) for row in history for k in ("train_bce", "val_bce"))
+    assert all(0 <= row["val_acc"] <= 1 for row in history)
+    best = min(history, key=lambda row: row["val_bce"])
+    assert metrics["kept_epoch"] == best["epoch"]
+    assert f"kept epoch {best['epoch']}: val BCE {best['val_bce']:.4f}" in proc.stdout
+    # the saved weights (gathered from ZeRO-3 shards mid-run) are that epoch's own
+    _, val = split_by_prompt(read_records(out.glob("mc_data.rank*.jsonl")), 0.25, seed=0)
+    assert saved_val_bce(out, val) == pytest.approx(best["val_bce"], abs=1e-4)
     data = sorted(out.glob("mc_data.rank*.jsonl"))
     assert [p.name for p in data] == ["mc_data.rank0.jsonl", "mc_data.rank1.jsonl"]
     lines = sum(len(p.read_text().splitlines()) for p in data)

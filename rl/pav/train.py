@@ -16,8 +16,9 @@
    step per micro-batch. `pav.val_fraction` of the prompts (with all their solutions) are held
    out; each epoch logs train/val BCE and val accuracy (`Q > 0.5` vs `label > 0.5`) against a
    constant predictor (the mean training label) and the labels' own entropy (the floor).
-3. The verifier is saved by rank 0 with `rl.engine.value_model.save_value_model` into
-   `pav.output_dir`, with `train_pav_metrics.json`.
+3. The verifier of the epoch `pav.keep` selects (`best`: the lowest validation BCE; `last`)
+   is saved by rank 0 with `rl.engine.value_model.save_value_model` into `pav.output_dir`,
+   with `train_pav_metrics.json` (every epoch's metrics and `kept_epoch`).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def check_pav_config(cfg: Config) -> None:
         raise ConfigError(f"pav.val_fraction: must be in [0, 1), got {pav.val_fraction}")
     if pav.lr <= 0:
         raise ConfigError(f"pav.lr: must be positive, got {pav.lr}")
+    if pav.keep not in KEEP_RULES:
+        raise ConfigError(f"pav.keep: {pav.keep!r} is not one of {', '.join(KEEP_RULES)}")
     if not cfg.reward.functions:
         raise ConfigError("reward.functions: PAV needs a verifier (the first reward function)")
     if not 0.0 < pav.label_fraction <= 1.0:
@@ -393,10 +396,34 @@ def constant_baselines(
     }
 
 
+KEEP_RULES = ("best", "last")
+
+
 @dataclass
 class VerifierRun:
     engine: Any
     history: list[dict[str, float]]
+    kept_epoch: int
+    """The epoch whose weights `kept_state` holds (0: no training epoch ran)."""
+    kept_state: dict[str, torch.Tensor] | None
+    """Full weights of the kept epoch on rank 0 (None elsewhere)."""
+
+
+def is_better(row: dict[str, float], best_bce: float | None) -> bool:
+    """Whether an epoch's metrics `row` beat the best validation BCE so far (None: no epoch
+    yet). A row without `val_bce` (no validation set) always counts as better, so the last
+    epoch is kept."""
+    if "val_bce" not in row or best_bce is None:
+        return True
+    return row["val_bce"] < best_bce
+
+
+def cpu_copy(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """A copy of gathered weights on the CPU that later optimizer steps cannot change (on a
+    CPU run without ZeRO-3 the gathered tensors are the live parameters)."""
+    if state is None:
+        return None
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def train_verifier(
@@ -408,7 +435,8 @@ def train_verifier(
     pad_id: int,
 ) -> VerifierRun:
     """Build the verifier engine from the checkpoint at `init_path` (fresh value head) and
-    train it; returns it with per-epoch metrics."""
+    train it; returns it with per-epoch metrics and the weights `pav.keep` selects (the epoch
+    with the lowest validation BCE, or the last). Collective: every rank calls it."""
     from rl.engine.value_model import value_model_from_policy
 
     pav = cfg.pav
@@ -420,6 +448,7 @@ def train_verifier(
     if dist.is_main and cfg.logging.progress_bar and pav.epochs:
         bar = tqdm(total=steps * pav.epochs, desc="pav verifier", unit="step")
     history: list[dict[str, float]] = []
+    kept_epoch, kept_state, best_bce = 0, None, None
     for epoch in range(1, pav.epochs + 1):
         order = torch.randperm(len(train), generator=seeded(cfg.seed + epoch)).tolist()
         row: dict[str, float] = {"epoch": epoch}
@@ -433,9 +462,15 @@ def train_verifier(
         if dist.is_main:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
             tqdm.write(f"pav epoch {epoch}/{pav.epochs}: {shown}")
+        # every rank sees the same row (the BCE is all-reduced), so they agree on gathering
+        if pav.keep == "best" and val and epoch < pav.epochs and is_better(row, best_bce):
+            kept_epoch, best_bce = epoch, row.get("val_bce")
+            kept_state = cpu_copy(eng.full_state_dict(engine))
     if bar is not None:
         bar.close()
-    return VerifierRun(engine, history)
+    if pav.keep == "last" or kept_epoch == 0 or is_better(history[-1], best_bce):
+        kept_epoch, kept_state = pav.epochs, eng.full_state_dict(engine)  # collective
+    return VerifierRun(engine, history, kept_epoch, kept_state)
 
 
 def verifier_init(cfg: Config, tokenizer: Any, model_path: str) -> str:
@@ -523,10 +558,9 @@ def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     verifier = train_verifier(cfg, dist, init_path, train, val, pad_id)
     train_s = time.perf_counter() - start
-    state = eng.full_state_dict(verifier.engine)  # collective; full weights on rank 0 only
     metrics: dict[str, Any] = {}
     if dist.is_main:
-        save_value_model(verifier.engine.module, tokenizer, out, state_dict=state)
+        save_value_model(verifier.engine.module, tokenizer, out, state_dict=verifier.kept_state)
         metrics = {
             "prompts": len(rows),
             "solutions": {"train": len(train), "val": len(val)},
@@ -536,6 +570,7 @@ def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
             },
             "outcome_mean": sum(r.labels[-1] for r in train + val) / max(1, len(train + val)),
             "epochs": verifier.history,
+            "kept_epoch": verifier.kept_epoch,
             "baselines": constant_baselines(train, val),
             "time": {"data_s": data_s, "train_s": train_s, "prefixes_rank0": n_prefixes},
             "base_model": model_path,
@@ -552,9 +587,18 @@ def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
     return metrics
 
 
+def kept_row(metrics: dict[str, Any]) -> dict[str, float]:
+    """The saved epoch's row of `train_pav_metrics.json` (`{}` when no epoch ran); files
+    written before `kept_epoch` existed saved the last epoch."""
+    epochs = metrics.get("epochs") or []
+    kept = metrics.get("kept_epoch", len(epochs))
+    return epochs[kept - 1] if kept else {}
+
+
 def summary_line(metrics: dict[str, Any], out: Path) -> str:
-    """One line: data size and time, training time, final validation scores, where saved."""
-    last = metrics["epochs"][-1] if metrics["epochs"] else {}
+    """One line: data size and time, training time, the saved epoch's validation scores,
+    where saved."""
+    last = kept_row(metrics)
     base = metrics["baselines"]
     scores = (
         f"val BCE {last['val_bce']:.4f} (constant {base['val_bce_constant']:.4f}, floor "
@@ -576,5 +620,5 @@ def summary_line(metrics: dict[str, Any], out: Path) -> str:
         f"pav: {metrics['prompts']} prompts, {sols['train'] + sols['val']} solutions, "
         f"{metrics['labels']['train'] + metrics['labels']['val']} labels "
         f"(data {t['data_s']:.0f} s); verifier {len(metrics['epochs'])} epochs "
-        f"({t['train_s']:.0f} s): {scores}{bought} -> {out}"
+        f"({t['train_s']:.0f} s), kept epoch {metrics['kept_epoch']}: {scores}{bought} -> {out}"
     )
