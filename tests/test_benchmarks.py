@@ -802,7 +802,7 @@ def test_every_regime_is_a_valid_task() -> None:
     no_zero = load_config(REPO / se.CONFIG, list(regimes.regime("s8m11nz_q50").overrides))
     assert ArithConfig(**dict(no_zero.data.task)).operand_min == 1
     # each converged recipe differs from its 1,200-step one only in the SFT length
-    for name in ("s8m23nz_q40", "s4m11_q30"):
+    for name in ("s8m23nz_q40", "s4m11_q30", "s8m11_q30"):
         short = load_config(REPO / se.CONFIG, list(regimes.regime(name).overrides))
         long = load_config(REPO / se.CONFIG, list(regimes.regime(f"{name}_sft3000").overrides))
         short_tiny, long_tiny = (TinyModelConfig(**dict(c.model.tiny)) for c in (short, long))
