@@ -174,7 +174,7 @@ def arm_row(
     from rl.pav.train import kept_row  # torch-heavy; only when summarising
 
     active = metrics.get("active", {})
-    last = kept_row(metrics)
+    kept = kept_row(metrics)
     quality = quality or {}
     return {
         "seed": seed,
@@ -184,7 +184,7 @@ def arm_row(
         "labelled": active.get("labelled"),
         "mc_rollouts": active.get("mc_rollouts"),
         "mc_rollouts_all": active.get("mc_rollouts_all_candidates"),
-        "val_bce": last.get("val_bce"),
+        "val_bce": kept.get("val_bce"),
         "val_bce_constant": metrics.get("baselines", {}).get("val_bce_constant"),
         "f1": quality.get("f1"),
         "acc_error": quality.get("acc_error"),
