@@ -171,6 +171,10 @@ def classify_failure(log_text: str) -> Status:
 # ----------------------------------------------------------------------------------- launching
 
 
+DS_RUNNER = "deepspeed.launcher.runner"
+"""The module behind the `deepspeed` command."""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -178,9 +182,12 @@ def free_port() -> int:
 
 
 def command(spec: RunSpec, port: int | None = None) -> list[str]:
-    """The full launch command of `spec` (deepspeed launcher from this environment)."""
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [deepspeed, "--num_gpus", str(spec.ranks)]
+    """The full launch command of `spec` (deepspeed launcher from this environment: its
+    script beside the interpreter, else the launcher's module, as where packages were
+    installed with `pip --target`)."""
+    script = Path(sys.executable).parent / "deepspeed"
+    launcher = [str(script)] if script.exists() else [sys.executable, "-m", DS_RUNNER]
+    cmd = [*launcher, "--num_gpus", str(spec.ranks)]
     if port is not None:
         cmd += ["--master_port", str(port)]
     overrides = [*spec.overrides, f"output_dir={spec.out_dir}"]

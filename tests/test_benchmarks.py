@@ -810,3 +810,22 @@ def test_every_regime_is_a_valid_task() -> None:
         assert dataclasses.replace(long_tiny, sft_steps=1200) == short_tiny
         assert dict(short.data.task) == dict(long.data.task)
         assert short.rollout == long.rollout
+
+
+def test_launch_command_falls_back_to_the_launcher_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `deepspeed` script beside the interpreter when there is one (a venv), else
+    `python -m deepspeed.launcher.runner` (packages installed with `pip --target`)."""
+    from benchmarks.launching import RunSpec, command
+
+    spec = RunSpec(name="r", out_dir=tmp_path / "run", overrides=("seed=1",), max_steps=2)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    python = bindir / "python3"
+    monkeypatch.setattr(sys, "executable", str(python))
+    tail = ["--num_gpus", "2", spec.script, "--config", spec.config, "seed=1"]
+    tail.append(f"output_dir={spec.out_dir}")
+    assert command(spec) == [str(python), "-m", "deepspeed.launcher.runner", *tail]
+    (bindir / "deepspeed").write_text("#!/bin/sh\n")
+    assert command(spec) == [str(bindir / "deepspeed"), *tail]

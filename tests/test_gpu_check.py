@@ -13,15 +13,15 @@ from tests.launcher import REPO
 CASES = {
     "zero2-transformers", "zero3-transformers", "zero2-vllm-sleep", "zero3-vllm-sleep",
     "zero3-offload", "implicit-prm", "pav-verifier", "pav", "ppo", "chat-bf16-vllm",
-    "random-model", "throughput",
+    "random-model", "throughput", "chat-bf16-transformers",
 }  # fmt: skip
 
 
-def plan(gpus: int) -> dict[str, list[str]]:
+def plan(gpus: int, **env: str) -> dict[str, list[str]]:
     proc = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--dry-run"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
-        env={"GPUS": str(gpus), "PATH": "/usr/bin:/bin"},
+        env={"GPUS": str(gpus), "PATH": "/usr/bin:/bin", **env},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "dry run: nothing was run" in proc.stdout
@@ -45,6 +45,16 @@ def test_dry_run_lists_every_case_with_loadable_configs() -> None:
             cfg = load_config(REPO / config, overrides)  # ConfigError on any bad key
             assert cfg.rollout.prompts_per_step % gpus == 0, name
             assert argv[:3] == [".venv/bin/deepspeed", "--num_gpus", str(gpus)], name
+
+
+def test_a_given_interpreter_and_a_subset_of_cases() -> None:
+    """PYTHON: an interpreter that has the stack (no setup, the launcher by module);
+    CASES: only the cases named."""
+    cases = plan(1, PYTHON="python3", CASES="zero3-transformers,throughput")
+    assert set(cases) == {"zero3-transformers", "throughput"}
+    launcher = ["python3", "-m", "deepspeed.launcher.runner", "--num_gpus", "1"]
+    assert cases["zero3-transformers"][:5] == launcher
+    assert cases["throughput"][:2] == ["python3", "benchmarks/throughput.py"]
 
 
 def test_without_a_gpu_it_refuses_to_run() -> None:
