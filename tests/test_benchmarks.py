@@ -829,3 +829,11 @@ def test_launch_command_falls_back_to_the_launcher_module(
     assert command(spec) == [str(python), "-m", "deepspeed.launcher.runner", *tail]
     (bindir / "deepspeed").write_text("#!/bin/sh\n")
     assert command(spec) == [str(bindir / "deepspeed"), *tail]
+
+
+def test_throughput_fails_only_when_nothing_was_measured() -> None:
+    ok = {"config": "a", "status": "ok"}
+    failed = {"config": "b", "status": "failed", "reason": "error (rank 0): ValueError"}
+    assert tp.exit_status([ok, failed]) == 0
+    assert tp.exit_status([failed]) == 1
+    assert tp.exit_status([]) == 1

@@ -128,7 +128,7 @@ def build_ds_config(
     ds["train_batch_size"] = micro_batch_size * grad_accum_steps * world_size
     ds["gradient_clipping"] = max_grad_norm
     ds["bf16"] = {"enabled": bf16}
-    # A torch optimizer is passed in (no fused-Adam build on CPU), which ZeRO calls untested.
+    # A torch optimizer is passed in (see `make_adamw`), which ZeRO calls untested.
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10**9)
     return ds
@@ -205,8 +205,13 @@ def make_adamw(
     weight_decay: float,
 ) -> torch.optim.Optimizer:
     """Decoupled-weight-decay Adam for the engine: DeepSpeed's CPU Adam when the optimizer
-    is offloaded (DeepSpeed refuses a torch optimizer there), DeepSpeed's fused Adam on
-    GPUs, torch's AdamW on CPUs (no fused-Adam build there). All three compute AdamW."""
+    is offloaded (DeepSpeed refuses a torch optimizer there), else torch's AdamW, fused
+    on GPUs. Both compute AdamW.
+
+    torch's fused kernel rather than DeepSpeed's FusedAdam on GPUs: that one is compiled
+    with nvcc on first use, which needs a CUDA toolkit beside torch's wheels and, in
+    DeepSpeed 0.19.8, fails outright when TORCH_CUDA_ARCH_LIST names an arch such as
+    `9.0a` (seen on an H200 image)."""
     from deepspeed.accelerator import get_accelerator
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -216,11 +221,8 @@ def make_adamw(
         return DeepSpeedCPUAdam(
             params, lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True
         )  # fmt: skip
-    if get_accelerator().device_name() == "cuda":
-        from deepspeed.ops.adam import FusedAdam
-
-        return FusedAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, adam_w_mode=True)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    fused = get_accelerator().device_name() == "cuda"
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
 
 
 def create_reference(
