@@ -211,3 +211,25 @@ def test_batch_to_moves_every_tensor_and_keeps_the_rest() -> None:
     assert all(t.device.type == "meta" for t in tensors)
     assert moved.completions is batch.completions and moved.columns is batch.columns
     assert moved.prompt_length == 2 and batch.input_ids.device.type == "cpu"
+
+
+@pytest.mark.parametrize("device_name, fused", [("cpu", False), ("cuda", True)])
+def test_adamw_is_torchs_fused_on_gpus(
+    monkeypatch: pytest.MonkeyPatch, device_name: str, fused: bool
+) -> None:
+    """Without offload: torch's AdamW with the engine's hyperparameters, fused on GPUs (no
+    compiled DeepSpeed op); with offload: DeepSpeed's CPU Adam (not built here)."""
+    import deepspeed.accelerator
+
+    from rl.engine import deepspeed_engine as eng
+
+    accelerator = SimpleNamespace(device_name=lambda: device_name)
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: accelerator)
+    model = torch.nn.Linear(3, 2)
+    opt = eng.make_adamw(model, {}, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    assert type(opt) is torch.optim.AdamW
+    group = opt.param_groups[0]
+    assert group["fused"] is fused and group["lr"] == 3e-4 and group["betas"] == (0.9, 0.95)
+    assert group["weight_decay"] == 0.1 and len(group["params"]) == 2
+    offload = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
+    assert eng.offloads_optimizer(offload) and not eng.offloads_optimizer({})
