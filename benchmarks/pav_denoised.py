@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import sys
 from collections import defaultdict
@@ -40,10 +39,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.pav_labels import prefix_clean  # noqa: E402
+from benchmarks.pav_labels import clean_flags  # noqa: E402
 from rl.pav.data import DATA_GLOB, META_FILE, SolutionRecord, append_records, read_records  # noqa: E402
 from rl.pav.train import val_prompt_set  # noqa: E402
-from rl.tasks.arith import DEFAULT_MODULUS, first_error_step, parse_prompt  # noqa: E402
 
 TARGETS = ("length_clean", "clean")
 
@@ -75,25 +73,6 @@ def new_labels(
     else:
         raise ValueError(f"--targets: {targets!r} is not one of {', '.join(TARGETS)}")
     return head + [float(labels[-1])]
-
-
-def clean_flags(
-    verifier_dir: Path, records: Sequence[SolutionRecord]
-) -> dict[tuple[int, int], list[bool]]:
-    """Whether each prefix of each solution is clean, from the task's exact first error."""
-    from transformers import AutoTokenizer
-
-    meta = json.loads((verifier_dir / META_FILE).read_text())
-    if meta["data"][0] != "builtin:arith":
-        raise SystemExit(f"{verifier_dir}: data {meta['data'][0]!r} is not the built-in task")
-    modulus = int((meta["data"][3] or {}).get("modulus", DEFAULT_MODULUS))
-    tokenizer = AutoTokenizer.from_pretrained(str(verifier_dir))
-    flags = {}
-    for r in records:
-        prompt = tokenizer.decode(r.prompt_ids, skip_special_tokens=True)
-        first_error = first_error_step(parse_prompt(prompt, modulus), r.completion)
-        flags[(r.prompt_index, r.sample)] = prefix_clean(first_error, len(r.labels))
-    return flags
 
 
 def main(argv: list[str] | None = None) -> int:

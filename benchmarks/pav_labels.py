@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from rl.pav.data import DATA_GLOB, META_FILE, read_records  # noqa: E402
+from rl.pav.data import DATA_GLOB, META_FILE, SolutionRecord, read_records  # noqa: E402
 from rl.pav.fitting import soft_bce  # noqa: E402
 from rl.tasks.arith import DEFAULT_MODULUS, first_error_step, parse_prompt  # noqa: E402
 
@@ -84,8 +84,12 @@ PREDICTORS: dict[str, Callable[[Label], Hashable]] = {
 }
 
 
-def read_labels(verifier_dir: Path) -> list[Label]:
-    """Every prefix label of the directory's Monte-Carlo data, marked clean or broken."""
+def clean_flags(
+    verifier_dir: Path, records: Sequence[SolutionRecord]
+) -> dict[tuple[int, int], list[bool]]:
+    """{(prompt_index, sample): [H+1] whether each prefix is clean}, from the task's exact
+    first error (the task's modulus from the directory's data record, the prompt decoded
+    with its tokenizer)."""
     from transformers import AutoTokenizer
 
     meta = json.loads((verifier_dir / META_FILE).read_text())
@@ -94,11 +98,21 @@ def read_labels(verifier_dir: Path) -> list[Label]:
         raise SystemExit(f"{verifier_dir}: data {source!r} is not the built-in task")
     modulus = int((meta["data"][3] or {}).get("modulus", DEFAULT_MODULUS))
     tokenizer = AutoTokenizer.from_pretrained(str(verifier_dir))
+    flags = {}
+    for r in records:
+        prompt = tokenizer.decode(r.prompt_ids, skip_special_tokens=True)
+        first_error = first_error_step(parse_prompt(prompt, modulus), r.completion)
+        flags[(r.prompt_index, r.sample)] = prefix_clean(first_error, len(r.labels))
+    return flags
+
+
+def read_labels(verifier_dir: Path) -> list[Label]:
+    """Every prefix label of the directory's Monte-Carlo data, marked clean or broken."""
+    records = read_records(verifier_dir.glob(DATA_GLOB))
+    flags = clean_flags(verifier_dir, records)
     labels: list[Label] = []
-    for record in read_records(verifier_dir.glob(DATA_GLOB)):
-        prompt = tokenizer.decode(record.prompt_ids, skip_special_tokens=True)
-        first_error = first_error_step(parse_prompt(prompt, modulus), record.completion)
-        clean = prefix_clean(first_error, len(record.labels))
+    for record in records:
+        clean = flags[(record.prompt_index, record.sample)]
         labels += [
             Label(record.prompt_index, k, clean[k], float(q)) for k, q in enumerate(record.labels)
         ]
