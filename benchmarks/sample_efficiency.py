@@ -10,6 +10,8 @@ same number of generated samples, and is evaluated on the held-out `eval` split 
     pav            GRPO + PAV step advantages of a Best-of-4 prover (trained verifier)
     pav_base       the same with prover = the base policy (Best-of-1): the paper's negative
                    control, expected to be no better than outcome-only
+    pav_terminal   pav with the value after the last step = the response's outcome (the
+                   head's `terminal: outcome`), so overrated responses earn no step credit
     ppo_pav        PPO (critic, GAE) with the PAV step advantages as dense token rewards
     pav_mc_oracle  GRPO + PAV with Q^pi from fresh Monte-Carlo rollouts (upper bound)
     gold_steps     GRPO + -1 on the first wrong step from the task's exact labels (upper bound)
@@ -200,12 +202,18 @@ PAV_HEAD = (
 )
 
 
-def pav_method(name: str, label: str, prover_k: int, paper: str) -> Method:
-    """GRPO + the trained verifier's step advantages of a Best-of-`prover_k` prover."""
+def pav_method(
+    name: str, label: str, prover_k: int, paper: str, terminal: str = "verifier"
+) -> Method:
+    """GRPO + the trained verifier's step advantages of a Best-of-`prover_k` prover; with
+    `terminal="outcome"` the value after the last step is the response's outcome."""
+    head = PAV_HEAD  # unchanged for the default, so that earlier runs' commands still match
+    if terminal != "verifier":
+        head = PAV_HEAD.replace("$prover_k}", f"$prover_k, terminal: {terminal}}}")
     return Method(
         name,
         label,
-        (PAV_HEAD, "algo.credit=pav", "algo.credit_kwargs={alpha: $alpha}", "optim.lr=$lr"),
+        (head, "algo.credit=pav", "algo.credit_kwargs={alpha: $alpha}", "optim.lr=$lr"),
         tunables=(LR, ALPHA),
         fixed={"head_weight": 1.0, "prover_k": prover_k},
         needs_verifier=True,
@@ -245,6 +253,13 @@ METHODS: tuple[Method, ...] = (
         "GRPO + PAV, prover = base policy (negative control)",
         1,
         "PAV: no better than outcome-only (the base policy's own advantages)",
+    ),
+    pav_method(
+        "pav_terminal",
+        "GRPO + PAV (Bo4 prover), last step valued by its outcome",
+        4,
+        "- (a finished response's Q^pi is its outcome: step credit sums to Q^mu(r) - Q^mu(s_0))",
+        terminal="outcome",
     ),
     Method(
         "ppo_pav",

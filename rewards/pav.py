@@ -8,7 +8,11 @@ prover's step advantages `A^mu_h = Q^mu(s_h) - Q^mu(s_{h-1})` on each step's las
 
 - `pav` (`PAVHead`): a trained verifier (`rl.engine.value_model.ValueModel`, made by
   `launch/train_pav.py`), `Q^pi = sigmoid(value)` read at the last prompt token and at every
-  step-end token. The verifier is frozen (offline PAV, as in the paper).
+  step-end token. The verifier is frozen (offline PAV, as in the paper). With
+  `terminal: outcome` the value after the last step is the response's own outcome instead
+  (a finished response's Q^pi is its outcome, which the verifier was trained to predict), so
+  a row's step advantages sum to `Q^mu(outcome) - Q^mu(s_0)` and a policy cannot earn step
+  credit with responses (longer ones, truncated ones) the verifier overrates.
 - `pav_mc_oracle` (`PAVMCOracleHead`): fresh Monte-Carlo rollouts of the *current* policy
   from every step prefix, judged by the verifier; after the final step `Q^pi` is the
   response's own outcome. Costly; meant for benchmarks that separate verifier error from
@@ -24,7 +28,7 @@ rollout backend's generation is collective (transformers `generate` with `synced
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -60,10 +64,23 @@ def pav_output(q_pi: Tensor, step_mask: Tensor, step_end: Tensor, prover_k: int)
     return HeadOutput(token_rewards=token_rewards, metrics=metrics)
 
 
+def with_terminal_outcome(q_pi: Tensor, step_mask: Tensor, outcome: Tensor) -> Tensor:
+    """q_pi [B, H+1] with each row's value after its last step replaced by its outcome [B]
+    (rows without steps unchanged); step_mask [B, H] marks valid steps first."""
+    counts = step_mask.sum(dim=1).long()  # [B]
+    rows = torch.nonzero(counts > 0).squeeze(1)  # [b]
+    anchored = q_pi.clone()
+    anchored[rows, counts[rows]] = outcome.to(q_pi.dtype)[rows]
+    return anchored
+
+
 def values_on_step_ends(q_pi: Tensor, step_mask: Tensor, step_end: Tensor) -> Tensor:
     """Q^pi after each step on its last token: q_pi [B, H+1], step_mask [B, H],
     step_end [B, Tr] -> [B, Tr], 0 elsewhere."""
     return steps_to_tokens(q_pi[:, 1:] * step_mask, step_end)
+
+
+PAVTerminal = Literal["verifier", "outcome"]
 
 
 def _device_of(module: Any) -> torch.device:
@@ -78,6 +95,10 @@ class PAVOptions:
     """The verifier written by `launch/train_pav.py` (HF backbone + `value_head.pt`)."""
     prover_k: int = 4
     """K of the Best-of-K prover: Q^mu = 1 - (1 - Q^pi)^K."""
+    terminal: PAVTerminal = "verifier"
+    """The value after a response's last step: `verifier` (its prediction, as every other
+    step's) or `outcome` (the trainer's outcome verifier on the response; needs a trainer,
+    so not in launch/eval_prm.py or launch/search.py)."""
 
 
 @dataclass(frozen=True)
@@ -99,12 +120,18 @@ class PAVHead(RewardHead):
     default_credit = "pav"
     Options = PAVOptions
 
-    def __init__(self, path: str, prover_k: int = 4) -> None:
+    def __init__(self, path: str, prover_k: int = 4, terminal: PAVTerminal = "verifier") -> None:
         if prover_k < 1:
             raise ConfigError(f"pav head: prover_k must be >= 1, got {prover_k}")
+        if terminal not in ("verifier", "outcome"):
+            raise ConfigError(
+                f"pav head: terminal must be 'verifier' or 'outcome', got {terminal!r}"
+            )
         self.path = str(check_value_model_dir(path))
         self.prover_k = prover_k
+        self.terminal = terminal
         self.model: Any = None
+        self.outcome_verifier: Any = None
         self.micro_batch_size = 16
 
     def setup(self, ctx: HeadContext) -> None:
@@ -117,13 +144,20 @@ class PAVHead(RewardHead):
             raise ConfigError(
                 f"pav head: the verifier at {self.path} has another tokenizer than the policy"
             )
+        if self.terminal == "outcome" and ctx.verifier is None:
+            raise ConfigError(
+                "pav head: terminal: outcome needs the trainer's outcome verifier; there is "
+                "none here (use terminal: verifier outside launch/train_rl.py)"
+            )
         self.model = create_reference(model, ctx.ds_config, offload=ctx.offload_references)
         self.micro_batch_size = ctx.micro_batch_size
+        self.outcome_verifier = ctx.verifier
 
     @torch.no_grad()
-    def q_values(self, batch: HeadBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """(q_pi [B, H+1], step_mask [B, H], q_tokens [B, Tr]): the verifier's sigmoid at the
-        last prompt token (column 0 of q_pi) and at each step-end token."""
+    def q_values(self, batch: HeadBatch) -> tuple[Tensor, Tensor]:
+        """(q_pi [B, H+1], step_mask [B, H]): the verifier's sigmoid at the last prompt token
+        (column 0 of q_pi) and at each step-end token; with `terminal: outcome` the value
+        after each row's last step is its outcome."""
         if self.model is None:
             raise RuntimeError("pav head: setup(ctx) was not called")
         device = _device_of(self.model)
@@ -143,15 +177,19 @@ class PAVHead(RewardHead):
         step_end = batch.step_end.to(q_resp.device)
         q_steps, step_mask = tokens_to_steps(q_resp, step_end)  # [B, H] each
         q_pi = torch.cat([torch.cat(q_prompt).unsqueeze(1), q_steps], dim=1)  # [B, H+1]
-        return q_pi, step_mask, q_resp * step_end
+        if self.terminal == "outcome":
+            outcome = self.outcome_verifier(batch.prompts, batch.completions, batch.columns)
+            q_pi = with_terminal_outcome(q_pi, step_mask, outcome.float().cpu())
+        return q_pi, step_mask
 
     def score(self, batch: HeadBatch) -> HeadOutput:
-        q_pi, step_mask, _ = self.q_values(batch)
+        q_pi, step_mask = self.q_values(batch)
         return pav_output(q_pi, step_mask, batch.step_end.to(q_pi.device), self.prover_k)
 
     def step_values(self, batch: HeadBatch) -> Tensor:
         """Q^pi after each step on its last token, 0 elsewhere: [B, Tr]."""
-        return self.q_values(batch)[2]
+        q_pi, step_mask = self.q_values(batch)
+        return values_on_step_ends(q_pi, step_mask, batch.step_end.to(q_pi.device))
 
 
 def row_prefixes(batch: HeadBatch, tokenizer: Any) -> tuple[list[list[int]], list[str], list[int]]:

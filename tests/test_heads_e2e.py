@@ -92,3 +92,27 @@ def test_gold_steps_head_two_ranks(tmp_path: Path, model_cache: Path):
         # -1 on exactly one step of each wrong response: the process sum is minus that share
         assert row["reward/process_sum_mean"] == pytest.approx(-frac, abs=1e-6)
     assert any(r["head/gold_steps/wrong_step_frac"] > 0 for r in rows[1:])
+
+
+def test_pav_head_terminal_outcome_two_ranks(tmp_path: Path, model_cache: Path):
+    """The PAV head with `terminal: outcome` on an untrained verifier (zero value head, so
+    Q^pi = 0.5 before the last step): each response's only step credit is its last step's
+    `Q^mu(outcome) - Q^mu(0.5)`, from the trainer's outcome verifier on each rank."""
+    from rl.engine.value_model import save_value_model, value_model_from_policy
+
+    policy = start_model_dir(model_cache)
+    from transformers import AutoTokenizer
+
+    verifier = save_value_model(
+        value_model_from_policy(policy), AutoTokenizer.from_pretrained(policy), tmp_path / "v"
+    )
+    out = tmp_path / "run"
+    head = f"reward.heads=[{{head: pav, kwargs: {{path: '{verifier}', terminal: outcome}}}}]"
+    check_ok(launch(overrides(out, model_cache, head, "algo.credit=pav", "trainer.max_steps=2")))
+    rows = read_metrics(out)
+    mu_half = 1 - 0.5**4  # Best-of-4 prover value of Q^pi = 0.5
+    for row in rows[1:]:
+        assert row["head/pav/q_prompt"] == pytest.approx(0.5)
+        outcome = row["head/pav/q_last_step"]  # the mean outcome of responses with steps
+        assert 0.0 <= outcome <= 1.0
+        assert row["reward/process_sum_mean"] == pytest.approx(outcome - mu_half, abs=1e-5)

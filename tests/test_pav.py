@@ -228,6 +228,63 @@ def test_pav_head_scores_prover_advantages(tmp_path: Path, monkeypatch: pytest.M
     assert head.update(head_batch(), torch.ones(2)) == {} and head.state_dict() == {}
 
 
+def test_with_terminal_outcome_hand_example() -> None:
+    # row 0: 2 steps, row 1: 1 step, row 2: no step (unchanged)
+    q_pi = torch.tensor([[0.5, 0.7, 0.8], [0.6, 0.1, 0.0], [0.3, 0.0, 0.0]])
+    step_mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    anchored = pav.with_terminal_outcome(q_pi, step_mask, torch.tensor([0.0, 1.0, 1.0]))
+    expected = torch.tensor([[0.5, 0.7, 0.0], [0.6, 1.0, 0.0], [0.3, 0.0, 0.0]])
+    torch.testing.assert_close(anchored, expected)
+    assert q_pi[0, 2] == 0.8  # the input is not changed
+
+
+def test_pav_head_terminal_outcome(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / HEAD_FILE).touch()
+    monkeypatch.setattr(
+        pav, "load_value_model", lambda path, dtype: (StubVerifier(), VocabTokenizer())
+    )
+    seen: list[list[str]] = []
+
+    def outcome_verifier(prompts: list[str], completions: list[str], columns: Any) -> torch.Tensor:
+        seen.append(completions)
+        return torch.tensor([0.0, 1.0])  # row 0 wrong, row 1 right
+
+    ctx = HeadContext(None, DistInfo(0, 1, 0), VocabTokenizer(), "", {}, 2, 2)
+    head = pav.PAVHead(path=str(tmp_path), prover_k=2, terminal="outcome")
+    head.setup(HeadContext(**{**vars(ctx), "verifier": outcome_verifier}))
+    out = checked_score(head, head_batch())
+    assert seen == [["37\n28", "91"]]
+
+    def mu(q: float) -> float:
+        return 1 - (1 - q) ** 2
+
+    # as in test_pav_head_scores_prover_advantages, but Q^pi after the last step is the
+    # outcome: row 0 0.5 -> 0.7 -> 0 (not 0.8), row 1 0.6 -> 1 (not 0.1)
+    a00, a01, a10 = mu(0.7) - mu(0.5), mu(0.0) - mu(0.7), mu(1.0) - mu(0.6)
+    expected = torch.tensor([[0.0, a00, 0.0, a01], [0.0, a10, 0.0, 0.0]])
+    torch.testing.assert_close(out.token_rewards, expected)
+    assert out.metrics["q_last_step"] == pytest.approx(0.5)
+    # each row's step advantages sum to Q^mu(outcome) - Q^mu(s_0)
+    sums = out.token_rewards.sum(dim=1)
+    torch.testing.assert_close(sums, torch.tensor([mu(0.0) - mu(0.5), mu(1.0) - mu(0.6)]))
+    expected_q = torch.tensor([[0.0, 0.7, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(head.step_values(head_batch()), expected_q)
+
+
+def test_pav_head_terminal_errors_name_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / HEAD_FILE).touch()
+    with pytest.raises(ConfigError, match="terminal must be 'verifier' or 'outcome', got 'end'"):
+        pav.PAVHead(path=str(tmp_path), terminal="end")  # type: ignore[arg-type]
+    monkeypatch.setattr(
+        pav, "load_value_model", lambda path, dtype: (StubVerifier(), VocabTokenizer())
+    )
+    ctx = HeadContext(None, DistInfo(0, 1, 0), VocabTokenizer(), "", {}, 1, 2)  # no verifier
+    with pytest.raises(ConfigError, match="terminal: outcome needs the trainer's outcome verifier"):
+        pav.PAVHead(path=str(tmp_path), terminal="outcome").setup(ctx)
+
+
 def test_pav_head_rejects_another_tokenizer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
