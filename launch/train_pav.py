@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from rl.cli import run_distributed_job  # noqa: E402  (imports no torch)
+from rl.cli import exit_process, run_distributed_job  # noqa: E402  (imports no torch)
 
 
 def train_pav(cfg: Any, dist: Any) -> None:
@@ -27,4 +27,4 @@ def train_pav(cfg: Any, dist: Any) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_distributed_job(sys.argv[1:], __doc__, train_pav))
+    exit_process(run_distributed_job(sys.argv[1:], __doc__, train_pav))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from rl.cli import run_distributed_job  # noqa: E402  (imports no torch)
+from rl.cli import exit_process, run_distributed_job  # noqa: E402  (imports no torch)
 
 
 def train(cfg: Any, dist: Any) -> None:
@@ -24,4 +24,4 @@ def train(cfg: Any, dist: Any) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_distributed_job(sys.argv[1:], __doc__, train))
+    exit_process(run_distributed_job(sys.argv[1:], __doc__, train))
