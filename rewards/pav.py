@@ -11,8 +11,9 @@ prover's step advantages `A^mu_h = Q^mu(s_h) - Q^mu(s_{h-1})` on each step's las
   step-end token. The verifier is frozen (offline PAV, as in the paper). With
   `terminal: outcome` the value after the last step is the response's own outcome instead
   (a finished response's Q^pi is its outcome, which the verifier was trained to predict), so
-  a row's step advantages sum to `Q^mu(outcome) - Q^mu(s_0)` and a policy cannot earn step
-  credit with responses (longer ones, truncated ones) the verifier overrates.
+  a row's step advantages sum to `Q^mu(outcome) - Q^mu(s_0)`: responses the verifier
+  overrates (longer ones, truncated ones) cannot raise that sum, though the split of it over
+  steps can still be gamed (docs/algorithms.md).
 - `pav_mc_oracle` (`PAVMCOracleHead`): fresh Monte-Carlo rollouts of the *current* policy
   from every step prefix, judged by the verifier; after the final step `Q^pi` is the
   response's own outcome. Costly; meant for benchmarks that separate verifier error from
