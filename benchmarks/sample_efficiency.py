@@ -11,7 +11,7 @@ same number of generated samples, and is evaluated on the held-out `eval` split 
     pav_base       the same with prover = the base policy (Best-of-1): the paper's negative
                    control, expected to be no better than outcome-only
     pav_terminal   pav with the value after the last step = the response's outcome (the
-                   head's `terminal: outcome`), so overrated responses earn no step credit
+                   head's `terminal: outcome`): overrated responses cannot raise the credit's sum
     ppo_pav        PPO (critic, GAE) with the PAV step advantages as dense token rewards
     pav_mc_oracle  GRPO + PAV with Q^pi from fresh Monte-Carlo rollouts (upper bound)
     gold_steps     GRPO + -1 on the first wrong step from the task's exact labels (upper bound)

@@ -9,13 +9,13 @@ Writes `<out>/grad_check_rank{r}.json` with the max abs/rel differences. ZeRO st
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from rl.algos.losses import policy_loss
+from rl.cli import exit_process
 from rl.config import load_config
 from rl.core.types import Credit, RolloutBatch
 from rl.engine.deepspeed_engine import init_distributed, shutdown
@@ -99,12 +99,10 @@ def main() -> None:
     (out / f"grad_check_rank{dist.rank}.json").write_text(json.dumps(result))
     shutdown()
     # This short-lived job sometimes died with "terminate called without an active
-    # exception" on one rank as it ended (2 of ~10 runs, never in training runs); leaving
-    # with os._exit skips the C++ static destructors (0 of 6 since). The results above are
-    # already written, and the test fails if any rank's file is missing.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # exception" on one rank as it ended (2 of ~10 runs; later once in a training run too);
+    # rl.cli.exit_process leaves through os._exit, which skips the C++ static destructors
+    # (0 of 6 since). The results above are written, and the test fails if a rank's is missing.
+    exit_process(0)
 
 
 if __name__ == "__main__":
