@@ -375,6 +375,7 @@ EXTRA_SAMPLES_KEY = "/mc_rollouts_per_response"
 DIAGNOSTIC_KEYS: tuple[str, ...] = (
     "diag/zero_spread_group_frac",
     "diag/wrong_step_adv_neg_frac",
+    "diag/wrong_step_no_step_credit_frac",
     "diag/right_step_in_failed_adv_neg_frac",
     "diag/step_credit_share",
 )
@@ -713,6 +714,7 @@ DIAGNOSTIC_HEADS: dict[str, str] = {
     CLEAN_KEY: "final eval answers with every step right",
     "diag/zero_spread_group_frac": "groups with one outcome",
     "diag/wrong_step_adv_neg_frac": "first wrong steps pushed down",
+    "diag/wrong_step_no_step_credit_frac": "first wrong steps without step credit",
     "diag/right_step_in_failed_adv_neg_frac": "right steps of failed responses pushed down",
     "diag/step_credit_share": "step-credit share of the advantage",
 }

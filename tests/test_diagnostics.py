@@ -47,6 +47,7 @@ def test_step_credit_counts_by_hand():
     assert (s["groups"], s["zero_spread_groups"]) == (1, 0)
     # wrong steps: row 1 step 1 (-1 - 1) and row 2 step 0 (-1 - 1)
     assert (s["wrong_steps"], s["wrong_steps_negative"], s["wrong_steps_adv"]) == (2, 2, -4)
+    assert s["wrong_steps_without_step_credit"] == 0  # both carry -1 of step credit
     # right steps: rows 0 and 3 both steps (+1), row 1 step 0 (-1 + 1 = 0, not negative)
     assert (s["right_steps"], s["right_steps_negative"], s["right_steps_adv"]) == (5, 0, 4)
     assert (s["right_steps_in_failed"], s["right_steps_in_failed_negative"]) == (1, 0)
@@ -58,6 +59,22 @@ def test_step_credit_counts_by_hand():
     assert row["diag/right_step_adv_mean"] == pytest.approx(0.8)
     assert row["diag/right_step_in_failed_adv_neg_frac"] == 0.0
     assert row["diag/step_credit_share"] == pytest.approx(4 / 17)
+    assert row["diag/wrong_step_no_step_credit_frac"] == 0.0
+
+
+def test_wrong_steps_without_step_credit():
+    # row 1's first wrong step (step 1, token 2) loses its step credit; row 2's keeps -1
+    extra = EXTRA.clone()
+    extra[1, 2] = 0.0
+    s = sums_of(OUTCOME_ADV + extra)
+    assert (s["wrong_steps"], s["wrong_steps_without_step_credit"]) == (2, 1)
+    # step credit below the tolerance counts as none
+    extra = torch.zeros_like(EXTRA)
+    extra[2, 0] = -1.0  # row 2's first wrong step keeps credit
+    extra[1, 2] = 1e-8  # below the tolerance
+    s = sums_of(OUTCOME_ADV + extra)
+    assert s["wrong_steps_without_step_credit"] == 1
+    assert diagnostics_row(list(s.values()))["diag/wrong_step_no_step_credit_frac"] == 0.5
 
 
 def test_outcome_only_credit_pushes_down_right_steps_of_failed_responses():
@@ -65,6 +82,7 @@ def test_outcome_only_credit_pushes_down_right_steps_of_failed_responses():
         diagnostic_sums(OUTCOME_ADV, OUTCOME_ADV, MASK, STEP_ID, FIRST_ERROR, OUTCOME, 4)
     )
     assert row["diag/step_credit_share"] == 0.0
+    assert row["diag/wrong_step_no_step_credit_frac"] == 1.0  # the outcome alone
     assert row["diag/right_step_in_failed_adv_neg_frac"] == 1.0
     assert row["diag/right_step_adv_neg_frac"] == pytest.approx(1 / 5)
 
@@ -77,6 +95,7 @@ def test_zero_spread_groups_and_empty_ratios_are_nan():
     assert row["diag/zero_spread_group_frac"] == 1.0
     assert math.isnan(row["diag/right_step_in_failed_adv_neg_frac"])  # no failed responses
     assert "diag/step_credit_share" not in row
+    assert "diag/wrong_step_no_step_credit_frac" not in row  # gae: no outcome-only part
 
 
 def test_credit_diagnostics_need_the_builtin_task():

@@ -86,6 +86,8 @@ def test_gold_steps_head_two_ranks(tmp_path: Path, model_cache: Path):
             assert 0.0 < row["diag/step_credit_grad_share"] <= 1.0
             assert -1.0 <= row["diag/step_outcome_grad_cos"] <= 1.0
             assert row["diag/wrong_step_adv_neg_frac"] is not None
+            # the exact labels credit every first wrong step the diagnostics find
+            assert row["diag/wrong_step_no_step_credit_frac"] == 0.0
     for row in rows[1:]:
         frac = row["head/gold_steps/wrong_step_frac"]
         assert 0.0 <= frac <= 1.0

@@ -12,6 +12,10 @@ have exact first-error labels), every training step also logs, over all ranks:
 - `diag/right_step_in_failed_adv_neg_frac`: right steps of responses with a wrong final
   answer (outcome < 0.5) that are pushed down: outcome-only credit pushes all of them down,
   a step reward can spare them.
+- `diag/wrong_step_no_step_credit_frac`: the share of those first wrong steps whose step
+  credit (the advantage minus the outcome estimator's, `A - A_out`, averaged over the step's
+  tokens) is zero: a step reward that cannot tell the step from its neighbours (for example
+  a Monte-Carlo value estimated as 0 before and after it) leaves it to the outcome alone.
 - `diag/step_credit_share`: `|A - A_out|^2 / (|A - A_out|^2 + |A_out|^2)` over response
   tokens, where `A_out` is the outcome estimator's advantage alone (`algo.advantage`). The
   policy gradient is linear in the advantage, so this is the share of the advantage signal
@@ -47,6 +51,7 @@ SUM_NAMES: tuple[str, ...] = (
     "wrong_steps",
     "wrong_steps_negative",
     "wrong_steps_adv",
+    "wrong_steps_without_step_credit",
     "right_steps",
     "right_steps_negative",
     "right_steps_adv",
@@ -57,6 +62,11 @@ SUM_NAMES: tuple[str, ...] = (
 )
 """The additive counts `diagnostic_sums` returns (summed over ranks, then divided; a ratio
 over zero items is NaN, written as null in metrics.jsonl)."""
+
+NO_CREDIT_ATOL = 1e-6
+"""A step's mean step credit below this in magnitude counts as none (`A_out + alpha * 0`
+equals `A_out` exactly; the tolerance only absorbs rounding where the outcome part is
+recomputed differently)."""
 
 
 def step_mean_advantages(
@@ -88,8 +98,11 @@ def diagnostic_sums(
     advantages, outcome_advantages, response_mask, step_id: [B, Tr]; first_error [B] (the
     index of each response's first wrong step, -1 when all are right); outcome [B] (0/1).
     """
-    n_steps = int(step_id.max()) + 1 if step_id.numel() else 0
-    means, present = step_mean_advantages(advantages.float(), step_id, max(n_steps, 1))
+    n_steps = max(int(step_id.max()) + 1 if step_id.numel() else 0, 1)
+    means, present = step_mean_advantages(advantages.float(), step_id, n_steps)
+    mask = response_mask.float()
+    extra = (advantages.float() - outcome_advantages.float()) * mask  # step credit [B, Tr]
+    extra_means, _ = step_mean_advantages(extra, step_id, n_steps)
     steps = torch.arange(means.shape[1], device=means.device).unsqueeze(0)  # [1, H]
     first = first_error.unsqueeze(1)  # [B, 1]
     wrong = present & (steps == first)
@@ -98,14 +111,13 @@ def diagnostic_sums(
     negative = means < 0
     grouped = group_rewards(outcome.float(), group_size)  # [P, K]
     spread = grouped.max(dim=1).values - grouped.min(dim=1).values
-    mask = response_mask.float()
-    extra = (advantages.float() - outcome_advantages.float()) * mask
     parts = [
         grouped.new_tensor(float(grouped.shape[0])),
         (spread == 0).sum(),
         wrong.sum(),
         (wrong & negative).sum(),
         means[wrong].sum(),
+        (wrong & (extra_means.abs() < NO_CREDIT_ATOL)).sum(),
         right.sum(),
         (right & negative).sum(),
         means[right].sum(),
@@ -137,6 +149,9 @@ def diagnostics_row(sums: Tensor | list[float], with_share: bool = True) -> dict
     if with_share:
         total = s["outcome_adv_sq"] + s["step_adv_sq"]
         row["diag/step_credit_share"] = s["step_adv_sq"] / total if total > 0 else float("nan")
+        row["diag/wrong_step_no_step_credit_frac"] = ratio(
+            "wrong_steps_without_step_credit", "wrong_steps"
+        )
     return row
 
 
