@@ -423,8 +423,9 @@ def run_all(
 
 
 def prebuild_start_model(config: str, overrides: list[str] | tuple[str, ...]) -> Path | None:
-    """Build (or find) the cached builtin start model of this config in this process, so no
-    timed run includes the SFT build; returns its directory (None for a non-builtin model)."""
+    """Find the shipped copy of this config's builtin start model, or build (or find) the
+    cached one in this process, so no timed run includes the SFT build; returns its
+    directory (None for a non-builtin model)."""
     sys.path.insert(0, str(REPO))
     from rl.config import load_config
     from rl.engine.models import BUILTIN_TINY, tiny_model_config
@@ -436,7 +437,7 @@ def prebuild_start_model(config: str, overrides: list[str] | tuple[str, ...]) ->
     cache = Path(cfg.model.cache_dir)
     if not cache.is_absolute():
         cache = REPO / cache
-    return ensure_start_model(cache, tiny_model_config(cfg))
+    return ensure_start_model(cache, tiny_model_config(cfg), source=cfg.model.builtin_source)
 
 
 def start_model_line(path: Path | None) -> str:

@@ -41,6 +41,10 @@ class ModelConfig:
     verifier) in CPU memory, fetched layer by layer as they run (ZeRO-3 only)."""
     cache_dir: str = ".cache/start_models"
     """Where builtin start checkpoints are built and reused."""
+    builtin_source: Literal["shipped", "build"] = "shipped"
+    """Where a builtin model's weights come from: `shipped` = the copy shipped with the
+    package when its recipe (`model.tiny`, `data.task`) has one, else built into `cache_dir`;
+    `build` = always built here (to check that this machine reproduces a recorded digest)."""
     tiny: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rl.engine.tiny_config.TinyModelConfig` fields for the builtin model."""
 

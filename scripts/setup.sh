@@ -27,5 +27,28 @@ else
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
 pip_quiet install -c constraints.txt --no-deps -e .
+# Build the DeepSpeed ops a CPU run JIT-compiles (deepspeed_shm_comm at init_distributed,
+# cpu_adam for the *_offload configs) now, into the cache runs use ($VENV/torch_extensions
+# unless TORCH_EXTENSIONS_DIR is set), so no run compiles them. GPU machines: nothing to do.
+if ! "$VENV/bin/python" - <<'PY'
+from rl.cli import set_process_defaults
+
+set_process_defaults()  # TORCH_EXTENSIONS_DIR exactly as every run sets it
+from deepspeed.accelerator import get_accelerator
+
+if get_accelerator().device_name() == "cpu":
+    import deepspeed.ops
+    from rl.engine.op_locks import watch_op_builds
+
+    for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            with watch_op_builds():  # a setup killed mid-build leaves no lasting lock
+                builder.load(verbose=False)
+            print(f"setup: DeepSpeed op {builder.NAME} ready", flush=True)
+PY
+then
+  echo "setup: warning: could not prebuild DeepSpeed's CPU ops; the first run builds them"
+fi
 touch "$stamp"
 echo "setup: environment ready in $VENV"

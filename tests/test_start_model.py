@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +117,84 @@ def test_cache_key_of_a_later_task_field() -> None:
     assert sm.cache_key(sm.TinyModelConfig()) == "0642f5cfe60b316c"
     task = ArithConfig(operand_min=1)
     assert sm.cache_key(sm.TinyModelConfig(task=task)) != sm.cache_key(sm.TinyModelConfig())
+
+
+def ship_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digest: str | None) -> Path:
+    """A shipped-models directory (monkeypatched) holding a build of TINY, its digest
+    recorded as `digest` (the real one when None)."""
+    built = sm.ensure_start_model(tmp_path / "cache", TINY, show_progress=False, source="build")
+    shipped_root = tmp_path / "shipped"
+    shutil.copytree(built, shipped_root / built.name)
+    recorded = {built.name: {"weights_sha256": digest or sm.weights_digest(built)}}
+    (shipped_root / "digests.json").write_text(json.dumps(recorded))
+    monkeypatch.setattr(sm, "SHIPPED_ROOT", shipped_root)
+    monkeypatch.setattr(sm, "DIGESTS_FILE", shipped_root / "digests.json")
+    return shipped_root / built.name
+
+
+def test_shipped_copy_is_used_without_building(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = ship_copy(tmp_path, monkeypatch, None)
+
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("built a recipe that is shipped")
+
+    monkeypatch.setattr(sm, "_build", no_build)
+    assert sm.ensure_start_model(tmp_path / "empty", TINY, show_progress=False) == shipped
+    assert sm.wait_for_start_model(tmp_path / "empty", TINY) == shipped
+    assert not (tmp_path / "empty").exists()  # nothing built or cached
+    line, as_recorded = sm.describe(shipped)
+    assert as_recorded and "shipped copy" in line and "the recorded one" in line
+    other = sm.TinyModelConfig(**{**TINY.__dict__, "seed": 1})  # another recipe: built
+    with pytest.raises(AssertionError, match="built a recipe"):
+        sm.ensure_start_model(tmp_path / "empty", other, show_progress=False)
+    with pytest.raises(AssertionError, match="built a recipe"):  # source=build: always built
+        sm.ensure_start_model(tmp_path / "empty", TINY, show_progress=False, source="build")
+
+
+def test_a_copy_with_another_digest_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = ship_copy(tmp_path, monkeypatch, "0123456789abcdef")
+    line, as_recorded = sm.describe(shipped)
+    assert not as_recorded
+    assert f"weights digest {sm.weights_digest(shipped)}, NOT the recorded 0123456789abcdef" in line
+    built = sm.ensure_start_model(tmp_path / "cache", TINY, source="build")
+    line, as_recorded = sm.describe(built)  # a build of the recorded recipe: same check
+    assert not as_recorded and "built here" in line and "NOT the recorded" in line
+    unrecorded = tmp_path / "cache" / "arith-tiny-0000000000000000"
+    shutil.copytree(built, unrecorded)
+    assert sm.describe(unrecorded) == (
+        f"start model {unrecorded.name} (built here): weights digest "
+        f"{sm.weights_digest(built)} (no digest recorded for this recipe)",
+        True,
+    )
+
+
+def test_a_waiting_build_names_the_lock_and_its_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process waiting for another's build says once a minute which lock it waits on and
+    who holds it; when the holder dies (its flock goes with it), the waiter builds."""
+    monkeypatch.setattr(sm, "LOCK_REPORT_S", 0.5)
+    final = sm.start_model_dir(tmp_path, TINY)
+    lock_path = tmp_path / f"{final.name}.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time\n"
+            f"f = open({str(lock_path)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "f.write('held by pid 4242'); f.flush(); print('locked', flush=True); time.sleep(3)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    lines: list[str] = []
+    path = sm.ensure_start_model(tmp_path, TINY, show_progress=False, report=lines.append)
+    holder.wait()
+    assert path == final and (final / "build_info.json").exists()
+    assert lines and all(str(lock_path) in line for line in lines), lines
+    assert "held by pid 4242" in lines[0], lines

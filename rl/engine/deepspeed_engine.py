@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from rl.core.errors import ConfigError
+from rl.engine.op_locks import watch_op_builds
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if get_accelerator().device_name() != "cpu":  # one GPU per rank, before any CUDA work
         get_accelerator().set_device(local_rank)
-    deepspeed.init_distributed()
+    with watch_op_builds():  # JIT-builds deepspeed_shm_comm on CPU; see op_locks
+        deepspeed.init_distributed()
     return DistInfo(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -218,9 +220,10 @@ def make_adamw(
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(
-            params, lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True
-        )  # fmt: skip
+        with watch_op_builds():  # JIT-builds cpu_adam
+            return DeepSpeedCPUAdam(
+                params, lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True
+            )  # fmt: skip
     fused = get_accelerator().device_name() == "cuda"
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
 

@@ -19,7 +19,18 @@ generation defaults (see `rl.engine.chat_model`), warmed up by the same SFT on t
 chat-format demonstrations (answers as `\\boxed{N}`, ending with <|im_end|>).
 
 The checkpoint is cached under `cache_root` by a hash of the configs, built once under a
-file lock (concurrent processes wait for the first) into a temp dir renamed into place.
+file lock (concurrent processes wait for the first, saying so once a minute) into a temp dir
+renamed into place.
+
+Builds of one recipe are bit-identical on one machine but not across machines (CPU kernels
+differ by instruction set, and library versions change the BPE merges or the summation
+order), and a tiny model's SFT turns such differences into another policy. So the recipes
+the quickstarts and the benchmark regimes use are **shipped** with the package
+(`rl/engine/start_models/<kind>-<key>/`, a few MB each) and their weights digests recorded in
+`rl/engine/start_models/digests.json`: `ensure_start_model` returns the shipped copy when the
+recipe has one (`source="shipped"`, the default) and builds only other recipes (or any
+recipe with `source="build"`). A copy whose digest is not the recorded one is reported by
+`describe` (the runs print it at start).
 """
 
 from __future__ import annotations
@@ -46,6 +57,19 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rl.engine.tiny_config import TinyModelConfig
 from rl.tasks.arith import STEP_DELIMITER, ArithConfig, ArithProblem, demo_lines, sample_problems
+
+SHIPPED_ROOT = Path(__file__).with_name("start_models")
+"""Start models shipped with the package, one directory per recipe (`<kind>-<key>`)."""
+
+DIGESTS_FILE = SHIPPED_ROOT / "digests.json"
+"""`{"<kind>-<key>": {"weights_sha256": ..., "about": ...}}`: the weights each recorded
+recipe must have (shipped or not)."""
+
+LOCK_REPORT_S = 60.0
+"""How often a process waiting for another's start-model build says so."""
+
+SOURCES: tuple[str, ...] = ("shipped", "build")
+"""Where `ensure_start_model` takes a recipe's weights from (see the module docstring)."""
 
 BUILD_VERSION = 2
 """Bumped when the build procedure changes, so old cached checkpoints are not reused."""
@@ -229,16 +253,95 @@ def start_model_dir(cache_root: Path, cfg: TinyModelConfig, kind: str = ARITH_TI
     return Path(cache_root) / f"{kind}-{cache_key(cfg, kind)}"
 
 
+def recorded_digests() -> dict[str, dict[str, str]]:
+    """The recorded weights digests by start-model name (`<kind>-<key>`)."""
+    if not DIGESTS_FILE.exists():
+        return {}
+    recorded: dict[str, dict[str, str]] = json.loads(DIGESTS_FILE.read_text())
+    return recorded
+
+
+def shipped_model_dir(cfg: TinyModelConfig, kind: str = ARITH_TINY) -> Path | None:
+    """The shipped copy of the recipe `cfg` (None when the package ships none)."""
+    shipped = SHIPPED_ROOT / start_model_dir(Path("."), cfg, kind).name
+    return shipped if (shipped / "build_info.json").exists() else None
+
+
+def describe(checkpoint: Path) -> tuple[str, bool]:
+    """(one line naming a start model, its origin and weights digest; whether the digest is
+    the recorded one, or none is recorded). The line is what runs print at start and what
+    tests report when a quickstart does not learn."""
+    checkpoint = Path(checkpoint)
+    origin = "shipped copy" if checkpoint.parent == SHIPPED_ROOT else "built here"
+    digest = weights_digest(checkpoint)
+    want = recorded_digests().get(checkpoint.name, {}).get("weights_sha256")
+    line = f"start model {checkpoint.name} ({origin}): weights digest {digest}"
+    if want is None:
+        return line + " (no digest recorded for this recipe)", True
+    if digest == want:
+        return line + " (the recorded one)", True
+    return (
+        line + f", NOT the recorded {want}: another build of this recipe (CPU kernels or "
+        "library versions differ), so published numbers for it do not apply",
+        False,
+    )
+
+
 def wait_for_start_model(
-    cache_root: Path, cfg: TinyModelConfig, kind: str = ARITH_TINY, poll_s: float = 2.0
+    cache_root: Path,
+    cfg: TinyModelConfig,
+    kind: str = ARITH_TINY,
+    poll_s: float = 2.0,
+    source: str = "shipped",
+    report: Callable[[str], None] = print,
 ) -> Path:
-    """Block until another process has finished building the start checkpoint. Polls the
-    file system rather than waiting in a collective, whose timeout (10 min under gloo) a
-    first build on a slow or busy machine can exceed."""
+    """Block until another process has finished building the start checkpoint (or return the
+    shipped copy). Polls the file system rather than waiting in a collective, whose timeout
+    (10 min under gloo) a first build on a slow or busy machine can exceed; says once a
+    minute what it waits for."""
+    shipped = shipped_model_dir(cfg, kind) if source == "shipped" else None
+    if shipped is not None:
+        return shipped
     final = start_model_dir(cache_root, cfg, kind)
+    start = last = time.monotonic()
     while not (final / "build_info.json").exists():
         time.sleep(poll_s)
+        if time.monotonic() - last >= LOCK_REPORT_S:
+            last = time.monotonic()
+            report(
+                f"waiting {last - start:.0f} s for {final} (built by local rank 0; lock "
+                f"{final.parent / (final.name + '.lock')}: {lock_holder(final)})"
+            )
     return final
+
+
+def lock_holder(final: Path) -> str:
+    """Who holds the build lock of the start model `final`, as written in the lock file."""
+    try:
+        text = (final.parent / f"{final.name}.lock").read_text().strip()
+    except OSError:
+        return "no lock file yet"
+    return text or "unknown holder"
+
+
+def _acquire(lock: Any, path: Path, report: Callable[[str], None]) -> None:
+    """Take the exclusive `fcntl` lock on the open file `lock`, saying once a minute who
+    holds it. An flock dies with its process, so a killed builder never leaves it stale."""
+    start = last = time.monotonic()
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            time.sleep(1.0)
+        if time.monotonic() - last >= LOCK_REPORT_S:
+            last = time.monotonic()
+            holder = path.read_text().strip() or "unknown holder"
+            report(f"waiting {last - start:.0f} s for the start-model build lock {path} ({holder})")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"held by pid {os.getpid()} since {time.strftime('%H:%M:%S')}\n")
+    lock.flush()
 
 
 def ensure_start_model(
@@ -246,21 +349,31 @@ def ensure_start_model(
     cfg: TinyModelConfig | None = None,
     show_progress: bool = True,
     kind: str = ARITH_TINY,
+    source: str = "shipped",
+    report: Callable[[str], None] = print,
 ) -> Path:
-    """The directory of the SFT start checkpoint for `cfg`, built on first use.
+    """The directory of the SFT start checkpoint for `cfg`: the shipped copy when the recipe
+    has one and `source == "shipped"`, else built into `cache_root` on first use.
 
-    The build runs under an exclusive `fcntl` lock on `<cache_root>/<key>.lock`, into a temp
-    dir that is renamed into place, so concurrent callers build once and never see a
-    partial checkpoint. Uses 2 torch threads while building.
+    The build runs under an exclusive `fcntl` lock on `<cache_root>/<name>.lock` (its holder
+    writes its pid there; waiters report it once a minute), into a temp dir that is renamed
+    into place, so concurrent callers build once and never see a partial checkpoint. Uses 2
+    torch threads while building.
     """
     cfg = cfg or TinyModelConfig()
+    if source not in SOURCES:
+        raise ValueError(f"unknown start-model source {source!r}; valid: {', '.join(SOURCES)}")
+    shipped = shipped_model_dir(cfg, kind) if source == "shipped" else None
+    if shipped is not None:
+        return shipped
     cache_root = Path(cache_root)
     cache_root.mkdir(parents=True, exist_ok=True)
     final = start_model_dir(cache_root, cfg, kind)
     if (final / "build_info.json").exists():
         return final
-    with open(cache_root / f"{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock_path = cache_root / f"{final.name}.lock"
+    with open(lock_path, "a+") as lock:
+        _acquire(lock, lock_path, report)
         if (final / "build_info.json").exists():  # another process built it meanwhile
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_root))
