@@ -105,11 +105,67 @@ def check_ok(proc: subprocess.CompletedProcess[str]) -> None:
     )
 
 
+def saved_tensors(directory: Path) -> dict[str, Any]:
+    """Every tensor of the `*.safetensors` files in `directory` (a Hugging Face save), and of
+    its `*.pt` tensor dicts (a value model's head), keyed `<file>:<name>`."""
+    import torch
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    assert files, f"no safetensors in {directory}"
+    tensors: dict[str, Any] = {}
+    for file in files:
+        tensors.update({f"{file.name}:{k}": v for k, v in load_file(file).items()})
+    for file in sorted(directory.glob("*.pt")):
+        tensors.update({f"{file.name}:{k}": v for k, v in torch.load(file).items()})
+    return tensors
+
+
+def assert_same_weights(want_dir: Path, got_dir: Path) -> None:
+    """Both Hugging Face saves hold the same tensors (names, shapes, values within rel 1e-5:
+    the metrics' tolerance; one optimizer step at the tests' lr moves them far more)."""
+    import torch
+
+    want, got = saved_tensors(want_dir), saved_tensors(got_dir)
+    assert want.keys() == got.keys(), set(want) ^ set(got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def compared_keys(row: dict[str, Any]) -> set[str]:
+    """A metrics row's keys that must replay exactly: all but timings and memory."""
+    return {k for k in row if not k.startswith(("time/", "mem/"))}
+
+
+def assert_same_metrics(
+    want_dir: Path, got_dir: Path, must_have: set[str] | frozenset[str] = frozenset()
+) -> None:
+    """Two runs logged the same steps with the same values (all keys but timings and memory,
+    rel 1e-5, as `assert_resumed_matches`); `must_have` keys must be among those compared."""
+    import pytest
+
+    want_rows, got_rows = read_metrics(want_dir), read_metrics(got_dir)
+    assert [r["step"] for r in got_rows] == [r["step"] for r in want_rows]
+    seen: set[str] = set()
+    for want, got in zip(want_rows, got_rows, strict=True):
+        keys = compared_keys(want)
+        assert keys == compared_keys(got), keys ^ compared_keys(got)
+        seen |= keys
+        for key in keys:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (want["step"], key)
+    assert set(must_have) <= seen, set(must_have) - seen
+
+
 def assert_resumed_matches(
-    full: Path, resumed: Path, must_have: set[str] | frozenset[str] = frozenset()
+    full: Path,
+    resumed: Path,
+    must_have: set[str] | frozenset[str] = frozenset(),
+    weights: tuple[str, ...] = ("final",),
 ) -> None:
     """A resumed run's metrics equal the uninterrupted run's from step 3 on (all keys but
-    timings and memory, rel 1e-5); `must_have` keys must be among those compared."""
+    timings and memory, rel 1e-5); `must_have` keys must be among those compared. The final
+    models in each of the `weights` folders (Hugging Face saves under the run directories)
+    are the same too."""
     import pytest
 
     expected, got_rows = read_metrics(full), read_metrics(resumed)
@@ -120,3 +176,5 @@ def assert_resumed_matches(
         assert set(must_have) <= keys, set(must_have) - keys
         for key in keys:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    for folder in weights:
+        assert_same_weights(full / folder, resumed / folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,12 @@ import pytest
 from tests.launcher import FAST_OVERRIDES, launch, read_metrics
 
 pytestmark = pytest.mark.e2e
+
+
+def assert_no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
+    """Neither a failing nor a finishing run prints a Python traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
 
 
 def first_line(stderr: str) -> str:
@@ -24,7 +31,7 @@ def test_unknown_config_key_names_key_and_closest(tmp_path: Path):
     assert first_line(proc.stderr) == (
         "error: unknown config key 'trainer.max_step' (did you mean 'trainer.max_steps'?)"
     )
-    assert "Traceback" not in proc.stderr
+    assert_no_traceback(proc)
 
 
 def test_nan_reward_names_the_function(tmp_path: Path, model_cache: Path):
@@ -41,6 +48,7 @@ def test_nan_reward_names_the_function(tmp_path: Path, model_cache: Path):
     assert first_line(proc.stderr) == (
         "error: reward function 'tests.reward_fns:not_a_number' returned nan at index 0"
     )
+    assert_no_traceback(proc)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -66,6 +74,7 @@ def test_missing_answer_column_names_row_and_column(tmp_path: Path, model_cache:
     assert proc.returncode == 2
     line = first_line(proc.stderr)
     assert line.startswith(f"error: {data} row 1: missing column 'answer'"), line
+    assert_no_traceback(proc)
 
 
 def test_long_prompts_are_skipped_and_counted(tmp_path: Path, model_cache: Path):
@@ -87,6 +96,7 @@ def test_long_prompts_are_skipped_and_counted(tmp_path: Path, model_cache: Path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(out)
     assert rows[-1]["data/skipped_long_prompts"] == 3
+    assert_no_traceback(proc)
 
 
 @pytest.mark.parametrize(
@@ -115,6 +125,7 @@ def test_bad_reward_head_is_named(head: str, message: str, tmp_path: Path, model
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert first_line(proc.stderr).startswith(message), first_line(proc.stderr)
+    assert_no_traceback(proc)
 
 
 def test_a_used_output_dir_is_refused_then_overwritten(tmp_path: Path, model_cache: Path):
@@ -129,8 +140,10 @@ def test_a_used_output_dir_is_refused_then_overwritten(tmp_path: Path, model_cac
         "continue it with trainer.resume=auto, or start over with trainer.overwrite=true "
         "(deletes it)"
     )
+    assert_no_traceback(proc)
     proc = launch([*args, "trainer.overwrite=true"], launcher="python")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_no_traceback(proc)
     assert [row["step"] for row in read_metrics(tmp_path)] == [0, 1, 2, 3]
     assert not (tmp_path / "checkpoints" / "step_00000040").exists()
 
@@ -150,4 +163,4 @@ def test_grad_share_with_a_zero3_json_names_the_key(tmp_path: Path):
     assert first_line(proc.stderr) == (
         "error: logging.credit_grad_share: needs deepspeed.zero_stage 0-2, got 3"
     )
-    assert "Traceback" not in proc.stderr
+    assert_no_traceback(proc)

@@ -119,3 +119,24 @@ def test_clean_count_ignores_right_by_chance_and_padding_rows():
     lucky = clean.replace("3+4=0", "3+4=5")  # a wrong step, the same answer line
     batch = SimpleNamespace(columns={"prompt": [prompt] * 3}, completions=[clean, lucky, clean])
     assert diagnostics.clean_count(batch, n_real=2) == 1.0  # row 2 pads the rank's share
+
+
+@pytest.mark.parametrize(
+    "credit, estimator",
+    [
+        ("prime", "rloo"),
+        ("sum", "rloo"),
+        ("min_form", "rloo"),
+        ("outcome", "grpo"),
+        ("pav", "grpo"),
+    ],
+)
+def test_outcome_part_is_the_schemes_own(credit: str, estimator: str):
+    """`A_out` is the outcome term the scheme adds: RLOO for the leave-one-out schemes (with
+    GRPO's there, zero step rewards showed as about half the signal), else algo.advantage."""
+    from rl.algos.advantages import ADVANTAGE_ESTIMATORS
+    from rl.trainer.diagnostics import CreditDiagnostics
+
+    cfg = load_config("configs/quickstart.yaml", ["logging.credit_diagnostics=true"])
+    diagnostics = CreditDiagnostics(cfg, tokenizer=None, credit_name=credit)
+    assert diagnostics.estimator is ADVANTAGE_ESTIMATORS.get(estimator)

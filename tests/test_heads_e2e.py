@@ -23,7 +23,8 @@ def overrides(out: Path, cache: Path, *extra: str) -> list[str]:
 
 def test_implicit_prm_zero3_two_ranks(tmp_path: Path, model_cache: Path):
     out = tmp_path / "run"
-    check_ok(launch(overrides(out, model_cache, IMPLICIT_PRM, "deepspeed.zero_stage=3")))
+    diag = "logging.credit_diagnostics=true"
+    check_ok(launch(overrides(out, model_cache, IMPLICIT_PRM, "deepspeed.zero_stage=3", diag)))
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for row in rows[1:]:
@@ -32,9 +33,16 @@ def test_implicit_prm_zero3_two_ranks(tmp_path: Path, model_cache: Path):
     # the PRM learns from the outcomes: its loss falls from log 2 (an untrained PRM)
     assert rows[1]["head/implicit_prm/ce_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert rows[3]["head/implicit_prm/ce_loss"] < rows[1]["head/implicit_prm/ce_loss"]
-    # from step 2 on the PRM's process rewards are nonzero and reach the advantages
-    assert rows[2]["reward/process_sum_mean"] != 0.0
-    assert rows[2]["train/advantage_abs_mean"] > 0.0
+    # update: after (the default): step 1 is scored by the PRM as it starts, equal to its
+    # reference, so no process reward and no step credit; its first update follows
+    assert rows[1]["reward/process_sum_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[1]["diag/step_credit_share"] == pytest.approx(0.0, abs=1e-6)
+    # from step 2 on the PRM's process rewards are nonzero and reach the advantages: a
+    # measurable share of the advantage signal is step credit, not the outcome's
+    for row in rows[2:]:
+        assert abs(row["reward/process_sum_mean"]) > 1e-4, row
+        assert row["train/advantage_abs_mean"] > 0.0
+        assert row["diag/step_credit_share"] > 1e-4, row
     # the online PRM is saved with every checkpoint and in HF form at the end
     ckpt = out / "checkpoints" / "step_00000003"
     assert (ckpt / "COMPLETE").is_file()
@@ -54,17 +62,24 @@ def test_resume_restores_the_online_prm(tmp_path: Path, model_cache: Path):
     proc = launch(overrides(killed, model_cache, *common, "trainer.resume=auto"))
     check_ok(proc)
     # a PRM restarted from the SFT weights would give other losses
-    assert_resumed_matches(full, killed, {"head/implicit_prm/ce_loss"})
+    assert_resumed_matches(
+        full, killed, {"head/implicit_prm/ce_loss"}, weights=("final", "final_heads/implicit_prm")
+    )
 
 
 def test_custom_head_by_import_path(tmp_path: Path, model_cache: Path):
     out = tmp_path / "run"
     head = "reward.heads=[{head: 'examples.custom_head:WellFormedSteps', kwargs: {bonus: 0.2}}]"
-    check_ok(launch(overrides(out, model_cache, head, "trainer.max_steps=2")))
+    diag = "logging.credit_diagnostics=true"
+    check_ok(launch(overrides(out, model_cache, head, "trainer.max_steps=2", diag)))
     rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2]
     assert all("head/well_formed_steps/bonus_mean" in r for r in rows[1:])
-    # "auto" credit picked the head's default ("sum"): process rewards reach the advantages
-    assert all(r["reward/process_sum_mean"] != 0.0 for r in rows[1:])
+    # "auto" credit picked the head's default ("sum"): process rewards reach the advantages,
+    # so part of the advantage signal is step credit (0 under outcome-only credit)
+    for row in rows[1:]:
+        assert row["reward/process_sum_mean"] != 0.0
+        assert row["diag/step_credit_share"] > 1e-3, row
 
 
 def test_gold_steps_head_two_ranks(tmp_path: Path, model_cache: Path):

@@ -3,8 +3,10 @@ options of credit schemes and reward heads, the run-directory rule and the lengt
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -14,10 +16,10 @@ from rl.algos.credit import CREDIT_ASSIGNERS, CreditInputs, tokens_to_steps
 from rl.algos.offpolicy import logprob_mismatch_sums, tis_weights
 from rl.config import load_config
 from rl.core.errors import ConfigError
-from rl.core.types import HeadBatch, LogProbs, RolloutBatch, Scored
+from rl.core.types import Credit, HeadBatch, LogProbs, RolloutBatch, Scored
 from rl.engine.deepspeed_engine import DistInfo
 from rl.trainer.credit import OutcomeCredit, StepCredit, build_credit, resolve_credit
-from rl.trainer.loop import check_lengths
+from rl.trainer.loop import Trainer, check_lengths
 from rl.trainer.run_dir import earlier_run_files, prepare_output_dir
 
 # ---------------------------------------------------------------- off-policy corrections
@@ -40,6 +42,95 @@ def test_logprob_mismatch_sums_by_hand() -> None:
     got = logprob_mismatch_sums(engine, trainer, mask)
     assert got.dtype == torch.float64
     assert got.tolist() == [3.0, 4.0]
+
+
+def _vllm_trainer(*overrides: str) -> Trainer:
+    """A Trainer with only its config set: `correct_off_policy` reads nothing else."""
+    trainer = object.__new__(Trainer)
+    trainer.cfg = load_config(None, ["rollout.backend=vllm", *overrides])
+    return trainer
+
+
+def _offpolicy_inputs() -> tuple[RolloutBatch, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch, the trainer's log-probs, the engine's (the trainer's +-0.5) and advantages."""
+    batch = _batch()
+    trainer_logp = -torch.tensor([[0.3, 1.2, 2.0], [0.7, 0.1, 0.9], [1.5, 0.4, 0.2], [0.6, 2, 3]])
+    shift = torch.tensor([[0.5, -0.5, 0.5], [-0.5, 0.5, -0.5], [0.5, 0.5, -0.5], [-0.5, 0.5, 0.5]])
+    advantages = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, 0.0], [0.5, 0.5, 0.5], [2.0, 0, 0]])
+    return batch, trainer_logp, trainer_logp + shift, advantages * batch.response_mask
+
+
+def test_tis_weights_the_advantages_the_update_uses() -> None:
+    """`Trainer.correct_off_policy` (what `train_step` applies to the credit before the
+    update): each advantage times min(pi_trainer / pi_engine, cap), token by token."""
+    batch, trainer_logp, engine_logp, advantages = _offpolicy_inputs()
+    trainer = _vllm_trainer("rollout.tis_cap=1.5")
+    credit = trainer.correct_off_policy(
+        batch, LogProbs(trainer_logp, None, engine_logp), Credit(advantages.clone())
+    )
+    # engine +0.5 above the trainer: weight exp(-0.5) = 0.607; engine 0.5 below: exp(0.5) =
+    # 1.649, capped at 1.5
+    weights = torch.where(engine_logp > trainer_logp, math.exp(-0.5), 1.5)
+    torch.testing.assert_close(credit.advantages, advantages * weights * batch.response_mask)
+    assert credit.stats["rollout/logprob_mismatch"] == pytest.approx(0.5)
+
+
+def test_without_tis_cap_the_advantages_are_not_reweighted() -> None:
+    batch, trainer_logp, engine_logp, advantages = _offpolicy_inputs()
+    for overrides in ([], ["rollout.old_logprobs=engine"]):
+        credit = _vllm_trainer(*overrides).correct_off_policy(
+            batch, LogProbs(trainer_logp, None, engine_logp), Credit(advantages.clone())
+        )
+        torch.testing.assert_close(credit.advantages, advantages)
+        assert credit.stats["rollout/logprob_mismatch"] == pytest.approx(0.5)
+
+
+class _FakeEngine(torch.nn.Module):
+    """A Hugging Face model behind the DeepSpeed engine calls PolicyLearner makes."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = model
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.module(**kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.module.zero_grad()
+
+
+@pytest.mark.parametrize("engine_old", [True, False])
+def test_old_logprobs_engine_puts_the_engines_logprobs_in_the_ratio(engine_old: bool) -> None:
+    """`rollout.old_logprobs=engine`: the update's ratio is pi_theta / pi_engine (the sampler's
+    log-probs, here the trainer's +-0.5), else pi_theta / pi_old (the trainer's own)."""
+    from rl.engine.forward import response_logprobs
+    from rl.trainer.learners import GlobalCounts, PolicyLearner
+    from tests.models import tiny_llama
+
+    batch = _batch()
+    batch.input_ids = torch.randint(
+        0, 17, batch.input_ids.shape, generator=torch.Generator().manual_seed(0)
+    )
+    engine = _FakeEngine(tiny_llama(vocab_size=17))
+    with torch.no_grad():
+        logp = response_logprobs(engine, batch)  # [4, 3] the update's own log-probs
+    shift = torch.tensor([[0.5, -0.5, 0.5], [-0.5, 0.5, -0.5], [0.5, 0.5, -0.5], [-0.5, 0.5, 0.5]])
+    old, behaviour = logp + 0.1, logp + shift
+    learner = PolicyLearner(engine, load_config(None, []).algo, 1.0, engine_old=engine_old)
+    tokens = float(batch.response_mask.sum())
+    stats = learner.micro_step(
+        batch,
+        torch.arange(4),
+        LogProbs(old, None, behaviour),
+        Credit(torch.ones(4, 3) * batch.response_mask),
+        GlobalCounts(tokens, 4.0, 1.0),
+    )
+    denominator = behaviour if engine_old else old
+    want = ((logp - denominator).exp() * batch.response_mask).sum() / tokens
+    assert float(stats["ratio"]) == pytest.approx(float(want), rel=1e-5)
 
 
 # ---------------------------------------------------------------- credit schemes
@@ -233,3 +324,29 @@ def test_adamw_is_torchs_fused_on_gpus(
     assert group["weight_decay"] == 0.1 and len(group["params"]) == 2
     offload = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
     assert eng.offloads_optimizer(offload) and not eng.offloads_optimizer({})
+
+
+class _Tokenizer:
+    pad_token_id = 0
+    eos_token_id = 2
+
+    def __len__(self) -> int:
+        return 32
+
+
+@pytest.mark.parametrize("stage, gather", [(3, True), (3, False), (2, True)])
+def test_zero3_gather_for_generation_reaches_the_backend(stage: int, gather: bool) -> None:
+    """`rollout.zero3_gather_for_generation`: under ZeRO-3 the transformers backend gathers
+    the whole model per generation call (true) or lets `generate` gather each layer itself
+    (false); with ZeRO 0-2 nothing is partitioned and nothing is gathered."""
+    from rl.engine import deepspeed_engine as eng
+    from rl.rollout.backend import TransformersRollout
+    from rl.setup import make_rollout
+
+    flag = str(gather).lower()
+    cfg = load_config(None, [f"rollout.zero3_gather_for_generation={flag}"])
+    policy = SimpleNamespace(generation_config=None)
+    rollout = make_rollout(cfg, _Tokenizer(), "unused", policy, DistInfo(0, 1, 0), stage)
+    assert isinstance(rollout, TransformersRollout)
+    assert rollout.gather is (eng.gathered_parameters if stage == 3 and gather else None)
+    assert rollout.synced_gpus is (stage == 3)

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launcher import FAST_OVERRIDES, REPO, check_ok, launch, read_metrics, run_env
+from tests.launcher import (
+    FAST_OVERRIDES,
+    REPO,
+    assert_same_metrics,
+    check_ok,
+    launch,
+    read_metrics,
+    run_env,
+)
 from tests.test_e2e import final_weights, start_model_dir
 
 pytestmark = pytest.mark.e2e
@@ -65,7 +73,10 @@ def test_checkpoint_sampling_defaults_are_ignored(backend: str, tmp_path: Path, 
     model = tmp_path / "model"
     shutil.copytree(start_model_dir(model_cache), model)
     defaults = {"do_sample": True, "temperature": 0.6, "top_k": 3, "repetition_penalty": 1.5}
-    (model / "generation_config.json").write_text(json.dumps(defaults))
+    generation_config = model / "generation_config.json"
+    if backend == "transformers":  # the checkpoint's EOS ids kept: only sampling differs
+        defaults = {**json.loads(generation_config.read_text()), **defaults}
+    generation_config.write_text(json.dumps(defaults))
     out = tmp_path / "run"
     overrides = [*FAST_OVERRIDES, f"output_dir={out}", f"model.path={model}"]
     overrides += [f"rollout.backend={backend}", "trainer.max_steps=2"]
@@ -76,8 +87,23 @@ def test_checkpoint_sampling_defaults_are_ignored(backend: str, tmp_path: Path, 
         return
     # transformers: 4 new tokens rarely reach EOS, so most responses are cut; masked out of
     # the loss, only the stopped ones' (at most 4) tokens count
-    check_ok(launch([*overrides, "rollout.max_new_tokens=4", "rollout.mask_truncated=true"]))
+    short = ["rollout.max_new_tokens=4", "rollout.mask_truncated=true"]
+    proc = launch([*overrides, *short])
+    check_ok(proc)
+    sampling = "rollout sampling (transformers): temperature=1.0 top_p=1.0 top_k=off"
+    assert sampling in proc.stdout, proc.stdout[-3000:]
     for row in read_metrics(out)[1:]:
         cut = row["rollout/truncated_frac"]
         assert cut > 0.5, row
         assert row["train/response_tokens_mean"] <= 4 * (1 - cut) + 1e-6, row
+    # the same job from the same weights with the checkpoint's own generation config (EOS
+    # ids, no sampling defaults) samples the same tokens: had generate taken temperature
+    # 0.6, top-k 3 or the repetition penalty from the checkpoint, rewards, response lengths,
+    # entropies and losses would differ
+    plain_model = tmp_path / "plain_model"
+    shutil.copytree(start_model_dir(model_cache), plain_model)
+    plain = tmp_path / "plain"
+    plain_overrides = [*FAST_OVERRIDES, f"output_dir={plain}", f"model.path={plain_model}"]
+    plain_overrides += [f"rollout.backend={backend}", "trainer.max_steps=2", *short]
+    check_ok(launch(plain_overrides))
+    assert_same_metrics(plain, out, must_have={"train/entropy", "train/loss"})

@@ -17,7 +17,8 @@ have exact first-error labels), every training step also logs, over all ranks:
   tokens) is zero: a step reward that cannot tell the step from its neighbours (for example
   a Monte-Carlo value estimated as 0 before and after it) leaves it to the outcome alone.
 - `diag/step_credit_share`: `|A - A_out|^2 / (|A - A_out|^2 + |A_out|^2)` over response
-  tokens, where `A_out` is the outcome estimator's advantage alone (`algo.advantage`). The
+  tokens, where `A_out` is the outcome estimator's advantage alone (`algo.advantage`; RLOO
+  under prime, sum and min_form, whose outcome term it is by definition). The
   policy gradient is linear in the advantage, so this is the share of the advantage signal
   that step credit adds: a proxy for its share of the gradient, not a measured gradient
   norm (that would take a second backward pass). Not logged for `algo.credit=gae`, whose
@@ -39,7 +40,7 @@ from torch import Tensor
 
 from rewards.gold_steps import first_error_steps
 from rl.algos.advantages import ADVANTAGE_ESTIMATORS, group_rewards, token_advantages
-from rl.config import Config, outcome_estimator
+from rl.config import LEAVE_ONE_OUT_SCHEMES, Config, outcome_estimator
 from rl.core.types import Credit, RolloutBatch, Scored
 from rl.engine import deepspeed_engine as eng
 from rl.rollout.steps import batch_steps
@@ -164,7 +165,10 @@ class CreditDiagnostics:
         self.tokenizer = tokenizer
         self.delimiter = cfg.reward.step_delimiter
         self.modulus = ArithConfig(**dict(cfg.data.task)).modulus
-        self.estimator = ADVANTAGE_ESTIMATORS.get(outcome_estimator(cfg.algo))
+        # the outcome term the scheme itself adds: RLOO by definition for prime, sum and
+        # min_form, whatever the (then unset) algo.advantage would default to
+        estimator = "rloo" if credit_name in LEAVE_ONE_OUT_SCHEMES else outcome_estimator(cfg.algo)
+        self.estimator = ADVANTAGE_ESTIMATORS.get(estimator)
         self.with_share = credit_name != "gae"
         self.grad_share = cfg.logging.credit_grad_share and self.with_share
         self.temperature = cfg.rollout.temperature
