@@ -32,6 +32,7 @@ def assert_learns(config: str, out: Path, stdout: str) -> None:
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     start, end = evals[0][1], evals[-1][1]
     model = next((ln for ln in stdout.splitlines() if "start model " in ln), "start model ?")
+    print(f"{config}: held-out accuracy {evals}; {model.strip()}")  # shown by pytest -rA
     assert end - start >= LEARN_MARGIN, (
         f"{config} did not learn: held-out accuracy {start:.3f} -> {end:.3f} over steps "
         f"{[s for s, _ in evals]} (needs +{LEARN_MARGIN}); {model.strip()}"
