@@ -308,17 +308,18 @@ def wait_for_start_model(
         time.sleep(poll_s)
         if time.monotonic() - last >= LOCK_REPORT_S:
             last = time.monotonic()
+            lock = final.parent / f"{final.name}.lock"
             report(
                 f"waiting {last - start:.0f} s for {final} (built by local rank 0; lock "
-                f"{final.parent / (final.name + '.lock')}: {lock_holder(final)})"
+                f"{lock}: {lock_holder(lock)})"
             )
     return final
 
 
-def lock_holder(final: Path) -> str:
-    """Who holds the build lock of the start model `final`, as written in the lock file."""
+def lock_holder(lock: Path) -> str:
+    """Who holds a start-model build lock, as its holder wrote it in the lock file."""
     try:
-        text = (final.parent / f"{final.name}.lock").read_text().strip()
+        text = lock.read_text().strip()
     except OSError:
         return "no lock file yet"
     return text or "unknown holder"
@@ -336,8 +337,10 @@ def _acquire(lock: Any, path: Path, report: Callable[[str], None]) -> None:
             time.sleep(1.0)
         if time.monotonic() - last >= LOCK_REPORT_S:
             last = time.monotonic()
-            holder = path.read_text().strip() or "unknown holder"
-            report(f"waiting {last - start:.0f} s for the start-model build lock {path} ({holder})")
+            report(
+                f"waiting {last - start:.0f} s for the start-model build lock {path} "
+                f"({lock_holder(path)})"
+            )
     lock.seek(0)
     lock.truncate()
     lock.write(f"held by pid {os.getpid()} since {time.strftime('%H:%M:%S')}\n")
