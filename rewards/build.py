@@ -31,7 +31,12 @@ T = TypeVar("T")
 BUILTIN_FUNCTION_MODULES = ("rewards.verifiers",)
 """Modules that register the built-in reward functions (arith, exact_match, math_verify)."""
 
-BUILTIN_HEAD_MODULES = ("rewards.implicit_prm_head", "rewards.pav", "rewards.gold_steps")
+BUILTIN_HEAD_MODULES = (
+    "rewards.implicit_prm_head",
+    "rewards.pav",
+    "rewards.gold_steps",
+    "rewards.prm_head",
+)
 """Modules that register the built-in heads; imported on first resolution (they pull in
 transformers and DeepSpeed)."""
 

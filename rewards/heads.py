@@ -53,6 +53,10 @@ class HeadOutput:
     outcome reward on the last response token."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Scalars to log (the trainer prefixes them with the head's name)."""
+    keep: Tensor | None = None
+    """[B] bool, or None (keep every row): rows to keep in the policy update. The trainer
+    zeroes the response mask of the others, so they add no gradient and no loss tokens
+    (e.g. the `prm` head's agreement filter)."""
 
 
 @dataclass
@@ -233,4 +237,18 @@ def checked_score(head: RewardHead, batch: HeadBatch, max_rows: int = 5) -> Head
         if not math.isfinite(f):
             raise RewardError(f"reward head {name!r} returned metric {k!r} = {f}")
         metrics[k] = f
-    return HeadOutput(token_rewards=r, metrics=metrics)
+    return HeadOutput(token_rewards=r, metrics=metrics, keep=_checked_keep(name, out.keep, batch))
+
+
+def _checked_keep(name: str, keep: Any, batch: HeadBatch) -> Tensor | None:
+    """A head's `keep` as a bool tensor [B] on the batch's device (None stays None); a
+    wrong type or shape is a one-line RewardError naming the head."""
+    if keep is None:
+        return None
+    if not isinstance(keep, Tensor) or list(keep.shape) != [batch.batch_size]:
+        got = list(keep.shape) if isinstance(keep, Tensor) else type(keep).__name__
+        raise RewardError(
+            f"reward head {name!r} returned keep of the wrong shape or type: expected a "
+            f"[B] = [{batch.batch_size}] tensor, got {got}"
+        )
+    return keep.detach().bool().to(batch.response_mask.device)

@@ -267,6 +267,73 @@ class PAVConfig:
 
 
 @dataclass(frozen=True)
+class PRMConfig:
+    """`launch/train_prm.py`: a discriminative PRM trained on step labels (rl/prm/train.py)."""
+
+    data: str | None = None
+    """The step-label dataset (TRL's stepwise format: `prompt`, `completions`, `labels`,
+    optional `label_values`): a .jsonl file or a `datasets` directory, read by
+    `rl.prm.data.read_step_dataset`. Required."""
+    data_format: Literal["stepwise", "math_shepherd"] | None = None
+    """The rows' format for `read_step_dataset`: `stepwise` (TRL's) or `math_shepherd` (the
+    tagged `input`/`label` form); None: detected from the first row's columns."""
+    output_dir: str = "runs/prm/model"
+    """Where the PRM is saved (`rl.prm.model.save_prm`: the LM, its tokenizer, the head and
+    `prm_convention.json`) with `train_prm_metrics.json`. Replaced whole by each run."""
+    head: Literal["label_tokens", "two_class"] = "label_tokens"
+    """How the PRM reads a step: two label tokens of the LM head at the tag (Math-Shepherd)
+    or a fresh 2-way linear head on the last hidden state (Qwen2.5-Math-PRM)."""
+    step_tag: str = "#"
+    """Appended after every step; must be one token of the policy's tokenizer (or see
+    `add_tag_token`)."""
+    add_tag_token: bool = False
+    """Add `step_tag` to the tokenizer as a new special token (the embeddings are resized)
+    instead of requiring that it already be one token."""
+    good_token: str = "+"
+    """`label_tokens`: the token read as "the step is good" (one token)."""
+    bad_token: str = "-"
+    """`label_tokens`: the token read as "the step is wrong" (one token)."""
+    prompt_format: Literal["plain", "chat"] = "plain"
+    """How the PRM reads the prompt: as is, or through the tokenizer's chat template."""
+    step_separator: str = "\n"
+    """Text before every step after the first (the policy's step delimiter)."""
+    soft_labels: bool = False
+    """Train on the data's `label_values` (e.g. Monte-Carlo success rates) as soft targets
+    where present, instead of the binary `labels`."""
+    epochs: int = 3
+    """Passes over the labelled training solutions."""
+    lr: float = 1e-4
+    """PRM learning rate (AdamW with the run's `optim` betas and weight decay, no warm-up)."""
+    micro_batch_size: int = 16
+    """Solutions per forward/backward pass per rank (one optimizer step per micro-batch)."""
+    eval_batch_size: int = 32
+    """Solutions per forward pass per rank when scoring the validation split or a pool."""
+    val_fraction: float = 0.1
+    """Share of the prompts (with all their solutions) held out for validation, always
+    fully labelled and counted apart from the training budget."""
+    keep: Literal["best", "last"] = "best"
+    """Which epoch is saved: `best` (lowest validation loss) or `last`."""
+    seed: int | None = None
+    """Seed of the validation split, data order, selection and heads (None: the run's)."""
+    budget_frac: float = 1.0
+    """Active selection (rl/prm/active.py): the share of the training pool's solutions whose
+    labels are bought from the teacher, in (0, 1]; 1.0 labels the whole pool."""
+    selection: Literal["uncertainty", "uniform"] = "uncertainty"
+    """Which solutions are labelled when `budget_frac` < 1: the most uncertain under an
+    ensemble of heads (ActPRM), or a uniform random draw of the same size (the baseline)."""
+    uncertainty: Literal["max", "epistemic"] = "max"
+    """How the ensemble scores a solution: `max` (the larger of the aleatoric and epistemic
+    terms at any step, as ActPRM keeps a step uncertain in either sense) or `epistemic`."""
+    select_rounds: int = 3
+    """Rounds the budget is bought in (the first at random, each later one by uncertainty
+    under the ensemble trained on the labels so far)."""
+    ensemble_heads: int = 4
+    """Heads of the selection ensemble (on one shared backbone, bootstrap-masked)."""
+    selector_epochs: int = 2
+    """Passes over the labels so far that train the ensemble before each scoring round."""
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-6
     """Peak learning rate (AdamW)."""
@@ -347,6 +414,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     pav: PAVConfig = field(default_factory=PAVConfig)
+    prm: PRMConfig = field(default_factory=PRMConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -22,10 +22,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("rl.core",),  # errors, registry, schema, types: no project imports but each other
     ("rl.algos", "rl.tasks"),  # pure maths; the built-in task
     ("rl.config",),  # the typed run config
-    ("rl.engine", "rl.data", "rl.rollout"),  # DeepSpeed and models, data, generation
+    # DeepSpeed and models, data, generation; a PRM's convention, module and step-label data
+    ("rl.engine", "rl.data", "rl.rollout", "rl.prm.convention", "rl.prm.model", "rl.prm.data"),
     ("rewards",),  # reward functions, verifiers, reward heads
     ("rl.setup",),  # run setup shared by the pipelines
     ("rl.trainer", "rl.pav", "rl.eval"),  # the pipelines
+    ("rl.prm",),  # PRM labelling and training, built on the PAV and evaluation pipelines
     ("rl.cli",),  # what launchers share
     ("launch",),
 ]

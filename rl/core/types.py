@@ -120,6 +120,8 @@ class Scored:
     """[B, Tr] 0/1 on the last token of each of those steps; None without heads."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Head metrics (`head/<name>/<key>`), averaged over ranks."""
+    keep: torch.Tensor | None = None
+    """[B] bool rows every head keeps in the policy update (None: all; see `drop_rows`)."""
 
 
 @dataclass

@@ -113,7 +113,28 @@ def estimate_prefix_values(
     """
     if not prefixes:
         return torch.zeros(0)
+    success = continuation_outcomes(
+        rollout, model, prefixes, texts, prompts, columns, verifier, sampling, n_mc
+    )  # [N, n_mc]
+    return success_rates(success.reshape(-1), n_mc)  # [N]
+
+
+def continuation_outcomes(
+    rollout: RolloutBackend,
+    model: Any,
+    prefixes: list[list[int]],
+    texts: list[str],
+    prompts: list[str],
+    columns: dict[str, list[Any]],
+    verifier: Verifier,
+    sampling: SamplingSettings,
+    n_mc: int,
+) -> Tensor:
+    """The verifier's outcome of each of `n_mc` continuations of N prefixes -> [N, n_mc]
+    (arguments as `estimate_prefix_values`, which averages them)."""
+    if not prefixes:
+        return torch.zeros(0, n_mc)
     out = rollout.rollout(model, prefixes, prompts, columns, sampling, group_size=n_mc)
     completions = [texts[i // n_mc] + c for i, c in enumerate(out.completions)]
     success = verifier(out.prompts, completions, out.columns)  # [N * n_mc]
-    return success_rates(success, n_mc)  # [N]
+    return success.float().reshape(len(prefixes), n_mc)  # [N, n_mc]

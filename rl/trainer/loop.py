@@ -57,7 +57,7 @@ from rl.trainer.critic import Critic
 from rl.trainer.diagnostics import CreditDiagnostics
 from rl.trainer.learners import CriticLearner, Learner, PolicyLearner, UpdatePlan, run_updates
 from rl.trainer.metrics import MetricsLogger, truncate_after
-from rl.trainer.rewards import RewardPipeline
+from rl.trainer.rewards import RewardPipeline, drop_rows
 from rl.trainer.run_dir import prepare_output_dir
 
 __all__ = ["BatchPlan", "Trainer", "build_heads", "plan_batches", "resolve_credit"]
@@ -358,6 +358,7 @@ class Trainer:
             batch = self.collect()
         with meter.phase("reward"):
             scored = self.rewards.score(batch)
+            drop_rows(batch, scored.keep)  # rows a head filtered out leave the update
         with meter.phase("logprobs"):
             self.rollout.prepare_for_update()
             logprobs = self.compute_logprobs(batch)

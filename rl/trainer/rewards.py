@@ -68,17 +68,20 @@ class RewardPipeline:
         labels = checked_verifier_scores(self.functions[0][0].fn, next(iter(per_fn.values())))
         process = torch.zeros_like(batch.response_mask, dtype=torch.float32)  # [B, Tr]
         metrics: dict[str, float] = {}
+        keep: torch.Tensor | None = None  # [B] bool: rows every head keeps
         for head, weight in self.heads:
             if head.update_first:
                 metrics.update(_update(head, steps, labels))
             out = checked_score(head, steps)
             process = process + weight * out.token_rewards.float().to(process.device)
+            if out.keep is not None:
+                keep = out.keep if keep is None else keep & out.keep
             metrics.update({f"head/{head.name}/{k}": v for k, v in out.metrics.items()})
             if not head.update_first:
                 metrics.update(_update(head, steps, labels))
         step_id, step_end = self._credit_steps(steps)
         self.heads_seconds = time.perf_counter() - started
-        return Scored(outcome, per_fn, process, step_id, step_end, _mean_over_ranks(metrics))
+        return Scored(outcome, per_fn, process, step_id, step_end, _mean_over_ranks(metrics), keep)
 
     def _credit_steps(self, steps: HeadBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(step_id, step_end) [B, Tr] that credit reads: the response's steps, or every
@@ -92,6 +95,16 @@ class RewardPipeline:
     def close(self) -> None:
         for head, _ in self.heads:
             head.close()
+
+
+def drop_rows(batch: RolloutBatch, keep: torch.Tensor | None) -> None:
+    """Zero the response mask of the rows a head dropped (`keep: [B]` bool; None keeps all),
+    in place: those rows then add no gradient and no tokens to the loss's global counts, as
+    `rollout.mask_truncated` does for truncated rows. Their outcomes still enter their
+    groups' baselines."""
+    if keep is not None:
+        mask = batch.response_mask
+        batch.response_mask = mask * keep.to(device=mask.device, dtype=mask.dtype).unsqueeze(1)
 
 
 def _update(head: RewardHead, batch: HeadBatch, labels: torch.Tensor) -> dict[str, float]:

@@ -1,0 +1,355 @@
+"""`prm`: step rewards from a discriminative PRM, shaped so the policy cannot farm them.
+
+The head loads any PRM in the conventions of `rl.prm.convention` (a directory written by
+`launch/train_prm.py` / `rl.prm.model.save_prm`, or an off-the-shelf PRM given its convention
+by options), with its own tokenizer and chat format, which may differ from the policy's. Per
+response it:
+
+1. recovers the text of each step exactly as the trainer cut it: the policy's response tokens
+   are decoded with the trainer's own offsets (`rl.rollout.steps.decode_offsets`), and step h
+   is the text of the delimiter-separated segments that the trainer's step h owns (the
+   delimiter itself, and blank segments, are not step text: the PRM's convention has its own
+   separator and tag);
+2. re-renders the *raw* problem (the dataset's prompt column, `data.prompt_column`; not the
+   policy's chat-templated prompt) and those steps for the PRM (`rl.prm.convention`), and
+   reads `p_h = P(good)` at each step tag (`rl.prm.model.step_probabilities`);
+3. shapes `p` into step rewards (`rl.algos.prm_shaping`: `prob`, `min`, `clip`, `delta`,
+   `first_error`) and puts step h's reward on the policy's last token of step h;
+4. with `agreement_filter`, asks the trainer's outcome verifier for each response's outcome
+   and returns `keep: [B]`: rows whose PRM verdict disagrees with the outcome are dropped from
+   the policy update (PROF; the trainer zeroes their response mask).
+
+Credit (`algo.credit: auto`) follows the shaping (`SHAPING_CREDIT`): `min` -> `min_form`,
+`delta` -> `sum`, `prob` / `clip` / `first_error` -> `pav`.
+
+Under ZeRO-3 the PRM is a ZeRO-3 inference engine (as `PAVHead`'s verifier): its forward
+passes are collective, so every rank scores every row of its batch (rows without steps too)
+in the same number of micro-batches (the trainer's batches are equal across ranks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rewards.heads import REWARD_HEADS, HeadBatch, HeadContext, HeadOutput, RewardHead
+from rl.algos.credit import steps_to_tokens
+from rl.algos.prm_shaping import (
+    SHAPING_CREDIT,
+    ShapingParams,
+    agreement_keep,
+    check_reduction,
+    shaping_fn,
+)
+from rl.core.errors import ConfigError, RewardError
+
+CONVENTION_KEYS: tuple[str, ...] = (
+    "step_tag",
+    "head",
+    "good_token",
+    "bad_token",
+    "prompt_format",
+    "prompt_suffix",
+    "step_separator",
+)
+"""The head's options that override the PRM's saved convention (`rl.prm.convention`)."""
+
+
+@dataclass(frozen=True)
+class PRMHeadOptions:
+    """`reward.heads[i].kwargs` of the `prm` head."""
+
+    path: str
+    """A PRM directory (`launch/train_prm.py`, `rl.prm.model.save_prm`) or a hub name."""
+    shaping: str = "min"
+    """Step rewards from p_h: prob, min (PURE), clip, delta (Gao et al. 2024), first_error."""
+    eta: float = 0.5
+    """`clip`: r_h = min(p_h - eta, 0)."""
+    threshold: float = 0.5
+    """`first_error`: a step with p_h < threshold is wrong; also the agreement filter's."""
+    penalty: float = 1.0
+    """`first_error`: reward of the first wrong step is -penalty."""
+    agreement_filter: bool = False
+    """Drop from the policy update the responses whose PRM verdict disagrees with the
+    outcome (PROF): right with step score < threshold, or wrong with score >= threshold."""
+    agreement_reduce: str = "mean"
+    """The step score the filter compares: the mean (PROF) or the min of the step p_h."""
+    micro_batch_size: int | None = None
+    """Solutions per PRM forward pass (None: the trainer's micro-batch size)."""
+    step_tag: str | None = None
+    """Convention override: the tag after each step (one token of the PRM's tokenizer)."""
+    head: str | None = None
+    """Convention override: label_tokens or two_class."""
+    good_token: str | None = None
+    """Convention override (label_tokens): the token meaning "good"."""
+    bad_token: str | None = None
+    """Convention override (label_tokens): the token meaning "bad"."""
+    prompt_format: str | None = None
+    """Convention override: plain or chat (the PRM tokenizer's chat template)."""
+    prompt_suffix: str | None = None
+    """Convention override: text between the rendered prompt and the first step."""
+    step_separator: str | None = None
+    """Convention override: text before every step after the first."""
+
+
+@REWARD_HEADS.register("prm")
+class PRMHead(RewardHead):
+    """A frozen discriminative PRM's shaped step rewards (see the module docstring)."""
+
+    name = "prm"
+    granularity = "step"
+    default_credit = "min_form"  # per instance: SHAPING_CREDIT[shaping]
+    Options = PRMHeadOptions
+
+    def __init__(
+        self,
+        path: str,
+        shaping: str = "min",
+        eta: float = 0.5,
+        threshold: float = 0.5,
+        penalty: float = 1.0,
+        agreement_filter: bool = False,
+        agreement_reduce: str = "mean",
+        micro_batch_size: int | None = None,
+        **convention: str | None,
+    ) -> None:
+        """Every option is checked here, before any model work."""
+        from rl.prm.convention import load_convention
+
+        shaping_fn(shaping)  # a one-line ConfigError naming the valid shapings
+        check_reduction(agreement_reduce)
+        _check_range("eta", eta, 0.0, 1.0)
+        _check_range("threshold", threshold, 0.0, 1.0)
+        if not penalty > 0:
+            raise ConfigError(f"prm head: penalty must be > 0, got {penalty}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ConfigError(f"prm head: micro_batch_size must be >= 1, got {micro_batch_size}")
+        unknown = sorted(set(convention) - set(CONVENTION_KEYS))
+        if unknown:
+            raise ConfigError(f"prm head: unknown option {unknown[0]!r}")
+        self.overrides = {k: v for k, v in convention.items() if v is not None}
+        self.path = _checked_path(path)
+        self.convention = load_convention(self.path, self.overrides)  # JSON only, no weights
+        self.shaping = shaping
+        self.params = ShapingParams(eta=eta, threshold=threshold, penalty=penalty)
+        self.agreement_filter = agreement_filter
+        self.agreement_reduce = agreement_reduce
+        self.micro_batch_size = micro_batch_size
+        self.default_credit = SHAPING_CREDIT[shaping]  # type: ignore[misc]
+        self.model: Any = None
+        self.prm_tokenizer: Any = None
+        self.policy_tokenizer: Any = None
+        self.verifier: Any = None
+        self.delimiter = "\n"
+        self.prompt_column = "prompt"
+
+    def setup(self, ctx: HeadContext) -> None:
+        """Load the PRM on every rank (a ZeRO-3 inference engine under ZeRO-3, else a frozen
+        copy on this rank's device) and keep what re-rendering needs from the run."""
+        from rl.engine.deepspeed_engine import create_reference
+        from rl.prm.model import load_prm
+
+        if ctx.tokenizer is None:
+            raise ConfigError("prm head: needs the policy's tokenizer to recover step texts")
+        self.policy_tokenizer = ctx.tokenizer
+        if ctx.cfg is not None:
+            self.delimiter = ctx.cfg.reward.step_delimiter
+            self.prompt_column = ctx.cfg.data.prompt_column
+        self.verifier = ctx.verifier
+        self.micro_batch_size = self.micro_batch_size or ctx.micro_batch_size
+        model, self.prm_tokenizer = load_prm(self.path, ctx.dtype, self.overrides)
+        self.model = create_reference(model, ctx.ds_config, offload=ctx.offload_references)
+
+    # ------------------------------------------------------------------ reading the PRM
+    def step_texts(self, batch: HeadBatch) -> tuple[list[str], list[list[str]]]:
+        """(raw problems [B], step texts [B][H_b]): H_b is row b's number of step ends."""
+        problems = raw_problems(batch, self.prompt_column)
+        steps = [
+            row_step_texts(self.policy_tokenizer, batch, b, self.delimiter)
+            for b in range(batch.batch_size)
+        ]
+        return problems, steps
+
+    def step_probs(self, batch: HeadBatch) -> tuple[Tensor, Tensor]:
+        """(p [B, H], step_mask [B, H]): the PRM's P(good) of each step, valid steps first."""
+        from rl.prm.model import step_probabilities
+
+        if self.model is None:
+            raise RuntimeError("prm head: setup(ctx) was not called")
+        problems, steps = self.step_texts(batch)
+        probs = step_probabilities(
+            self.model, self.prm_tokenizer, problems, steps, self.micro_batch_size or 16
+        )  # [B][H_b]
+        return pad_steps(probs)
+
+    def score(self, batch: HeadBatch) -> HeadOutput:
+        p, step_mask = self.step_probs(batch)  # [B, H] each
+        shaped = shaping_fn(self.shaping)(p, step_mask, self.params)  # [B, H]
+        token_rewards = steps_to_tokens(shaped, batch.step_end.to(shaped.device).float())
+        keep = self._keep(batch, p, step_mask)  # [B] or None
+        metrics = prm_metrics(p, step_mask, self.params.threshold, keep)
+        return HeadOutput(token_rewards=token_rewards, metrics=metrics, keep=keep)
+
+    def _keep(self, batch: HeadBatch, p: Tensor, step_mask: Tensor) -> Tensor | None:
+        """[B] rows whose PRM verdict agrees with the outcome (None without the filter)."""
+        if not self.agreement_filter:
+            return None
+        if self.verifier is None:
+            raise ConfigError(
+                "prm head: agreement_filter needs the trainer's outcome verifier; there is "
+                "none here (turn agreement_filter off outside launch/train_rl.py)"
+            )
+        outcome = self.verifier(batch.prompts, batch.completions, batch.columns)  # [B]
+        return agreement_keep(
+            outcome.float().cpu(), p, step_mask, self.params.threshold, self.agreement_reduce
+        )
+
+    def step_values(self, batch: HeadBatch) -> Tensor:
+        """p_h on every token of step h, 0 off the response: [B, Tr]."""
+        p, _ = self.step_probs(batch)  # [B, H]
+        step_id = batch.step_id.to(p.device).long()  # [B, Tr]
+        if p.shape[1] == 0:
+            return torch.zeros(step_id.shape)
+        picked = p.gather(1, step_id.clamp(min=0, max=p.shape[1] - 1))  # [B, Tr]
+        return torch.where(step_id >= 0, picked, torch.zeros_like(picked))
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers (no model)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"prm head: {name} must be in [{low}, {high}], got {value}")
+
+
+def _checked_path(path: str) -> str:
+    """`path`; a ConfigError when it names a local path that does not exist (a hub name,
+    which has no leading '/', '.' or '~', is left to the loader)."""
+    if not path:
+        raise ConfigError("prm head: path is empty")
+    local = path.startswith(("/", ".", "~"))
+    if local and not Path(path).expanduser().exists():
+        raise ConfigError(f"prm head: PRM {path} does not exist")
+    return str(Path(path).expanduser()) if local else path
+
+
+def raw_problems(batch: HeadBatch, column: str) -> list[str]:
+    """Each row's problem from the dataset column `column` (or `prompt`, the column
+    `launch/eval_prm.py`'s batches carry, when the rows lack it): a string, or the content of
+    the last user message of a chat-message list. ConfigError naming the column when absent."""
+    values = batch.columns.get(column, batch.columns.get("prompt"))
+    if values is None:
+        raise ConfigError(
+            f"prm head: the rows have no {column!r} column (data.prompt_column) to read the "
+            f"raw problem from; columns: {sorted(batch.columns)}"
+        )
+    out: list[str] = []
+    for value in values:
+        if isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, list):
+            users = [m["content"] for m in value if isinstance(m, dict) and m.get("role") == "user"]
+            if not users:
+                raise RewardError(f"prm head: a {column!r} message list has no user turn")
+            out.append(str(users[-1]))
+        else:
+            raise RewardError(f"prm head: column {column!r} holds {type(value).__name__}, not text")
+    return out
+
+
+def segments(text: str, delimiter: str) -> list[tuple[int, int]]:
+    """Character ranges `[start, end)` of the steps of `text` as the trainer reads them: the
+    segments of `text.split(delimiter)` that are neither empty nor whitespace only."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for piece in text.split(delimiter):
+        if piece and not piece.isspace():
+            out.append((pos, pos + len(piece)))
+        pos += len(piece) + len(delimiter)
+    return out
+
+
+def span_texts(
+    text: str,
+    offsets: Sequence[tuple[int, int]],
+    spans: Sequence[tuple[int, int]],
+    delimiter: str,
+) -> list[str]:
+    """The text of each token span (inclusive, in order): the segments (`segments`) it owns.
+
+    Span h owns the segments from the first one its characters touch up to the next span's
+    first (so a token that runs past a delimiter into the next segment does not move that
+    segment's text; a segment no span starts in joins the span before, as the trainer's
+    rule 3 merges it). Where that reading does not fit (no segment touched, or spans out of
+    order), the span's own characters, stripped of the delimiter and blanks, are its text.
+    """
+    segs = segments(text, delimiter)
+    firsts: list[int | None] = []
+    for a, b in spans:
+        c0, c1 = offsets[a][0], offsets[b][1]
+        firsts.append(next((i for i, (s, e) in enumerate(segs) if s < c1 and e > c0), None))
+    known = [f for f in firsts if f is not None]
+    ordered = len(known) == len(spans) and all(
+        x < y for x, y in zip(known, known[1:], strict=False)
+    )
+    if not ordered:
+        return [
+            text[offsets[a][0] : offsets[b][1]].strip().strip(delimiter).strip() for a, b in spans
+        ]
+    bounds = [*known, len(segs)]
+    return [
+        delimiter.join(text[s:e] for s, e in segs[bounds[h] : bounds[h + 1]])
+        for h in range(len(spans))
+    ]
+
+
+def row_step_texts(tokenizer: Any, batch: HeadBatch, row: int, delimiter: str) -> list[str]:
+    """Step texts of one row, one per step-end token of `batch.step_end[row]`: step h spans
+    the tokens after step h-1's end up to its own (decoded with the trainer's offsets)."""
+    from rl.rollout.steps import decode_offsets
+
+    ends = batch.step_end[row].nonzero().flatten().tolist()
+    if not ends:
+        return []
+    on = (batch.step_id[row] >= 0).nonzero().flatten().tolist()
+    first = on[0] if on else 0
+    n = ends[-1] + 1
+    ids = batch.response_ids[row, :n].tolist()
+    text, offsets = decode_offsets(tokenizer, ids)
+    starts = [first, *(e + 1 for e in ends[:-1])]
+    spans = list(zip(starts, ends, strict=True))
+    return span_texts(text, offsets, spans, delimiter)
+
+
+def pad_steps(probs: Sequence[Sequence[float]]) -> tuple[Tensor, Tensor]:
+    """[B][H_b] -> (p [B, H] float32, step_mask [B, H] float32), valid steps first."""
+    h = max((len(row) for row in probs), default=0)
+    p = torch.zeros(len(probs), h)
+    mask = torch.zeros(len(probs), h)
+    for b, row in enumerate(probs):
+        p[b, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        mask[b, : len(row)] = 1.0
+    return p, mask
+
+
+def prm_metrics(
+    p: Tensor, step_mask: Tensor, threshold: float, keep: Tensor | None
+) -> dict[str, float]:
+    """Mean p over steps, share of steps below `threshold`, mean steps per response and the
+    share of responses the agreement filter drops (0 without it)."""
+    valid = step_mask.bool()
+    n_steps = max(1, int(valid.sum()))
+    rows = max(1, p.shape[0])
+    return {
+        "p_mean": float(p[valid].sum()) / n_steps,
+        "below_threshold_frac": float(((p < threshold) & valid).sum()) / n_steps,
+        "steps_per_response": float(valid.sum()) / rows,
+        "filtered_frac": 0.0 if keep is None else float((~keep).sum()) / rows,
+    }

@@ -1,0 +1,1 @@
+"""Discriminative process reward models: step-label data, the PRM convention, training."""

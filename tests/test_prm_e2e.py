@@ -1,0 +1,50 @@
+"""End-to-end: the `prm` reward head under `deepspeed --num_gpus 2` with ZeRO-3.
+
+The PRM is a tiny random Llama saved with `save_prm`, reading with another tokenizer than the
+policy's (the shipped chat-tiny BPE plus a `<step>` tag, against arith-tiny's characters), so
+every training step re-renders the responses' steps for it. Under ZeRO-3 the PRM is a
+partitioned inference engine, whose forward passes are collective. The agreement filter runs
+with `threshold: 1.0`, where the PRM calls every response with steps wrong: the filter then
+drops exactly the right responses with steps, so its dropped share is at most the accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.launcher import FAST_OVERRIDES, check_ok, launch, read_metrics
+from tests.test_prm_head import build_prm, chat_tokenizer
+
+pytestmark = pytest.mark.e2e
+
+
+def test_prm_head_zero3_two_ranks(tmp_path: Path, model_cache: Path) -> None:
+    prm = build_prm(tmp_path / "prm", chat_tokenizer(), step_tag="<step>")
+    out = tmp_path / "run"
+    kwargs = f"{{path: '{prm}', shaping: min, agreement_filter: true, threshold: 1.0}}"
+    overrides = [
+        *FAST_OVERRIDES,
+        f"output_dir={out}",
+        f"model.cache_dir={model_cache}",
+        f"reward.heads=[{{head: prm, kwargs: {kwargs}}}]",
+        "deepspeed.zero_stage=3",
+        "logging.credit_diagnostics=true",
+    ]
+    check_ok(launch(overrides))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for row in rows[1:]:
+        p_mean = row["head/prm/p_mean"]
+        assert 0.0 < p_mean < 1.0
+        assert row["head/prm/below_threshold_frac"] == pytest.approx(1.0)  # every p < 1.0
+        assert row["head/prm/steps_per_response"] >= 1.0
+        dropped = row["head/prm/filtered_frac"]
+        assert 0.0 <= dropped <= row["reward/arith_mean"] + 1e-6
+        # `min` shaping: r_h = p_h - 1 < 0 on every step, so the process sum is negative
+        assert row["reward/process_sum_mean"] < 0.0
+        # algo.credit: auto -> min_form; its step credit is a share of the advantage
+        assert math.isfinite(row["diag/step_credit_share"])
+        assert row["diag/step_credit_share"] > 0.0, row

@@ -1,0 +1,420 @@
+"""The `prm` reward head on hand-built batches with tiny locally built PRMs (fast, one process).
+
+The cross-tokenizer case: the policy is `arith-tiny` (character tokenizer), the PRM reads with
+the shipped `chat-tiny` byte-level BPE tokenizer plus a `<step>` tag; step h's score must land
+on the policy's step-h end token and equal `step_probabilities` on the re-rendered text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rewards.heads import HeadContext, HeadOutput, RewardHead, checked_score
+from rl.algos.losses import policy_loss
+from rl.algos.prm_shaping import ShapingParams, agreement_keep, shape_step_rewards
+from rl.core.errors import ConfigError, RewardError
+from rl.core.types import HeadBatch, RolloutBatch
+from rl.engine.start_model import SHIPPED_ROOT, build_tokenizer, prompt_text
+from rl.prm.convention import PRMConvention, save_convention, token_ids
+from rl.prm.model import PRMModel, load_prm, save_prm, step_probabilities
+from rl.rollout.steps import head_batch
+from rl.trainer.rewards import drop_rows
+from tests.models import tiny_llama
+
+PROBLEMS = ["3+4*2", "2+3", "1+1+2", "5*5"]
+RESPONSES = [
+    "3+4=7\n7*2=14\nAnswer: 14",  # three steps
+    "Answer: 5",  # one step, no delimiter
+    "1+1=2\n\n2+2=4\n",  # a blank segment and a trailing delimiter: two steps
+    "5*5=25\nAnswer: 25",  # truncated below: no step at all
+]
+STEPS = [["3+4=7", "7*2=14", "Answer: 14"], ["Answer: 5"], ["1+1=2", "2+2=4"], []]
+
+
+def chat_tokenizer() -> Any:
+    """The shipped chat-tiny BPE tokenizer with a one-token `<step>` tag added."""
+    from transformers import AutoTokenizer
+
+    (directory,) = sorted(SHIPPED_ROOT.glob("chat-tiny-*"))
+    tok = AutoTokenizer.from_pretrained(directory)
+    tok.add_special_tokens({"additional_special_tokens": ["<step>"]})
+    return tok
+
+
+def build_prm(out: Path, tokenizer: Any, **convention: Any) -> Path:
+    """A random tiny Llama read as a PRM in `convention`, saved with `save_prm`."""
+    conv = PRMConvention(**convention)
+    lm = tiny_llama(len(tokenizer), max_position_embeddings=256, seed=1)
+    head = torch.nn.Linear(32, 2) if conv.head == "two_class" else None
+    model = PRMModel(lm, conv, token_ids(conv, tokenizer), head)
+    return save_prm(model, tokenizer, out)
+
+
+def policy_batch(tok: Any, truncate_last: bool = True) -> HeadBatch:
+    """The arith-tiny policy's rollouts of RESPONSES, steps cut as the trainer cuts them."""
+    prompts = [prompt_text(tok, p) for p in PROBLEMS]
+    p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    r_ids = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in RESPONSES]
+    tp, tr = max(map(len, p_ids)), max(map(len, r_ids))
+    b = len(PROBLEMS)
+    input_ids = torch.full((b, tp + tr), tok.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((b, tp + tr), dtype=torch.long)
+    response_mask = torch.zeros((b, tr))
+    for i, (p, r) in enumerate(zip(p_ids, r_ids, strict=True)):
+        input_ids[i, tp - len(p) : tp] = torch.tensor(p)
+        input_ids[i, tp : tp + len(r)] = torch.tensor(r)
+        attention[i, tp - len(p) : tp + len(r)] = 1
+        response_mask[i, : len(r)] = 1.0
+    if truncate_last:  # as rollout.mask_truncated leaves a truncated row
+        response_mask[-1] = 0.0
+    rollouts = RolloutBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        response_mask=response_mask,
+        prompt_length=tp,
+        prompts=prompts,
+        completions=list(RESPONSES),
+        columns={"prompt": list(PROBLEMS), "answer": ["14", "5", "4", "25"]},
+        group_size=2,
+    )
+    return head_batch(tok, rollouts, "\n")
+
+
+def context(tokenizer: Any, verifier: Any = None) -> HeadContext:
+    return HeadContext(
+        cfg=None,
+        dist=None,
+        tokenizer=tokenizer,
+        policy_path="",
+        ds_config={},
+        micro_batch_size=3,
+        local_batch_size=len(PROBLEMS),
+        verifier=verifier,
+    )
+
+
+def make_head(path: Path, policy_tok: Any, verifier: Any = None, **kwargs: Any) -> Any:
+    from rewards.build import resolve_head
+
+    head = resolve_head("prm", {"path": str(path), **kwargs})
+    head.setup(context(policy_tok, verifier))
+    return head
+
+
+def expected_probs(path: Path, overrides: dict[str, Any] | None = None) -> list[list[float]]:
+    """`step_probabilities` of the PRM on the raw problems and the hand-written steps, one
+    solution at a time (no padding)."""
+    model, tok = load_prm(path, overrides=overrides)
+    return [
+        step_probabilities(model, tok, [p], [s])[0] for p, s in zip(PROBLEMS, STEPS, strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def policy_tok() -> Any:
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat_prm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prm") / "chat_prm"
+    return build_prm(out, chat_tokenizer(), step_tag="<step>", prompt_format="plain")
+
+
+def test_step_texts_follow_the_trainers_steps(chat_prm: Path, policy_tok: Any) -> None:
+    batch = policy_batch(policy_tok)
+    assert batch.step_end.sum(dim=1).tolist() == [3, 1, 2, 0]
+    head = make_head(chat_prm, policy_tok)
+    problems, steps = head.step_texts(batch)
+    assert problems == PROBLEMS  # the raw problems, not the chat-templated prompts
+    assert steps == STEPS
+
+
+def test_cross_tokenizer_scores_land_on_policy_step_ends(chat_prm: Path, policy_tok: Any) -> None:
+    _, prm_tok = load_prm(chat_prm)
+    assert prm_tok.get_vocab() != policy_tok.get_vocab()  # really another tokenizer
+    batch = policy_batch(policy_tok)
+    head = make_head(chat_prm, policy_tok, shaping="prob")
+    out = checked_score(head, batch)
+    want = expected_probs(chat_prm)
+    for b, probs in enumerate(want):
+        ends = batch.step_end[b].nonzero().flatten()
+        assert len(ends) == len(probs)
+        torch.testing.assert_close(
+            out.token_rewards[b, ends], torch.tensor(probs), atol=1e-5, rtol=0
+        )
+        off = torch.ones_like(out.token_rewards[b], dtype=torch.bool)
+        off[ends] = False
+        assert bool((out.token_rewards[b, off] == 0).all())
+    assert out.keep is None
+    flat = [p for row in want for p in row]
+    assert out.metrics["p_mean"] == pytest.approx(sum(flat) / len(flat), abs=1e-5)
+    assert out.metrics["steps_per_response"] == pytest.approx(6 / 4)
+    below = sum(p < 0.5 for p in flat) / len(flat)
+    assert out.metrics["below_threshold_frac"] == pytest.approx(below)
+    assert out.metrics["filtered_frac"] == 0.0
+
+
+@pytest.mark.parametrize("shaping", ["min", "clip", "delta", "first_error"])
+def test_each_shaping_on_step_ends(chat_prm: Path, policy_tok: Any, shaping: str) -> None:
+    batch = policy_batch(policy_tok)
+    kwargs = {"eta": 0.6, "threshold": 0.55, "penalty": 2.0}
+    head = make_head(chat_prm, policy_tok, shaping=shaping, **kwargs)
+    out = checked_score(head, batch)
+    p, mask = head.step_probs(batch)
+    want = shape_step_rewards(shaping, p, mask, ShapingParams(**kwargs))  # [B, H]
+    got = out.token_rewards[batch.step_end.bool()]
+    torch.testing.assert_close(got, want[mask.bool()], atol=1e-6, rtol=0)
+
+
+def test_default_credit_follows_the_shaping(chat_prm: Path) -> None:
+    from rewards.build import resolve_head
+
+    credits = {
+        s: resolve_head("prm", {"path": str(chat_prm), "shaping": s}).default_credit
+        for s in ("prob", "min", "clip", "delta", "first_error")
+    }
+    assert credits == {
+        "prob": "pav",
+        "min": "min_form",
+        "clip": "pav",
+        "delta": "sum",
+        "first_error": "pav",
+    }
+
+
+def test_step_values_are_p_on_each_steps_tokens(chat_prm: Path, policy_tok: Any) -> None:
+    batch = policy_batch(policy_tok)
+    head = make_head(chat_prm, policy_tok)
+    values = head.step_values(batch)
+    want = expected_probs(chat_prm)
+    for b, probs in enumerate(want):
+        for h, p in enumerate(probs):
+            on = batch.step_id[b] == h
+            torch.testing.assert_close(
+                values[b, on], torch.full((int(on.sum()),), p), atol=1e-5, rtol=0
+            )
+        assert bool((values[b, batch.step_id[b] < 0] == 0).all())
+
+
+def test_two_class_prm_with_chat_prompt_override(tmp_path: Path, policy_tok: Any) -> None:
+    """A `two_class` PRM saved with a plain prompt format, read with `prompt_format: chat`
+    from the head's options: the head uses the overridden convention."""
+    tok = chat_tokenizer()
+    path = build_prm(tmp_path / "p", tok, step_tag="<step>", head="two_class")
+    batch = policy_batch(policy_tok)
+    head = make_head(path, policy_tok, shaping="prob", prompt_format="chat")
+    assert head.convention.prompt_format == "chat"
+    out = checked_score(head, batch)
+    want = expected_probs(path, {"prompt_format": "chat"})
+    plain = expected_probs(path)
+    assert want != plain  # the prompt format changes what the PRM reads
+    got = [out.token_rewards[b, batch.step_end[b].bool()].tolist() for b in range(4)]
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=1e-5)
+
+
+def test_off_the_shelf_prm_with_step_tag_option(tmp_path: Path, policy_tok: Any) -> None:
+    """A PRM directory without a saved convention loads when the options give the tag."""
+    tok = chat_tokenizer()
+    path = build_prm(tmp_path / "p", tok, step_tag="<step>")
+    (path / "prm_convention.json").unlink()
+    with pytest.raises(ConfigError, match="step_tag"):
+        make_head(path, policy_tok)
+    head = make_head(path, policy_tok, step_tag="<step>", shaping="prob")
+    out = checked_score(head, policy_batch(policy_tok))
+    first = out.token_rewards[0, policy_batch(policy_tok).step_end[0].bool()]
+    assert first.tolist() == pytest.approx(
+        expected_probs(path, {"step_tag": "<step>"})[0], abs=1e-5
+    )
+
+
+def test_agreement_filter_drops_disagreeing_rows(chat_prm: Path, policy_tok: Any) -> None:
+    batch = policy_batch(policy_tok)
+    plain = make_head(chat_prm, policy_tok, shaping="prob")
+    p, mask = plain.step_probs(batch)
+    mean = (p * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B]
+    threshold = float(mean[:3].median())
+    prm_right = mean >= threshold
+    # outcomes agree with the PRM on rows 0 and 2, disagree on row 1; row 3 has no step
+    outcome = torch.tensor([float(prm_right[0]), float(~prm_right[1]), float(prm_right[2]), 0.0])
+    calls: list[int] = []
+
+    def verifier(
+        prompts: list[str], completions: list[str], columns: dict[str, Any]
+    ) -> torch.Tensor:
+        calls.append(len(prompts))
+        return outcome
+
+    head = make_head(
+        chat_prm, policy_tok, verifier, agreement_filter=True, threshold=threshold, shaping="prob"
+    )
+    out = checked_score(head, batch)
+    assert calls == [4]
+    assert out.keep is not None
+    assert out.keep.tolist() == [True, False, True, True]
+    assert out.keep.tolist() == agreement_keep(outcome, p, mask, threshold).tolist()
+    assert out.metrics["filtered_frac"] == pytest.approx(0.25)
+    # the filter does not change the step rewards themselves
+    torch.testing.assert_close(out.token_rewards, checked_score(plain, batch).token_rewards)
+
+
+def test_agreement_filter_needs_the_verifier(chat_prm: Path, policy_tok: Any) -> None:
+    head = make_head(chat_prm, policy_tok, agreement_filter=True)
+    with pytest.raises(ConfigError, match="agreement_filter needs the trainer's outcome verifier"):
+        head.score(policy_batch(policy_tok))
+
+
+def test_dropped_row_contributes_no_gradient(policy_tok: Any) -> None:
+    """`drop_rows` (the trainer's hook for `keep`) zeroes a row's mask: the policy loss then
+    has no gradient on it, and the kept rows' gradients are those of a batch without it."""
+    batch = policy_batch(policy_tok, truncate_last=False)
+    keep = torch.tensor([True, False, True, True])
+    drop_rows(batch, keep)
+    assert float(batch.response_mask[1].sum()) == 0.0
+    torch.manual_seed(0)
+    shape = batch.response_mask.shape
+    old = -torch.rand(shape)
+    adv = torch.randn(shape)
+
+    def grads(rows: list[int]) -> torch.Tensor:
+        logp = (old + 0.1 * torch.randn(shape, generator=torch.Generator().manual_seed(1)))[rows]
+        logp = logp.clone().requires_grad_(True)
+        mask = batch.response_mask[rows]
+        loss, _ = policy_loss(
+            logp, old[rows], None, adv[rows], mask, clip_low=0.2, clip_high=0.2, kl_coef=0.0,
+            mode="token_mean", global_tokens=float(mask.sum()), global_seqs=float(len(rows)),
+        )  # fmt: skip
+        loss.backward()
+        assert logp.grad is not None
+        return logp.grad
+
+    full = grads([0, 1, 2, 3])
+    assert float(full[1].abs().sum()) == 0.0
+    assert float(full[0].abs().sum()) > 0.0
+    torch.testing.assert_close(full[[0, 2, 3]], grads([0, 2, 3]))
+
+
+def test_checked_score_validates_keep() -> None:
+    class BadKeep(RewardHead):
+        name = "bad_keep"
+
+        def score(self, batch: HeadBatch) -> HeadOutput:
+            return HeadOutput(torch.zeros(batch.response_mask.shape), keep=torch.ones(2))
+
+    batch = policy_batch(build_tokenizer())
+    with pytest.raises(RewardError, match="keep of the wrong shape"):
+        checked_score(BadKeep(), batch)
+
+
+def test_pipeline_keeps_rows_every_head_keeps() -> None:
+    """`RewardPipeline.score` ANDs the heads' `keep` into `Scored.keep` (None when no head
+    filters); `drop_rows` then zeroes the dropped rows' response masks."""
+    from rewards.base import RewardSpec
+    from rewards.build import build_reward_fns
+    from rl.trainer.rewards import RewardPipeline
+
+    class Keep(RewardHead):
+        def __init__(self, name: str, keep: list[bool] | None) -> None:
+            self.name, self.keep = name, keep
+
+        def score(self, batch: HeadBatch) -> HeadOutput:
+            keep = None if self.keep is None else torch.tensor(self.keep)
+            return HeadOutput(torch.zeros(batch.response_mask.shape), keep=keep)
+
+    tok = build_tokenizer()
+    fns = build_reward_fns([RewardSpec("arith")])
+    heads: list[tuple[RewardHead, float]] = [
+        (Keep("a", [True, False, True, True]), 1.0),
+        (Keep("b", None), 1.0),
+        (Keep("c", [True, True, False, True]), 1.0),
+    ]
+    batch = policy_batch(tok, truncate_last=False)
+    scored = RewardPipeline(fns, heads, tok, "\n").score(batch)
+    assert scored.keep is not None and scored.keep.tolist() == [True, False, False, True]
+    drop_rows(batch, scored.keep)
+    assert (batch.response_mask.sum(dim=1) > 0).tolist() == [True, False, False, True]
+    assert RewardPipeline(fns, heads[1:2], tok, "\n").score(batch).keep is None
+
+
+def test_span_texts_with_a_token_across_the_delimiter() -> None:
+    """A token that runs from the end of one step into the next ('.\\nThe') belongs to the
+    earlier step (the trainer's rule 1); the PRM still reads each step's own text."""
+    from rewards.prm_head import span_texts
+
+    text = "a=1.\nThe b=2\nc"
+    pieces = ["a=1", ".\nThe", " b=2", "\n", "c"]
+    offsets, pos = [], 0
+    for piece in pieces:
+        offsets.append((pos, pos + len(piece)))
+        pos += len(piece)
+    assert span_texts(text, offsets, [(0, 1), (2, 3), (4, 4)], "\n") == ["a=1.", "The b=2", "c"]
+    # a step no span starts in (rule 3) joins the span before, delimiter kept
+    assert span_texts("x\ny\nz", [(0, 3), (3, 4), (4, 5)], [(0, 1), (2, 2)], "\n") == [
+        "x\ny",
+        "z",
+    ]
+
+
+def test_raw_problems_from_messages() -> None:
+    from rewards.prm_head import raw_problems
+
+    batch = policy_batch(build_tokenizer())
+    batch.columns["msgs"] = [
+        [{"role": "system", "content": "s"}, {"role": "user", "content": f"q{i}"}] for i in range(4)
+    ]
+    assert raw_problems(batch, "msgs") == ["q0", "q1", "q2", "q3"]
+    assert raw_problems(batch, "question") == PROBLEMS  # absent: the `prompt` column
+    del batch.columns["prompt"]
+    with pytest.raises(ConfigError, match="'question'"):
+        raw_problems(batch, "question")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"shaping": "minimum"}, ["'minimum'", "clip", "delta", "first_error", "min", "prob"]),
+        ({"eta": 1.5}, ["eta", "1.5"]),
+        ({"threshold": -0.1}, ["threshold", "-0.1"]),
+        ({"penalty": 0.0}, ["penalty", "0.0"]),
+        ({"micro_batch_size": 0}, ["micro_batch_size", "0"]),
+        ({"agreement_reduce": "median"}, ["'median'"]),
+        ({"head": "three_class"}, ["'three_class'"]),
+        ({"prompt_format": "markdown"}, ["'markdown'"]),
+        ({"good_token": "x", "bad_token": "x"}, ["'x'"]),
+        ({"shapeing": "min"}, ["shapeing"]),
+    ],
+)
+def test_bad_options_fail_before_any_model_work(
+    tmp_path: Path, kwargs: dict[str, Any], named: list[str]
+) -> None:
+    """A PRM directory that holds only a convention (no weights, no tokenizer): every bad
+    option is a one-line ConfigError naming the value at construction."""
+    from rewards.build import resolve_head
+
+    save_convention(PRMConvention(step_tag="<step>"), tmp_path)
+    with pytest.raises(ConfigError) as err:
+        resolve_head("prm", {"path": str(tmp_path), **kwargs})
+    message = str(err.value)
+    assert "\n" not in message
+    for part in named:
+        assert part in message, message
+
+
+def test_missing_path_and_missing_tag(tmp_path: Path) -> None:
+    from rewards.build import resolve_head
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_head("prm", {"path": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match="no step_tag"):
+        resolve_head("prm", {"path": str(tmp_path)})  # no convention, no step_tag option
+
+
+def test_multi_token_step_tag_is_a_one_line_error(chat_prm: Path, policy_tok: Any) -> None:
+    with pytest.raises(ConfigError) as err:
+        make_head(chat_prm, policy_tok, step_tag="<no-such-tag>")
+    assert "'<no-such-tag>'" in str(err.value) and "\n" not in str(err.value)
