@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
     samples = search.whole_solutions(s.problems, s.sampler, k)
     problems = [p for p, group in zip(s.problems, samples, strict=True) for _ in group]
     flat = [ids for group in samples for ids in group]
-    values = s.scorer.values(problems, flat)
+    values = s.scorer.values(problems, flat, keep=False)
     exact = search.ExactScorer(s.sampler.tokenizer, modulus).values(problems, flat)
     texts = [s.sampler.tokenizer.decode(ids, skip_special_tokens=True) for ids in flat]
     columns = {"answer": [p.answer for p in problems], "prompt": [p.prompt for p in problems]}

@@ -4,11 +4,19 @@ vote and PAV's step-level beam search (rl/eval/search.py).
     python launch/search.py --config configs/quickstart.yaml --head pav \\
         --head-kwargs '{path: runs/pav/verifier}' [--policy PATH] [--budgets 4,8,16] \\
         [--strategies best_of_n,majority,beam] [--beam-width W] [--alpha 0.5] \\
-        [--prover-k 4] [--n 128] [--split eval] [--out DIR] [--quick] [key=value ...]
+        [--prover-k 4] [--n 128] [--split eval] [--scorer-cache on|off] [--out DIR] \\
+        [--quick] [key=value ...]
 
 --head: the scorer, a registered head or `package.module:ClassName` with --head-kwargs (a
 PAV verifier gives Q^pi), or `exact`: the built-in task's exact step labels (the upper
-bound of any verifier). --policy: the checkpoint to search with (default `model.path`).
+bound of any verifier). A discriminative PRM is `--head prm --head-kwargs '{path: DIR}'`
+(`rewards/prm_head.py`; its own tokenizer and step tag, docs/search.md). --policy: the
+checkpoint to search with (default `model.path`).
+--scorer-cache: `on` reads every verifier token once, each candidate's new step on top of its
+beam's cached keys and values (`rl/eval/cached_scoring.py`; heads `prm` and `pav`), `off`
+re-reads every candidate whole through the head (the reference); default: on where the head
+supports it. Both give the same values (fp32, 1e-5); verifier tokens are the tokens the
+verifier's model reads, in its own tokenizer.
 A budget B is the samples per problem of best-of-N and majority vote, and the candidates
 per step of beam search (width W times E expansions, W * E = B; W defaults to the largest
 power of two with W^2 <= B), so all strategies sample about B solutions' worth of tokens;
@@ -42,6 +50,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "generated_tokens_per_problem",
     "verifier_tokens_per_problem",
     "problems",
+    "scorer_cache",
 )
 
 
@@ -58,6 +67,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=32, help="beam search iterations")
     parser.add_argument("--n", type=int, default=128, help="problems")
     parser.add_argument("--split", default="eval", help="split of data.eval")
+    parser.add_argument(
+        "--scorer-cache",
+        default=None,
+        help="on: cached prefixes (prm, pav); off: re-read every candidate (default: on where "
+        "supported)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/search"))
     parser.add_argument("--quick", action="store_true", help="8 problems, budgets 2,4")
     return parser.parse_args(argv)
@@ -85,18 +100,22 @@ def checked_options(args: argparse.Namespace) -> tuple[list[int], list[str]]:
         raise ConfigError(f"--prover-k must be >= 1, got {args.prover_k}")
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
+    if args.scorer_cache not in (None, "on", "off"):
+        raise ConfigError(f"--scorer-cache: expected on or off, got {args.scorer_cache!r}")
     return budgets, strategies
 
 
 def make_scorer(args: argparse.Namespace, cfg: Any, dist: Any, tokenizer: Any, path: str) -> Any:
-    """The scorer of --head (ExactScorer or a HeadScorer around the built head)."""
+    """The scorer of --head: ExactScorer, a CachedScorer over the built head where it has a
+    cached reader and --scorer-cache is not off, else a HeadScorer (re-reads every row)."""
     from launch.eval_prm import build_head, head_spec
     from rl.core.errors import ConfigError
+    from rl.eval.cached_scoring import CachedScorer, reader_for
     from rl.eval.search import ExactScorer, HeadScorer
     from rl.tasks.arith import ArithConfig
 
     delimiter = cfg.reward.step_delimiter
-    if args.head == "exact":
+    if args.head == "exact":  # no model: nothing to cache
         if not cfg.data.eval.startswith("builtin:arith"):
             raise ConfigError(
                 f"--head exact: exact step labels exist for the built-in task only "
@@ -108,7 +127,18 @@ def make_scorer(args: argparse.Namespace, cfg: Any, dist: Any, tokenizer: Any, p
     head = build_head(
         spec, kwargs, cfg=cfg, dist=dist, tokenizer=tokenizer, policy_path=path, batch_size=batch
     )
-    return HeadScorer(head, tokenizer, tokenizer.pad_token_id, delimiter, batch)
+    reference = HeadScorer(head, tokenizer, tokenizer.pad_token_id, delimiter, batch)
+    if args.scorer_cache == "off":
+        return reference
+    reader = reader_for(head, tokenizer, tokenizer.pad_token_id, delimiter)
+    if reader is None:
+        if args.scorer_cache == "on":
+            raise ConfigError(
+                f"--scorer-cache on: head {spec!r} has no cached reader (supported: prm, pav "
+                "with terminal: verifier); use --scorer-cache off"
+            )
+        return reference
+    return CachedScorer(reader, tokenizer.pad_token_id, batch)
 
 
 @dataclass
@@ -205,10 +235,21 @@ def search_budget(
                 "generated_tokens_per_problem": out.compute.generated_tokens / n,
                 "verifier_tokens_per_problem": out.compute.verifier_tokens / n,
                 "problems": n,
+                "scorer_cache": scorer_cache_state(s.scorer),
             }
         )
         print(format_row(rows[-1]), flush=True)
     return rows
+
+
+def scorer_cache_state(scorer: Any) -> str:
+    """`on` for a cached scorer, `off` for one that re-reads, `-` for one without a model."""
+    from rl.eval.cached_scoring import CachedScorer
+    from rl.eval.search import HeadScorer
+
+    if isinstance(scorer, CachedScorer):
+        return "on"
+    return "off" if isinstance(scorer, HeadScorer) else "-"
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -227,6 +268,7 @@ def format_row(row: dict[str, Any]) -> str:
         f"{row['strategy']}{shape} budget {row['budget']}: accuracy {100 * row['accuracy']:.1f}% "
         f"| {row['generated_tokens_per_problem']:.0f} policy tokens/problem "
         f"| {row['verifier_tokens_per_problem']:.0f} verifier tokens/problem"
+        f" (cache {row['scorer_cache']})"
     )
 
 

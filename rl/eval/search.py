@@ -12,10 +12,14 @@ whose value after its last step is highest (the verifier read at the last token:
 outcome verifier), majority vote keeps the most common final answer (no verifier).
 
 `Q^pi` after each step comes from a `Scorer`: any reward head's `step_values` read at step
-ends (`HeadScorer`; a PAV verifier gives its `Q^pi`), or the built-in task's exact labels
+ends (`HeadScorer`; a PAV verifier gives its `Q^pi`, a `prm` head its step P(good)), the
+same read from cached prefixes (`rl.eval.cached_scoring.CachedScorer`: each candidate's new
+step on top of its beam's cached keys and values), or the built-in task's exact labels
 (`ExactScorer`: 1 while every step is right, 0 from the first wrong one; the upper bound
 of any verifier, at no cost). Compute is counted in policy tokens generated and, apart, in
-tokens the verifier reads (`Compute`), so strategies are compared at matched compute.
+tokens the verifier reads, in its own tokenizer (`Compute`), so strategies are compared at
+matched compute. After each round beam search tells the scorer which beams it keeps
+(`Scorer.retain`), so a cached scorer holds the caches of the live beams only.
 
 Generation is batched over problems and beams (`Sampler`, transformers `generate`); a step
 is sampled until the step delimiter or EOS. Runs in one process on the CPU or one GPU.
@@ -156,10 +160,17 @@ class Scorer(Protocol):
     """Q^pi after each complete step of partial or finished responses."""
 
     def values(
-        self, problems: Sequence[Problem], responses: Sequence[list[int]]
+        self, problems: Sequence[Problem], responses: Sequence[list[int]], keep: bool = True
     ) -> list[list[float]]:
         """One list per response: the value after each of its steps (a step is complete
-        when it ends with the delimiter or EOS). Adds what it reads to `self.compute`."""
+        when it ends with the delimiter or EOS). Adds what it reads to `self.compute`.
+        `keep`: the rows may be extended later (a cached scorer keeps their caches until
+        `retain`); False for whole solutions that are only ranked."""
+        ...
+
+    def retain(self, problems: Sequence[Problem], responses: Sequence[list[int]]) -> None:
+        """Keep what was cached for these rows (the beams that will be extended), drop the
+        rest; nothing to do for a scorer without a cache."""
         ...
 
     compute: Compute
@@ -176,7 +187,7 @@ class ExactScorer:
         self.compute = Compute()
 
     def values(
-        self, problems: Sequence[Problem], responses: Sequence[list[int]]
+        self, problems: Sequence[Problem], responses: Sequence[list[int]], keep: bool = True
     ) -> list[list[float]]:
         out = []
         for problem, ids in zip(problems, responses, strict=True):
@@ -191,9 +202,50 @@ class ExactScorer:
             out.append(values)
         return out
 
+    def retain(self, problems: Sequence[Problem], responses: Sequence[list[int]]) -> None:
+        """Nothing is cached."""
+
+
+def solutions_batch(
+    problems: Sequence[Problem],
+    responses: Sequence[list[int]],
+    tokenizer: Any,
+    pad_id: int,
+    delimiter: str = "\n",
+) -> HeadBatch:
+    """Rows (problem i's prompt + response i) as a `HeadBatch` a reward head scores: prompts
+    left padded [B, Tp], responses right padded [B, Tr], step ends by the trainer's rule."""
+    prompt_ids, prompt_mask = left_pad([p.prompt_ids for p in problems], pad_id)  # [B, Tp]
+    width = max(1, max(len(r) for r in responses))
+    response_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)  # [B, Tr]
+    response_mask = torch.zeros((len(responses), width))
+    for b, ids in enumerate(responses):
+        response_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        response_mask[b, : len(ids)] = 1.0
+    spans = [response_step_spans(tokenizer, ids, delimiter) for ids in responses]
+    step_end, step_id = batch_step_tensors(spans, width)
+    return HeadBatch(
+        input_ids=torch.cat([prompt_ids, response_ids], dim=1),  # [B, Tp + Tr]
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+        response_mask=response_mask,
+        prompt_length=int(prompt_ids.shape[1]),
+        step_id=step_id,
+        step_end=step_end,
+        completions=[tokenizer.decode(r, skip_special_tokens=True) for r in responses],
+        group_size=1,
+        prompts=[tokenizer.decode(p.prompt_ids) for p in problems],
+        columns={
+            "prompt": [p.prompt for p in problems],
+            "answer": [p.answer for p in problems],
+        },
+    )
+
 
 class HeadScorer:
-    """A reward head's `step_values` read at step ends (a PAV verifier gives its Q^pi)."""
+    """A reward head's `step_values` read at step ends (a PAV verifier gives its Q^pi, a
+    `prm` head its P(good)), every row read whole: the reference for `CachedScorer`
+    (`rl.eval.cached_scoring`). Verifier tokens are the tokens the head's model reads, in its
+    own tokenizer where the cached scorer knows the head (`reader_for`), else the policy's."""
 
     def __init__(
         self,
@@ -214,37 +266,28 @@ class HeadScorer:
         self.delimiter = delimiter
         self.batch_size = batch_size
         self.compute = Compute()
+        from rl.eval.cached_scoring import reader_for
+
+        self.reader = reader_for(head, tokenizer, pad_id, delimiter)
+
+    def tokens_read(
+        self, problems: Sequence[Problem], responses: Sequence[list[int]], batch: HeadBatch
+    ) -> int:
+        """Tokens the head's model reads for these rows (no padding)."""
+        if self.reader is None:
+            return int(batch.attention_mask.sum())
+        return sum(len(r.ids) for r in self.reader.render(problems, responses))
 
     def head_batch(self, problems: Sequence[Problem], responses: Sequence[list[int]]) -> HeadBatch:
         """The rows as a `HeadBatch`, step ends by the trainer's rule."""
-        prompt_ids, prompt_mask = left_pad([p.prompt_ids for p in problems], self.pad_id)
-        width = max(1, max(len(r) for r in responses))
-        response_ids = torch.full((len(responses), width), self.pad_id, dtype=torch.long)
-        response_mask = torch.zeros((len(responses), width))
-        for b, ids in enumerate(responses):
-            response_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            response_mask[b, : len(ids)] = 1.0
-        spans = [response_step_spans(self.tokenizer, ids, self.delimiter) for ids in responses]
-        step_end, step_id = batch_step_tensors(spans, width)
-        return HeadBatch(
-            input_ids=torch.cat([prompt_ids, response_ids], dim=1),
-            attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
-            response_mask=response_mask,
-            prompt_length=int(prompt_ids.shape[1]),
-            step_id=step_id,
-            step_end=step_end,
-            completions=[self.tokenizer.decode(r, skip_special_tokens=True) for r in responses],
-            group_size=1,
-            prompts=[self.tokenizer.decode(p.prompt_ids) for p in problems],
-            columns={
-                "prompt": [p.prompt for p in problems],
-                "answer": [p.answer for p in problems],
-            },
-        )
+        return solutions_batch(problems, responses, self.tokenizer, self.pad_id, self.delimiter)
+
+    def retain(self, problems: Sequence[Problem], responses: Sequence[list[int]]) -> None:
+        """Nothing is cached between calls."""
 
     @torch.no_grad()
     def values(
-        self, problems: Sequence[Problem], responses: Sequence[list[int]]
+        self, problems: Sequence[Problem], responses: Sequence[list[int]], keep: bool = True
     ) -> list[list[float]]:
         from rl.eval.prm import head_step_values
 
@@ -252,7 +295,7 @@ class HeadScorer:
         for start in range(0, len(responses), self.batch_size):
             rows = slice(start, start + self.batch_size)
             batch = self.head_batch(problems[rows], responses[rows])
-            self.compute.verifier_tokens += int(batch.attention_mask.sum())
+            self.compute.verifier_tokens += self.tokens_read(problems[rows], responses[rows], batch)
             values, step_mask = head_step_values(self.head, batch)  # [B, H]
             counts = step_mask.sum(dim=1).long().tolist()
             out += [values[b, :n].tolist() for b, n in enumerate(counts)]
@@ -368,7 +411,8 @@ def best_of_n_and_majority(
     texts = [[decode(s, skip_special_tokens=True) for s in group] for group in samples]
     flat_problems = [p for p, group in zip(problems, samples, strict=True) for _ in group]
     before = scorer.compute.verifier_tokens
-    values = scorer.values(flat_problems, [s for group in samples for s in group])
+    values = scorer.values(flat_problems, [s for group in samples for s in group], keep=False)
+    scorer.retain([], [])
     read = scorer.compute.verifier_tokens - before
     best, vote = [], []
     for i, group in enumerate(texts):
@@ -418,6 +462,9 @@ def beam_search(
         for i in range(len(problems)):
             pool = [b for b in beams[i] if b.finished] + [c for c in children if c.problem == i]
             beams[i] = keep_best(pool, width)
+        growing = [b for group in beams for b in group if not b.finished]
+        scorer.retain([problems[b.problem] for b in growing], [b.ids for b in growing])
+    scorer.retain([], [])
     chosen = []
     for group in beams:
         finished = [b for b in group if b.finished] or group

@@ -1,0 +1,280 @@
+"""Learned-PRM benchmark, part 1: PRM quality against the number of teacher labels.
+
+    .venv/bin/python benchmarks/learned_prm.py data  [--regime NAME] [--pool-prompts 512] ...
+    .venv/bin/python benchmarks/learned_prm.py curve [--regime NAME] [--budgets 0.01,...] \\
+        [--selections uniform,uncertainty] [--seeds 3] [prm.KEY=VALUE ...]
+    .venv/bin/python benchmarks/learned_prm.py summary
+
+`data` samples solutions from a start policy (configs/quickstart.yaml's, or a regime's from
+benchmarks/regimes.py) with `launch/make_prm_data.py --labeler exact` under
+`deepspeed --num_gpus 2`, on three prompt splits: the **pool** (train split: the labels a
+teacher could sell), the **validation** set (validation split: picks each PRM's epoch) and
+the **test** set (eval split: every number reported). The `exact` labels stand for a strong
+teacher or judge; each one bought counts as one teacher label.
+
+`curve` trains a PRM from the start policy (`rl.prm.active.train_with_budget`, one process)
+for every selection rule (`uniform`: a random draw; `uncertainty`: ActPRM's ensemble ranking),
+budget (a share of the pool's solutions) and seed, then scores it on the test set: step AUC
+and ProcessBench first-error F1 at p = 0.5 (`rl.prm.fitting.prm_scores`). One JSON line per
+run in `<results>/<name>/label_curve.jsonl`; a rerun skips the runs done, so a killed curve
+resumes. PRM settings (`prm.epochs`, `prm.lr`, ...) are `prm.KEY=VALUE` overrides and are
+recorded with each row: choose them on the validation numbers (`val_f1` in each row), never
+on the test set.
+
+`summary` writes `<results>/summary.json` (`label_curve` rows: `selection`, `budget_frac`,
+`teacher_labels`, `seed`, `f1`, `auc`, plus the setup) and `label_curve.md`: the mean and
+spread over seeds per budget, and the ActPRM fraction (the smallest budget at which active
+selection matches uniform selection's full-pool F1, as a share of the pool's labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.launching import free_port, prebuild_start_model, start_model_line  # noqa: E402
+
+CONFIG = "configs/quickstart.yaml"
+RESULTS = REPO / "benchmarks" / "results" / "learned_prm"
+RUNS = REPO / "benchmarks" / "runs" / "learned_prm"
+SPLITS: dict[str, str] = {"pool": "train", "val": "validation", "test": "eval"}
+"""Dataset role -> prompt split of the task."""
+BUDGETS = (0.01, 0.03, 0.1, 0.3, 1.0)
+SELECTIONS = ("uniform", "uncertainty")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("action", choices=("data", "curve", "summary"))
+    parser.add_argument("--regime", default=None, help="a benchmarks/regimes.py regime")
+    parser.add_argument("--pool-prompts", type=int, default=512)
+    parser.add_argument("--val-prompts", type=int, default=64)
+    parser.add_argument("--test-prompts", type=int, default=256)
+    parser.add_argument("--samples-per-prompt", type=int, default=4)
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    parser.add_argument("--selections", default=",".join(SELECTIONS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--runs-dir", type=Path, default=RUNS)
+    parser.add_argument("overrides", nargs="*", help="prm.KEY=VALUE settings of the PRM")
+    return parser.parse_intermixed_args(argv)
+
+
+def regime_overrides(name: str | None) -> list[str]:
+    """The regime's task and start-model overrides (none: the quickstart's task)."""
+    if name is None:
+        return []
+    from benchmarks.regimes import regime
+
+    return list(regime(name).overrides)
+
+
+def setup_name(args: argparse.Namespace) -> str:
+    return args.regime or "quickstart"
+
+
+def data_dir(args: argparse.Namespace, role: str) -> Path:
+    return args.runs_dir / setup_name(args) / "data" / role
+
+
+def make_data(args: argparse.Namespace) -> None:
+    """Sample and exactly label the pool, validation and test solutions (resumable)."""
+    overrides = regime_overrides(args.regime)
+    prebuild_start_model(CONFIG, overrides)  # built once, outside the timed launches
+    prompts = {"pool": args.pool_prompts, "val": args.val_prompts, "test": args.test_prompts}
+    script = Path(sys.executable).parent / "deepspeed"
+    for role, split in SPLITS.items():
+        out = data_dir(args, role)
+        cmd = [str(script), "--num_gpus", "2", "--master_port", str(free_port())]
+        cmd += ["launch/make_prm_data.py", "--config", CONFIG, "--labeler", "exact"]
+        cmd += ["--out", str(out), "--split", split, "--prompts", str(prompts[role])]
+        cmd += ["--samples-per-prompt", str(args.samples_per_prompt), *overrides]
+        cmd += ["logging.progress_bar=false"]
+        print(f"data {role}: {' '.join(cmd[3:])}", flush=True)
+        subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def parse_prm_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`prm.KEY=VALUE` -> {KEY: value} (YAML scalars); ValueError naming anything else."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("prm."):
+            raise ValueError(f"override {item!r}: expected prm.KEY=VALUE")
+        out[key.removeprefix("prm.")] = yaml.safe_load(value)
+    return out
+
+
+def run_key(row: dict[str, Any]) -> tuple[str, float, int, str]:
+    return (row["selection"], float(row["budget_frac"]), int(row["seed"]), row["settings"])
+
+
+def curve(args: argparse.Namespace) -> None:
+    """Train and test one PRM per (selection, budget, seed); append rows as they finish."""
+    from dataclasses import replace
+
+    from rl.config import PRMConfig
+    from rl.prm.active import train_with_budget
+    from rl.prm.data import read_step_dataset
+    from rl.prm.fitting import prm_scores
+    from rl.prm.model import load_prm, step_probabilities
+
+    start = prebuild_start_model(CONFIG, regime_overrides(args.regime))
+    assert start is not None
+    pool, val, test = (read_step_dataset(data_dir(args, r)) for r in ("pool", "val", "test"))
+    settings = parse_prm_overrides(args.overrides)
+    prm = replace(PRMConfig(), **settings)
+    settings_key = json.dumps(settings, sort_keys=True)
+    out = args.results / setup_name(args)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_file = out / "label_curve.jsonl"
+    done = {run_key(r) for r in read_rows(rows_file)}
+    budgets = [float(b) for b in args.budgets.split(",")]
+    for selection in args.selections.split(","):
+        for budget in budgets:
+            for seed in range(args.seeds):
+                key = (selection, budget, seed, settings_key)
+                if key in done:
+                    continue
+                t0 = time.perf_counter()
+                prm_dir = args.runs_dir / setup_name(args) / "prms" / f"{selection}_{budget}_{seed}"
+                fit = train_with_budget(
+                    pool,
+                    budget,
+                    selection,
+                    seed,
+                    model_path=start,
+                    val_examples=val,
+                    prm=prm,
+                    out_dir=prm_dir,
+                )
+                model, tokenizer = load_prm(prm_dir)
+                probs = step_probabilities(
+                    model, tokenizer, [e.prompt for e in test], [e.completions for e in test]
+                )
+                scores = prm_scores(probs, [e.labels for e in test])
+                row = {
+                    "selection": selection,
+                    "budget_frac": budget,
+                    "seed": seed,
+                    "settings": settings_key,
+                    "teacher_labels": fit["teacher_labels"],
+                    "labelled_solutions": fit["labelled_solutions"],
+                    "skipped_solutions": fit["skipped_solutions"],
+                    "f1": scores["f1"],
+                    "auc": scores["auc"],
+                    "acc_error": scores["acc_error"],
+                    "acc_correct": scores["acc_correct"],
+                    "test_bce": scores["bce"],
+                    "val_f1": fit["f1"],
+                    "val_auc": fit["auc"],
+                    "val_loss": fit["val_loss"],
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "start_model": start_model_line(start),
+                }
+                with rows_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(
+                    f"{selection:11s} budget {budget:<5} seed {seed}: "
+                    f"{row['teacher_labels']} labels, test F1 {row['f1']:.3f} "
+                    f"AUC {row['auc'] or float('nan'):.3f} (val F1 {row['val_f1']:.3f}) "
+                    f"{row['seconds']} s",
+                    flush=True,
+                )
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def actprm_fraction(rows: list[dict[str, Any]]) -> float | None:
+    """Smallest budget at which `uncertainty`'s mean F1 reaches `uniform`'s at the full pool
+    (None when it never does, or a curve is missing)."""
+
+    def mean_f1(selection: str, budget: float) -> float | None:
+        fs = [r["f1"] for r in rows if r["selection"] == selection and r["budget_frac"] == budget]
+        return statistics.fmean(fs) if fs else None
+
+    full = mean_f1("uniform", 1.0)
+    if full is None:
+        return None
+    for budget in sorted({r["budget_frac"] for r in rows if r["selection"] == "uncertainty"}):
+        f1 = mean_f1("uncertainty", budget)
+        if f1 is not None and f1 >= full:
+            return float(budget)
+    return None
+
+
+def summary(args: argparse.Namespace) -> None:
+    """summary.json (`label_curve`) and label_curve.md over every setup run so far."""
+    out: dict[str, Any] = {"label_curve": []}
+    lines = ["# PRM quality against teacher labels (test split, exact labels)", ""]
+    for rows_file in sorted(args.results.glob("*/label_curve.jsonl")):
+        setup = rows_file.parent.name
+        rows = read_rows(rows_file)
+        out["label_curve"] += [{"setup": setup, **r} for r in rows]
+        lines += [f"## {setup}", "", rows[0].get("start_model", "") if rows else "", ""]
+        lines += ["| selection | budget | teacher labels | F1 (mean ± sd) | AUC | seeds |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for settings in sorted({r["settings"] for r in rows}):
+            for selection in SELECTIONS:
+                for budget in sorted({r["budget_frac"] for r in rows}):
+                    group = [
+                        r
+                        for r in rows
+                        if r["selection"] == selection
+                        and r["budget_frac"] == budget
+                        and r["settings"] == settings
+                    ]
+                    if not group:
+                        continue
+                    f1, f1_sd = mean_std([r["f1"] for r in group])
+                    auc, auc_sd = mean_std([r["auc"] or 0.0 for r in group])
+                    labels = statistics.fmean(r["teacher_labels"] for r in group)
+                    lines.append(
+                        f"| {selection} | {budget:g} | {labels:.0f} | {f1:.3f} ± {f1_sd:.3f} "
+                        f"| {auc:.3f} ± {auc_sd:.3f} | {len(group)} |"
+                    )
+            fraction = actprm_fraction([r for r in rows if r["settings"] == settings])
+            lines += ["", f"PRM settings {settings}; ActPRM fraction: {fraction}", ""]
+    args.results.mkdir(parents=True, exist_ok=True)
+    file = args.results / "summary.json"
+    kept = json.loads(file.read_text()) if file.is_file() else {}  # the rl and search parts
+    file.write_text(json.dumps(kept | out, indent=2) + "\n")
+    (args.results / "label_curve.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.action == "data":
+        make_data(args)
+    elif args.action == "curve":
+        curve(args)
+    else:
+        summary(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
