@@ -127,10 +127,10 @@ def make_scorer(args: argparse.Namespace, cfg: Any, dist: Any, tokenizer: Any, p
     head = build_head(
         spec, kwargs, cfg=cfg, dist=dist, tokenizer=tokenizer, policy_path=path, batch_size=batch
     )
-    reference = HeadScorer(head, tokenizer, tokenizer.pad_token_id, delimiter, batch)
+    reader = reader_for(head, tokenizer, tokenizer.pad_token_id, delimiter)
+    reference = HeadScorer(head, tokenizer, tokenizer.pad_token_id, delimiter, batch, reader)
     if args.scorer_cache == "off":
         return reference
-    reader = reader_for(head, tokenizer, tokenizer.pad_token_id, delimiter)
     if reader is None:
         if args.scorer_cache == "on":
             raise ConfigError(

@@ -185,7 +185,7 @@ def scorers(head: Any, tok: Any, batch_size: int) -> tuple[CachedScorer, search.
     reader = reader_for(head, tok, tok.pad_token_id, "\n")
     assert reader is not None
     cached = CachedScorer(FedCounter(reader), tok.pad_token_id, batch_size)  # type: ignore[arg-type]
-    return cached, search.HeadScorer(head, tok, tok.pad_token_id, "\n", batch_size)
+    return cached, search.HeadScorer(head, tok, tok.pad_token_id, "\n", batch_size, reader)
 
 
 def assert_same_values(got: list[list[float]], want: list[list[float]]) -> None:

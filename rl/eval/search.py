@@ -254,7 +254,11 @@ class HeadScorer:
         pad_id: int,
         delimiter: str = "\n",
         batch_size: int = 32,
+        reader: Any = None,
     ) -> None:
+        """`reader`: the head's `rl.eval.cached_scoring.Reader` (`reader_for(head, ...)`),
+        which renders rows the way the head's model reads them, so verifier tokens are
+        counted in its own tokenizer; None counts the policy's tokens."""
         if head.granularity == "outcome":
             raise ConfigError(
                 f"--head {head.name}: an outcome head gives no step values; beam search "
@@ -266,9 +270,7 @@ class HeadScorer:
         self.delimiter = delimiter
         self.batch_size = batch_size
         self.compute = Compute()
-        from rl.eval.cached_scoring import reader_for
-
-        self.reader = reader_for(head, tokenizer, pad_id, delimiter)
+        self.reader = reader
 
     def tokens_read(
         self, problems: Sequence[Problem], responses: Sequence[list[int]], batch: HeadBatch
