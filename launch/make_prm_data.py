@@ -228,8 +228,8 @@ def label_prompts(
     prompts at a time (`rollout.generation_batch_size` solutions)."""
     from tqdm import tqdm
 
+    from rl.data.jsonl import append_jsonl
     from rl.pav.train import first_verifier
-    from rl.prm.data import append_jsonl
     from rl.prm.labelers import LabelerOptions, make_labeler, rollout_continuations
     from rl.setup import training_sampling
     from rl.tasks.arith import ArithConfig

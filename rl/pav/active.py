@@ -151,7 +151,8 @@ def rounds_of(prompts: Sequence[int], per_round: int) -> list[list[int]]:
 
 
 class EnsembleValueModel(nn.Module):
-    """A backbone with `heads` linear value heads: forward -> logits [B, T, K]."""
+    """A backbone with `heads` linear value heads: forward -> logits [B, T, K] (PAV's
+    selection reads them as value logits, the PRM's as log-odds that a step is good)."""
 
     def __init__(self, backbone: Any, heads: int, seed: int) -> None:
         super().__init__()
@@ -173,7 +174,7 @@ class EnsembleValueModel(nn.Module):
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         ).last_hidden_state  # [B, T, H]
-        return self.value_heads(hidden).float()  # [B, T, K]
+        return self.value_heads(hidden.to(self.value_heads.weight.dtype)).float()  # [B, T, K]
 
 
 def ensemble_bce_terms(

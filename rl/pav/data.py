@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 from torch import Tensor
 
 from rl.core.errors import ConfigError
+from rl.data.jsonl import append_jsonl
 from rl.data.prompts import batch_columns
 from rl.rollout.backend import RolloutBackend, SamplingSettings
 from rl.rollout.mc_values import (  # noqa: F401  (re-exported for the PAV pipeline)
@@ -90,20 +90,9 @@ class SolutionRecord:
 
 
 def append_records(path: Path, records: Iterable[SolutionRecord]) -> None:
-    """Append records as JSON lines in one write, flushed to disk (a kill loses at most the
-    batch being written). A previous run's partial last line is closed first."""
-    text = "".join(json.dumps(asdict(r)) + "\n" for r in records)
-    if not text:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                text = "\n" + text  # the partial line becomes one bad line, skipped on read
-        f.write(text.encode())
-        f.flush()
-        os.fsync(f.fileno())
+    """Append records as JSON lines in one flushed write (`rl.data.jsonl.append_jsonl`): a
+    kill loses at most the batch being written."""
+    append_jsonl(path, (asdict(r) for r in records))
 
 
 def read_records(paths: Iterable[Path]) -> list[SolutionRecord]:

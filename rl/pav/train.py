@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -351,9 +351,10 @@ def split_by_prompt(
     return split_records(records, val_prompts)
 
 
-def val_prompt_set(prompts: set[int] | Sequence[int], val_fraction: float, seed: int) -> set[int]:
-    """The held-out prompts: `val_fraction` of `prompts` in a seeded order (at least one when
-    the fraction is positive and there are two or more prompts, never all of them)."""
+def val_prompt_set(prompts: Iterable[Any], val_fraction: float, seed: int) -> set[Any]:
+    """The held-out prompts (indices or texts): `val_fraction` of the distinct `prompts` in a
+    seeded order (at least one when the fraction is positive and there are two or more
+    prompts, never all of them)."""
     ordered = sorted(set(prompts))
     n_val = round(val_fraction * len(ordered))
     if val_fraction > 0 and len(ordered) >= 2:

@@ -8,9 +8,10 @@ about. With a budget of `budget_frac` of the pool's solutions:
 - `uniform`: that many solutions drawn in a seeded random order (the baseline);
 - `uncertainty` (ActPRM's form with binary labels): the budget is bought in
   `select_rounds` rounds. The first round is drawn at random (no model has seen a label
-  yet). After each round a selection ensemble (`EnsemblePRM`: `ensemble_heads` binary
-  heads on one backbone initialised from the policy, each head trained on a fixed random
-  half of the labelled solutions, a bootstrap that keeps the heads apart) trains
+  yet). After each round a selection ensemble (`rl.pav.active.EnsembleValueModel`:
+  `ensemble_heads` binary heads on one backbone initialised from the policy, each head
+  trained on a fixed random half of the labelled solutions, a bootstrap that keeps the heads
+  apart) trains
   `selector_epochs` passes over the labels so far, scores every unlabelled solution of the
   pool, and the next round buys the most uncertain ones.
 
@@ -43,13 +44,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from rl.config import PRMConfig
-from rl.core.types import position_ids_from_mask
 from rl.data.prompts import seeded
 from rl.engine import deepspeed_engine as eng
-from rl.pav.active import bootstrap_mask, n_selected, rank_candidates, uncertainty
+from rl.pav.active import (
+    EnsembleValueModel,
+    bootstrap_mask,
+    n_selected,
+    rank_candidates,
+    uncertainty,
+)
 from rl.prm.convention import PRMConvention, TokenIds
 from rl.prm.fitting import (
     EngineFactory,
@@ -150,30 +156,6 @@ def most_uncertain(scores: Sequence[float], candidates: Sequence[int], k: int) -
 # ----------------------------------------------------------------------------------------------
 
 
-class EnsemblePRM(nn.Module):
-    """A backbone with `heads` binary heads: forward -> log-odds of "good" [B, T, K]."""
-
-    def __init__(self, backbone: Any, heads: int, seed: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        hidden = int(backbone.config.hidden_size)
-        self.heads = nn.Linear(hidden, heads)
-        with torch.no_grad():  # heads start apart (a zero init would keep them identical)
-            self.heads.weight.normal_(0.0, hidden**-0.5, generator=seeded(seed))
-            self.heads.bias.zero_()
-        self.config: Any = backbone.config
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, attention_mask: [B, T] -> float32 log-odds [B, T, K]."""
-        hidden = self.backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state  # [B, T, H]
-        return self.heads(hidden.to(self.heads.weight.dtype)).float()  # [B, T, K]
-
-
 def ensemble_bce(
     z: Tensor, targets: Tensor, step_mask: Tensor, weight: Tensor, head_mask: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -243,7 +225,7 @@ def make_selector(
 ) -> Selector:
     """A fresh ensemble on a copy of `lm`'s base model (the PRM trains its own copy)."""
     backbone = copy.deepcopy(lm.base_model)
-    model = EnsemblePRM(backbone, prm.ensemble_heads, seed).to(next(lm.parameters()).dtype)
+    model = EnsembleValueModel(backbone, prm.ensemble_heads, seed).to(next(lm.parameters()).dtype)
     return Selector(
         make_engine(model, prm.lr),
         dist,

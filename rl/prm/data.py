@@ -362,20 +362,3 @@ def write_step_dataset(
     if file_format == "datasets":
         return write_datasets(examples, path)
     raise ConfigError(f"--format {file_format!r} is not one of {', '.join(FILE_FORMATS)}")
-
-
-def append_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Append rows as JSON lines in one flushed write (a kill loses at most this batch); a
-    previous run's partial last line is closed first, so it stays one unreadable line."""
-    text = "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in rows)
-    if not text:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                text = "\n" + text
-        f.write(text.encode())
-        f.flush()
-        os.fsync(f.fileno())

@@ -91,14 +91,11 @@ def render_examples(
 
 
 def val_prompts(prompts: Sequence[str], val_fraction: float, seed: int) -> set[str]:
-    """The held-out prompts: `val_fraction` of the distinct `prompts` in a seeded order (at
-    least one when the fraction is positive and there are two or more, never all)."""
-    ordered = sorted(set(prompts))
-    n_val = round(val_fraction * len(ordered))
-    if val_fraction > 0 and len(ordered) >= 2:
-        n_val = min(max(1, n_val), len(ordered) - 1)
-    perm = torch.randperm(len(ordered), generator=seeded(seed)).tolist()
-    return {ordered[i] for i in perm[:n_val]}
+    """The held-out prompt texts: PAV's rule (`rl.pav.train.val_prompt_set`) on the distinct
+    `prompts`."""
+    from rl.pav.train import val_prompt_set
+
+    return val_prompt_set(prompts, val_fraction, seed)
 
 
 def split_examples(
