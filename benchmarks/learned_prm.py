@@ -115,7 +115,13 @@ def parse_prm_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.startswith("prm."):
             raise ValueError(f"override {item!r}: expected prm.KEY=VALUE")
-        out[key.removeprefix("prm.")] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.removeprefix("prm.")] = parsed
     return out
 
 
