@@ -1,6 +1,7 @@
 """What every launch/ script shares: process defaults set before torch is imported, the
 `--config` + dotted-overrides command line, and the error contract (a user error prints
-`error: ...` and exits 2; anything else prints a one-line cause, then the traceback, and
+`error: ...` and exits 2; a run that halted itself for a fault it names, `error: ...` and exit
+3; anything else prints a one-line cause, then the traceback, and
 exits 1). Imports nothing heavy at module level, so scripts can call it before torch loads.
 """
 
@@ -39,7 +40,7 @@ def config_parser(description: str | None) -> argparse.ArgumentParser:
 
 def guarded(body: Callable[[], Any]) -> int:
     """Run `body` under the error contract; returns the exit code."""
-    from rl.core.errors import UserError
+    from rl.core.errors import HaltError, UserError
 
     rank = os.environ.get("RANK", "0")
     try:
@@ -47,6 +48,9 @@ def guarded(body: Callable[[], Any]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except HaltError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 3
     except Exception as err:  # a bug or an environment problem: one line first, then the trace
         print(f"error (rank {rank}): {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         traceback.print_exc()

@@ -25,3 +25,9 @@ def one_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     msg = lines[0] if lines else ""
     return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+
+
+class HaltError(Exception):
+    """The run stopped itself on purpose for a fault it names (non-finite numbers step after
+    step, a rank that stopped answering). The launcher prints `error: <message>` and exits 3,
+    without a traceback."""

@@ -225,7 +225,35 @@ def make_adamw(
                 params, lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True
             )  # fmt: skip
     fused = get_accelerator().device_name() == "cuda"
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+    return FiniteAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+
+
+class FiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients hold a NaN or inf, and says so in `overflow`.
+
+    DeepSpeed's ZeRO optimizers (stages 1-3) and its bf16 optimizer check the reduced
+    gradients themselves and never call `step` on non-finite ones; plain fp32 without ZeRO
+    (stage 0) calls this optimizer directly and reads `overflow` afterwards, counting the
+    step as skipped (`engine.was_step_applied()` is False, the LR schedule does not advance).
+    The gradients are already all-reduced there, so every rank takes the same decision."""
+
+    overflow: bool = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        grads = [g for g in grads if g is not None]
+        finite = all(bool(torch.isfinite(n)) for n in torch._foreach_norm(grads)) if grads else True
+        self.overflow = not finite
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def step_applied(engine: Any) -> bool:
+    """Whether the engine's last optimizer step changed the weights (False when DeepSpeed
+    skipped it for non-finite gradients; the decision is the same on every rank)."""
+    return bool(engine.was_step_applied())
 
 
 def create_reference(
