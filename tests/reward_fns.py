@@ -14,3 +14,18 @@ def digit_fraction(prompts: list[str], completions: list[str], **columns: Any) -
 def not_a_number(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
     """Returns NaN for every completion: the trainer must stop and name this function."""
     return [float("nan")] * len(completions)
+
+
+def sleep_forever(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+    """Never returns (a reward server that stopped answering)."""
+    import time
+
+    while True:
+        time.sleep(3600)
+
+
+def fails_on_row_one(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+    """Raises whenever the batch holds its second prompt row (index 1 of the first call)."""
+    if any(p.endswith("#1") for p in prompts):
+        raise ValueError("cannot parse")
+    return [1.0] * len(completions)

@@ -20,6 +20,11 @@ class RewardError(UserError):
     """A reward function failed or returned bad values; the message names the function."""
 
 
+class RewardCallError(RewardError):
+    """A reward function or head raised or timed out (not: returned bad values); the message
+    names it and the rows. `reward.on_error=zero` turns these into zero rewards."""
+
+
 def one_line(err: BaseException) -> str:
     """`Type: first line of the message`, for one-line error reports."""
     lines = str(err).strip().splitlines()

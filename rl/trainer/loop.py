@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from rewards.base import RewardSpec
+from rewards.base import CallPolicy, RewardSpec
 from rewards.build import build_reward_fns, build_reward_heads
 from rewards.heads import HeadContext, RewardHead
 from rl.algos.offpolicy import logprob_mismatch_sums, tis_weights
@@ -160,7 +160,13 @@ class Trainer:
         functions = build_reward_fns(
             [RewardSpec(f.fn, f.weight, dict(f.kwargs)) for f in cfg.reward.functions]
         )
-        self.rewards = RewardPipeline(functions, heads, self.tokenizer, cfg.reward.step_delimiter)
+        self.rewards = RewardPipeline(
+            functions,
+            heads,
+            self.tokenizer,
+            cfg.reward.step_delimiter,
+            CallPolicy(cfg.reward.timeout_s, cfg.reward.on_error),
+        )
         self.credit = build_credit(self.credit_name, cfg.algo, self.critic)
         self.rollout = make_rollout(cfg, self.tokenizer, model_path, policy, dist, self.zero_stage)
         self.rewards.setup(self._head_context(model_path, ds_config))
@@ -379,6 +385,7 @@ class Trainer:
         with meter.phase("rollout"):
             batch = self.collect()
         with meter.phase("reward"):
+            self.rewards.at(f"step {self.state.step + 1}, rank {self.dist.rank}")
             scored = self.rewards.score(batch)
             drop_rows(batch, scored.keep)  # rows a head filtered out leave the update
         with meter.phase("logprobs"):
@@ -409,6 +416,7 @@ class Trainer:
         zero = scored.outcome.new_zeros(())
         truncated = batch.truncated.sum() if batch.truncated is not None else zero
         parts = [scored.outcome.sum(), batch.response_mask.sum(), zero + len(batch), truncated]
+        parts += [zero + scored.errors]
         parts += [v.sum() for v in scored.per_fn.values()]
         # one stack on the device, one all-reduce, one host read
         sums = eng.all_reduce_sum(torch.stack([p.double() for p in parts])).tolist()
@@ -416,8 +424,9 @@ class Trainer:
         row: dict[str, Any] = {"step": self.state.step, "samples": self.state.samples}
         row["reward/outcome_mean"] = sums[0] / n
         row["rollout/truncated_frac"] = sums[3] / n
+        row["reward/errors"] = sums[4]
         for i, name in enumerate(scored.per_fn):
-            row[f"reward/{name}_mean"] = sums[4 + i] / n
+            row[f"reward/{name}_mean"] = sums[5 + i] / n
         row["train/response_tokens_mean"] = tokens / n
         row.update(scored.metrics)
         if scored.process is not None:
@@ -476,6 +485,7 @@ class Trainer:
             sampling,
             group_size=1,
         )
+        self.rewards.at(f"evaluation at step {self.state.step}, rank {self.dist.rank}")
         _, per_fn = self.rewards.outcomes(batch)
         first = next(iter(per_fn.values()))[:n_real]
         clean = self.diagnostics.clean_count(batch, n_real) if self.diagnostics else 0.0
