@@ -105,3 +105,22 @@ def test_metrics_mark_non_finite_values(tmp_path: Path) -> None:
     assert raw["train/grad_norm"] == "NaN" and raw["train/loss"] == "Infinity"
     (row,) = read_metrics_file(tmp_path / "metrics.jsonl")
     assert math.isnan(row["train/grad_norm"]) and row["train/loss"] == math.inf
+
+
+def test_finite_adamw_skips_a_non_finite_step() -> None:
+    """Without ZeRO DeepSpeed calls the torch optimizer on any gradient; this one refuses a
+    NaN and says so in `overflow`, which DeepSpeed reads to count the step as skipped."""
+    from rl.engine.deepspeed_engine import FiniteAdamW
+
+    model = torch.nn.Linear(2, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = FiniteAdamW(model.parameters(), lr=0.1)
+    model(torch.tensor([[1.0, float("nan")]])).sum().backward()
+    opt.step()
+    assert opt.overflow
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    opt.zero_grad()
+    model(torch.tensor([[1.0, 2.0]])).sum().backward()
+    opt.step()
+    assert not opt.overflow
+    assert not torch.equal(model.weight, before[0])
