@@ -7,9 +7,9 @@ variables so that the real launcher runs the real code path. Unset, each is a no
   so its gradient is NaN and the reduced gradient on every rank too.
 - `DENSE_RL_STOP_AT_STEP=k`: the fault rank SIGSTOPs itself after step k (a rank that stops
   answering: alive, holding its sockets, never reaching the next collective).
-- `DENSE_RL_SIGNAL_DURING_SAVE=SIG`: every rank sends itself signal SIG (e.g. SIGTERM) while
-  writing a checkpoint, after DeepSpeed's files and before `COMPLETE`: a second preemption
-  signal arriving during the save.
+- `DENSE_RL_SIGNAL_DURING_SAVE=SIG`: a rank that already got a preemption signal sends
+  itself signal SIG (e.g. SIGTERM) again while writing the preemption checkpoint, after
+  DeepSpeed's files and before `COMPLETE`: a second signal arriving during the save.
 - `DENSE_RL_FAULT_RANK=r`: the rank the per-rank faults hit (default: the last rank).
 """
 
@@ -47,8 +47,9 @@ def stop_if_asked(step: int, rank: int, world_size: int) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def signal_during_save() -> None:
-    """`DENSE_RL_SIGNAL_DURING_SAVE=SIGTERM`: send this process that signal now."""
+def signal_during_save(preempted: bool) -> None:
+    """`DENSE_RL_SIGNAL_DURING_SAVE=SIGTERM`: once preempted, send this process that signal."""
     name = os.environ.get("DENSE_RL_SIGNAL_DURING_SAVE")
-    if name:
+    if name and preempted:
+        print(f"fault injection: {name} again during the checkpoint save", flush=True)
         os.kill(os.getpid(), getattr(signal, name))

@@ -43,6 +43,7 @@ from rl.core.types import Credit, LogProbs, RolloutBatch, Scored
 from rl.data.prompts import PromptSampler, batch_columns, shard
 from rl.engine import checkpoint as ckpt
 from rl.engine import deepspeed_engine as eng
+from rl.engine import watchdog
 from rl.engine.forward import padding_counts, response_logprobs
 from rl.engine.memory import PhaseMeter
 from rl.engine.models import load_policy, run_dtype
@@ -380,6 +381,7 @@ class Trainer:
         return self.diagnostics.row(batch, scored, credit, self.engine, size)
 
     def train_step(self) -> dict[str, Any]:
+        watchdog.set_step(self.state.step + 1)
         meter = PhaseMeter()
         start = time.perf_counter()
         with meter.phase("rollout"):
@@ -517,7 +519,7 @@ class Trainer:
 
     def _save_extra(self, path: Path) -> None:
         """Heads' and critic's state into the checkpoint dir before it is marked complete."""
-        faults.signal_during_save()
+        faults.signal_during_save(self.preemption.signal_name is not None)
         for head, _ in self.heads:
             head.save_checkpoint(path / "heads" / head.name)
         if self.critic is not None:
