@@ -509,13 +509,8 @@ def check_credit_settings(algo: AlgoConfig, scheme: str) -> None:
         )
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks that a single type hint cannot express."""
-    forward_mb = cfg.trainer.forward_micro_batch_size
-    if forward_mb is not None and forward_mb < 1:
-        raise ConfigError(f"trainer.forward_micro_batch_size: must be at least 1, got {forward_mb}")
-    if cfg.trainer.max_steps < 1:
-        raise ConfigError(f"trainer.max_steps: must be at least 1, got {cfg.trainer.max_steps}")
+def check_fault_settings(cfg: Config) -> None:
+    """Bounds of the fault-handling settings (skips, checkpoints, timeouts)."""
     if cfg.trainer.max_skipped_steps < 1:
         raise ConfigError(
             f"trainer.max_skipped_steps: must be at least 1, got {cfg.trainer.max_skipped_steps}"
@@ -534,6 +529,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"reward.timeout_s: must be positive (or null for no limit), got {cfg.reward.timeout_s}"
         )
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single type hint cannot express."""
+    forward_mb = cfg.trainer.forward_micro_batch_size
+    if forward_mb is not None and forward_mb < 1:
+        raise ConfigError(f"trainer.forward_micro_batch_size: must be at least 1, got {forward_mb}")
+    if cfg.trainer.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps: must be at least 1, got {cfg.trainer.max_steps}")
+    check_fault_settings(cfg)
     if cfg.algo.credit != "auto":
         check_credit_settings(cfg.algo, cfg.algo.credit)
     if cfg.rollout.group_size < 2:
