@@ -132,7 +132,8 @@ def test_stopped_rank_ends_the_job_and_resume_continues(
     line = error_line(text)
     assert code != 0 and not alive, (code, alive)
     assert "rank 1 stopped answering" in line, line
-    assert seconds < 60 + 30, seconds
+    # the timeout, then the deepspeed launcher's 30 s grace for the stopped rank's SIGTERM
+    assert seconds < 60 + 45, seconds
     proc = launch(overrides(out, model_cache, *common, "trainer.resume=auto"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = re.search(r"resumed from \S+ at step (\d+)", proc.stdout + proc.stderr)
@@ -208,24 +209,25 @@ def test_hanging_reward_function_times_out(
     started = time.monotonic()
     proc = launch(overrides(tmp_path / "raise", model_cache, *hang, "reward.timeout_s=5"))
     seconds = time.monotonic() - started
-    line = error_line(proc.stderr)
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    line, code = error_line(proc.stderr), proc.returncode
+    assert code == 2, proc.stderr[-3000:]
     assert re.match(
         r"error: reward function 'tests.reward_fns:sleep_forever' timed out after 5 s "
         r"\(reward.timeout_s\) on rows 0-\d+ \(evaluation at step 0, rank \d\)",
         line,
     ), line
     out = tmp_path / "zero"
-    fails = ["reward.functions=[{fn: arith}, {fn: 'tests.reward_fns:fails_on_row_one'}]"]
+    fails = ["reward.functions=[{fn: arith}, {fn: 'tests.reward_fns:fails_on_odd_length'}]"]
     proc = launch(
         overrides(out, model_cache, *fails, "reward.on_error=zero", "trainer.max_steps=2")
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = [r["reward/errors"] for r in read_metrics(out) if "reward/errors" in r]
-    assert len(errors) == 2
+    assert len(errors) == 2 and sum(errors) > 0, errors
+    assert "warning: reward function 'tests.reward_fns:fails_on_odd_length' raised" in proc.stderr
     report(
         capsys,
-        f"reward function sleeping forever, timeout_s=5: exit {proc.returncode} "
+        f"reward function sleeping forever, timeout_s=5: exit {code} "
         f"after {seconds:.0f} s in all, {line!r}; a raising one with on_error=zero: "
         f"run completed, reward/errors per step {errors}",
     )

@@ -12,14 +12,14 @@ import torch
 from rewards.base import CallPolicy, RewardSpec, score_outcomes_guarded
 from rl.core.deadline import CallTimeout, call_with_timeout
 from rl.core.errors import RewardCallError
-from tests.reward_fns import fails_on_row_one, sleep_forever
+from tests.reward_fns import fails_on_odd_length, sleep_forever
 
 PROMPTS = ["q#0", "q#1", "q#2"]
 
 
 def score(fn, policy: CallPolicy):  # type: ignore[no-untyped-def]
     pairs = [(RewardSpec("tests.reward_fns:f"), fn)]
-    return score_outcomes_guarded(pairs, PROMPTS, ["a", "b", "c"], {}, policy)
+    return score_outcomes_guarded(pairs, PROMPTS, ["ab", "b", "cd"], {}, policy)
 
 
 def test_hung_function_raises_within_the_timeout() -> None:
@@ -40,7 +40,7 @@ def test_hung_function_scores_zero_under_zero_policy() -> None:
 
 def test_raising_function_names_the_row() -> None:
     with pytest.raises(RewardCallError) as e:
-        score(fails_on_row_one, CallPolicy(timeout_s=5.0))
+        score(fails_on_odd_length, CallPolicy(timeout_s=5.0))
     assert str(e.value) == (
         "reward function 'tests.reward_fns:f' raised ValueError: cannot parse on row 1, "
         "prompt 'q#1'"
@@ -49,7 +49,7 @@ def test_raising_function_names_the_row() -> None:
 
 
 def test_zero_policy_zeroes_only_the_failing_row() -> None:
-    total, per_fn, errors = score(fails_on_row_one, CallPolicy(on_error="zero"))
+    total, per_fn, errors = score(fails_on_odd_length, CallPolicy(on_error="zero"))
     assert total.tolist() == [1.0, 0.0, 1.0]
     assert per_fn["tests.reward_fns:f"].tolist() == [1.0, 0.0, 1.0]
     assert errors == 1
