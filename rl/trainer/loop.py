@@ -616,13 +616,14 @@ class Trainer:
                     self.save()
                 faults.simulate_crash_if_asked(self.state.step)
                 faults.stop_if_asked(self.state.step, self.dist.rank, self.dist.world_size)
-                if self.preemption.requested():
+                last = self.state.step == cfg.trainer.max_steps  # then just finish
+                if self.preemption.requested() and not last:
                     self._stop_for_preemption(already_saved=saved)
                     return
                 if skipped and self.state.step == cfg.trainer.max_steps:
                     raise final_step_error(self.state.step, skipped, self._last_good())
+        self._finish()  # a signal now changes nothing: the run is finishing anyway
         self.preemption.uninstall()
-        self._finish()
 
     def _check_skips(self, row: dict[str, Any]) -> int:
         """Count the step's skipped optimizer steps, say so, and halt after too many in a row
