@@ -60,6 +60,7 @@ class Heartbeat:
         self._count = 0
         self._last_store_ok = time.monotonic()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dense-rl-heartbeat", daemon=True)
 
     def start(self) -> None:
@@ -69,6 +70,7 @@ class Heartbeat:
     def stop(self) -> None:
         """Stop beating and watching (a finishing rank is not a hung one)."""
         self._stop.set()
+        self._wake.set()
         try:
             self.store.set(f"{KEY}{self.rank}", "done")
         except Exception:
@@ -78,8 +80,18 @@ class Heartbeat:
         self._count += 1
         self.store.set(f"{KEY}{self.rank}", f"{self._count} {self.step}")
 
+    def new_step(self, step: int) -> None:
+        """Record the step this rank starts and beat now (from the thread), so that peers see
+        the step a rank stopped in."""
+        self.step = step
+        self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self._beat()
                 self._read_peers()
@@ -158,7 +170,7 @@ def start(rank: int, world_size: int, timeout_s: float) -> None:
 def set_step(step: int) -> None:
     """Record the step this rank is starting (shown when a peer diagnoses a hang)."""
     if _HEARTBEAT is not None:
-        _HEARTBEAT.step = step
+        _HEARTBEAT.new_step(step)
 
 
 def stop() -> None:
