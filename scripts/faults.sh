@@ -7,5 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export WANDB_MODE=${WANDB_MODE:-disabled}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_faults_e2e.py "$@" 2>&1 |
-  tee /dev/stderr | grep '^FAULT ' || true
+log=$(mktemp)
+status=0
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_faults_e2e.py "$@" >"$log" 2>&1 || status=$?
+cat "$log" >&2  # pytest's own report (failures in full) on stderr
+grep '^FAULT ' "$log" || true
+rm -f "$log"
+exit "$status"
