@@ -451,7 +451,7 @@ def run_diagnostics(rows: list[dict[str, Any]]) -> dict[str, float]:
     with nothing to count, skipped); keys the run did not log are left out."""
     out = {}
     for key in DIAGNOSTIC_KEYS:
-        # a step with nothing to count logs NaN, which metrics.jsonl writes as null
+        # a step with nothing to count logs NaN: "NaN" in metrics.jsonl (null in older runs)
         values = [float(r[key]) for r in step_rows(rows) if r.get(key) is not None]
         values = [v for v in values if math.isfinite(v)]
         if values:

@@ -8,19 +8,27 @@ where `columns` are the dataset's columns as lists aligned with the completions 
 `answer=[...]`). It must return one finite number per completion. `None` ("not applicable"
 in TRL) is *not* accepted here: return 0.0 (or another neutral value) instead, so that every
 completion has a well-defined, finite reward.
+
+A function that raises or outlives `CallPolicy.timeout_s` is reported with its name and the
+row (found by calling it again one row at a time after an exception; a timeout names the
+call's rows, as retrying a hung function would only hang again), and `CallPolicy.on_error`
+decides: `raise` stops the run, `zero` gives the failed rows 0 and counts them. Bad return
+values (None, NaN, a wrong length) always stop the run: they are bugs, not outages.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from rl.core.errors import RewardError, one_line
+from rl.core.deadline import CallTimeout, call_with_timeout
+from rl.core.errors import RewardCallError, RewardError, one_line
 from rl.core.registry import Registry
 
 RewardFn = Callable[..., Sequence[float]]
@@ -41,17 +49,59 @@ class RewardSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CallPolicy:
+    """How reward code that raises or hangs is handled (`reward.timeout_s`, `reward.on_error`)."""
+
+    timeout_s: float | None = None
+    """Longest one call may take, seconds (None: no limit)."""
+    on_error: Literal["raise", "zero"] = "raise"
+    """`raise`: a one-line RewardCallError; `zero`: the failed rows score 0, counted."""
+    where: str = ""
+    """Where the call happens, for messages (e.g. `step 3, rank 1`)."""
+
+
+_WARNED: set[str] = set()
+"""Functions and heads whose first failure under `on_error=zero` was already printed."""
+
+
+def warn_once(name: str, message: str) -> None:
+    """Print `message` the first time `name` fails in this process; later failures are only
+    counted in `reward/errors`."""
+    if name not in _WARNED:
+        _WARNED.add(name)
+        print(
+            f"warning: {message}; scored 0 (reward.on_error=zero; later errors of {name!r} "
+            "are counted in reward/errors)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def score_outcomes(
     specs_and_fns: Sequence[tuple[RewardSpec, RewardFn]],
     prompts: list[str],
     completions: list[str],
     columns: Mapping[str, list[Any]],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`score_outcomes_guarded` with no timeout, raising on any failure."""
+    total, per_fn, _ = score_outcomes_guarded(specs_and_fns, prompts, completions, columns)
+    return total, per_fn
+
+
+def score_outcomes_guarded(
+    specs_and_fns: Sequence[tuple[RewardSpec, RewardFn]],
+    prompts: list[str],
+    completions: list[str],
+    columns: Mapping[str, list[Any]],
+    policy: CallPolicy = CallPolicy(),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Call every reward function on the N completions and combine them.
 
     prompts, completions: [N]; columns: {name: [N]}. Returns (weighted total `[N]` float32,
-    {spec.fn: rewards `[N]` float32}). A function listed twice gets keys `fn`, `fn#2`, ...
-    Any failure or bad return value is a one-line RewardError naming the function.
+    {spec.fn: rewards `[N]` float32}, rows zeroed by `policy.on_error=zero`). A function
+    listed twice gets keys `fn`, `fn#2`, ... Any failure or bad return value is a one-line
+    RewardError naming the function (and the row, for a raise or timeout).
     """
     n = len(completions)
     if len(prompts) != n:
@@ -62,12 +112,14 @@ def score_outcomes(
             raise ValueError(f"column {k!r} has {len(v)} values for {n} completions")
     total = torch.zeros(n, dtype=torch.float64)
     per_fn: dict[str, torch.Tensor] = {}
+    errors = 0
     for spec, fn in specs_and_fns:
-        values = _call(spec.fn, fn, prompts, completions, kwargs)
+        values, failed = _call(spec.fn, fn, prompts, completions, kwargs, policy)
+        errors += failed
         rewards = torch.tensor(values, dtype=torch.float64)
         total += spec.weight * rewards
         per_fn[_unique_key(per_fn, spec.fn)] = rewards.float()
-    return total.float(), per_fn
+    return total.float(), per_fn, errors
 
 
 def _call(
@@ -76,12 +128,72 @@ def _call(
     prompts: list[str],
     completions: list[str],
     kwargs: Mapping[str, list[Any]],
-) -> list[float]:
+    policy: CallPolicy,
+) -> tuple[list[float], int]:
+    """The function's N values and how many rows were zeroed for a failure."""
+    n = len(completions)
+    at = f" ({policy.where})" if policy.where else ""
     try:
-        out = fn(list(prompts), list(completions), **kwargs)
+        out = call_with_timeout(fn, policy.timeout_s, list(prompts), list(completions), **kwargs)
+    except CallTimeout:
+        message = (
+            f"reward function {name!r} timed out after {policy.timeout_s:g} s (reward.timeout_s) "
+            f"on rows 0-{n - 1}{at}, first prompt {_short(prompts[0] if n else '')}"
+        )
+        if policy.on_error == "raise":
+            raise RewardCallError(message) from None
+        warn_once(name, message)
+        return [0.0] * n, n
     except Exception as e:
-        raise RewardError(f"reward function {name!r} raised {one_line(e)}") from e
-    return _validate(name, out, len(completions))
+        return _rows_after_error(name, fn, prompts, completions, kwargs, policy, e)
+    return _validate(name, out, n), 0
+
+
+def _rows_after_error(
+    name: str,
+    fn: RewardFn,
+    prompts: list[str],
+    completions: list[str],
+    kwargs: Mapping[str, list[Any]],
+    policy: CallPolicy,
+    error: Exception,
+) -> tuple[list[float], int]:
+    """After the batched call raised: call `fn` one row at a time to find the failing rows.
+    `raise`: a RewardCallError naming the first; `zero`: they score 0, the others keep their
+    values. A row that times out ends the search (the rest count as failed)."""
+    at = f" ({policy.where})" if policy.where else ""
+    values: list[float] = []
+    failed: list[int] = []
+    first: tuple[int, str] | None = None
+    for i in range(len(completions)):
+        row_kwargs = {k: [v[i]] for k, v in kwargs.items()}
+        try:
+            out = call_with_timeout(
+                fn, policy.timeout_s, [prompts[i]], [completions[i]], **row_kwargs
+            )
+            values += _validate(name, out, 1)
+            continue
+        except CallTimeout:
+            cause = f"timed out after {policy.timeout_s:g} s (reward.timeout_s)"
+            rest = range(i, len(completions))
+        except RewardError:
+            raise
+        except Exception as e:
+            cause, rest = f"raised {one_line(e)}", range(i, i + 1)
+        first = first or (i, cause)
+        failed += list(rest)
+        values += [0.0] * len(rest)
+        if len(rest) > 1 or policy.on_error == "raise":
+            break
+    if first is None:  # every row alone is fine: the batch as a whole failed
+        first = (0, f"raised {one_line(error)} on the batch (each row alone scores)")
+        failed, values = list(range(len(completions))), [0.0] * len(completions)
+    row, cause = first
+    message = f"reward function {name!r} {cause} on row {row}{at}, prompt {_short(prompts[row])}"
+    if policy.on_error == "raise":
+        raise RewardCallError(message) from error
+    warn_once(name, message)
+    return values, len(failed)
 
 
 def _validate(name: str, out: Any, n: int) -> list[float]:

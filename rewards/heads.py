@@ -23,7 +23,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor
 
-from rl.core.errors import ConfigError, RewardError, one_line
+from rl.core.deadline import CallTimeout, call_with_timeout
+from rl.core.errors import ConfigError, RewardCallError, RewardError, one_line
 from rl.core.registry import Registry
 from rl.core.schema import parse_options
 from rl.core.types import HeadBatch
@@ -189,16 +190,24 @@ def head_options(cls: type[RewardHead], kwargs: dict[str, Any], where: str) -> d
     return {f: getattr(options, f) for f in options.__dataclass_fields__}
 
 
-def checked_score(head: RewardHead, batch: HeadBatch, max_rows: int = 5) -> HeadOutput:
-    """`head.score(batch)`, validated: an exception, a non-tensor, a wrong shape or non-finite
-    values become a one-line RewardError naming the head (and the first `max_rows` offending
-    batch rows), chaining the original exception. Returns the output with `token_rewards` as
+def checked_score(
+    head: RewardHead, batch: HeadBatch, max_rows: int = 5, timeout_s: float | None = None
+) -> HeadOutput:
+    """`head.score(batch)`, validated: an exception or a call past `timeout_s` seconds become
+    a one-line RewardCallError naming the head and the rows, chaining the original exception;
+    a non-tensor, a wrong shape or non-finite values a RewardError naming the head (and the
+    first `max_rows` offending batch rows). Returns the output with `token_rewards` as
     float32 (float64 kept) zeroed outside `batch.response_mask`."""
     name = head.name
     try:
-        out = head.score(batch)
+        out = call_with_timeout(head.score, timeout_s, batch)
+    except CallTimeout:
+        raise RewardCallError(
+            f"reward head {name!r} timed out after {timeout_s:g} s (reward.timeout_s) scoring "
+            f"rows 0-{batch.batch_size - 1}"
+        ) from None
     except Exception as e:
-        raise RewardError(f"reward head {name!r} raised {one_line(e)}") from e
+        raise RewardCallError(f"reward head {name!r} raised {one_line(e)}") from e
     if not isinstance(out, HeadOutput):
         raise RewardError(f"reward head {name!r} returned {type(out).__name__}, not HeadOutput")
     r = out.token_rewards

@@ -1,6 +1,7 @@
 """What every launch/ script shares: process defaults set before torch is imported, the
 `--config` + dotted-overrides command line, and the error contract (a user error prints
-`error: ...` and exits 2; anything else prints a one-line cause, then the traceback, and
+`error: ...` and exits 2; a run that halted itself for a fault it names, `error: ...` and exit
+3; anything else prints a one-line cause, then the traceback, and
 exits 1). Imports nothing heavy at module level, so scripts can call it before torch loads.
 """
 
@@ -39,7 +40,7 @@ def config_parser(description: str | None) -> argparse.ArgumentParser:
 
 def guarded(body: Callable[[], Any]) -> int:
     """Run `body` under the error contract; returns the exit code."""
-    from rl.core.errors import UserError
+    from rl.core.errors import HaltError, UserError
 
     rank = os.environ.get("RANK", "0")
     try:
@@ -47,11 +48,27 @@ def guarded(body: Callable[[], Any]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except HaltError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 3
     except Exception as err:  # a bug or an environment problem: one line first, then the trace
+        hang = _explain_hang(err)
+        if hang is not None:  # a collective timed out: name the rank it waited for
+            print(f"error (rank {rank}): {hang}", file=sys.stderr, flush=True)
+            return 3
         print(f"error (rank {rank}): {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         traceback.print_exc()
         return 1
     return 0
+
+
+def _explain_hang(err: BaseException) -> str | None:
+    """`rl.engine.watchdog.explain_hang`, when torch is loaded (it is, if a collective ran)."""
+    if "rl.engine.watchdog" not in sys.modules:
+        return None
+    from rl.engine.watchdog import explain_hang
+
+    return explain_hang(err)
 
 
 def run_distributed_job(argv: list[str], description: str | None, job: Callable[..., Any]) -> int:
@@ -64,7 +81,7 @@ def run_distributed_job(argv: list[str], description: str | None, job: Callable[
         from rl.engine.deepspeed_engine import init_distributed, shutdown
 
         cfg = load_config(args.config, args.overrides)
-        dist = init_distributed()
+        dist = init_distributed(cfg.trainer.collective_timeout_s)
         job(cfg, dist)
         shutdown()
 
@@ -76,9 +93,11 @@ def exit_process(code: int) -> NoReturn:
     wandb finished, any vLLM engine shut down, the process group left) this skips the C++
     static destructors: a 2-rank CPU run sometimes aborted there ("terminate called without
     an active exception", exit -6) after all its output was written, which the launcher
-    reports as a failed run. Any other code exits normally."""
+    reports as a failed run. Code 3 (a run that halted itself: a hung peer, non-finite
+    numbers) skips them too: the process group's teardown could wait on a stopped peer.
+    Any other code exits normally."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if code == 0:
-        os._exit(0)
+    if code in (0, 3):
+        os._exit(code)
     sys.exit(code)

@@ -109,6 +109,16 @@ class RewardConfig:
     """Process reward heads; their weighted token rewards form the process reward."""
     step_delimiter: str = "\n"
     """Text that ends a reasoning step. A response without it is a single step."""
+    timeout_s: float | None = 300.0
+    """Longest one call of a reward function, or of a head's `score` / `update`, may take
+    (seconds; None = no limit). A call past it counts as an error (see `on_error`); the
+    call's thread cannot be killed and is left behind, so `raise` is the safe policy for
+    code that may hang for good."""
+    on_error: Literal["raise", "zero"] = "raise"
+    """What a reward function or head that raises or times out does to the run: `raise`
+    stops it with one line naming the function and the row; `zero` gives the failed rows
+    (a function: the rows that fail when retried one by one, or the whole call on a
+    timeout; a head: its whole batch) a reward of 0, counted in `reward/errors`."""
 
 
 @dataclass(frozen=True)
@@ -369,6 +379,16 @@ class TrainerConfig:
     """With resume=none, delete an earlier run in output_dir instead of refusing to start."""
     save_final_model: bool = True
     """Write the final policy in Hugging Face format to `<output_dir>/final`."""
+    max_skipped_steps: int = 3
+    """Optimizer steps skipped in a row for non-finite numbers (a NaN or inf loss, gradient
+    norm or advantage on any rank; each is skipped on every rank and counted in
+    `train/skipped_steps`) before the run stops with an error. No checkpoint is written at a
+    step with skips, and a run whose last step had one ends with an error, not a final model."""
+    collective_timeout_s: float = 300.0
+    """How long a rank waits for the others (in a collective, or for their heartbeat) before
+    the job ends with an error naming the rank that stopped answering. The backend's own
+    default is 30 minutes. Must cover the longest stretch one rank works alone (rank 0
+    building a builtin start model with `model.builtin_source=build`, say)."""
 
 
 @dataclass(frozen=True)
@@ -489,6 +509,28 @@ def check_credit_settings(algo: AlgoConfig, scheme: str) -> None:
         )
 
 
+def check_fault_settings(cfg: Config) -> None:
+    """Bounds of the fault-handling settings (skips, checkpoints, timeouts)."""
+    if cfg.trainer.max_skipped_steps < 1:
+        raise ConfigError(
+            f"trainer.max_skipped_steps: must be at least 1, got {cfg.trainer.max_skipped_steps}"
+        )
+    if cfg.trainer.keep_checkpoints < 0:
+        raise ConfigError(
+            f"trainer.keep_checkpoints: must be >= 0 (0 = keep all), "
+            f"got {cfg.trainer.keep_checkpoints}"
+        )
+    if cfg.trainer.collective_timeout_s <= 0:
+        raise ConfigError(
+            "trainer.collective_timeout_s: must be positive, got "
+            f"{cfg.trainer.collective_timeout_s}"
+        )
+    if cfg.reward.timeout_s is not None and cfg.reward.timeout_s <= 0:
+        raise ConfigError(
+            f"reward.timeout_s: must be positive (or null for no limit), got {cfg.reward.timeout_s}"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single type hint cannot express."""
     forward_mb = cfg.trainer.forward_micro_batch_size
@@ -496,6 +538,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.forward_micro_batch_size: must be at least 1, got {forward_mb}")
     if cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps: must be at least 1, got {cfg.trainer.max_steps}")
+    check_fault_settings(cfg)
     if cfg.algo.credit != "auto":
         check_credit_settings(cfg.algo, cfg.algo.credit)
     if cfg.rollout.group_size < 2:

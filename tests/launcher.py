@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -67,6 +66,52 @@ def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def launch_command(
+    overrides: list[str],
+    *,
+    launcher: str = "deepspeed",
+    ranks: int = 2,
+    config: str = "configs/quickstart.yaml",
+    script: Path = TRAIN,
+) -> list[str]:
+    """The command line that runs `script` under `launcher` with `overrides`."""
+    bindir = Path(sys.executable).parent
+    if launcher == "deepspeed":
+        cmd = [str(bindir / "deepspeed"), "--num_gpus", str(ranks)]
+        cmd += ["--master_port", str(free_port()), str(script)]
+    elif launcher == "torchrun":
+        cmd = [str(bindir / "torchrun"), "--nproc_per_node", str(ranks)]
+        cmd += ["--master_port", str(free_port()), str(script)]
+    else:
+        cmd = [sys.executable, str(script)]
+    return [*cmd, "--config", config, *overrides]
+
+
+def start(
+    overrides: list[str], log: Path, *, env: dict[str, str] | None = None, ranks: int = 2
+) -> subprocess.Popen[bytes]:
+    """Start a 2-rank deepspeed job in the background, stdout and stderr into `log`, in a
+    session of its own (so a test can signal it the way a scheduler would)."""
+    handle = open(log, "wb")
+    return subprocess.Popen(
+        launch_command(overrides, ranks=ranks),
+        cwd=REPO,
+        env=run_env(env),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def rank_processes(proc: subprocess.Popen[bytes]) -> list[Any]:
+    """The training processes (ranks) under a launcher started by `start`, rank order."""
+    import psutil
+
+    children = psutil.Process(proc.pid).children(recursive=True)
+    ranks = [c for c in children if any("train_rl.py" in a for a in c.cmdline()[:3])]
+    return sorted(ranks, key=lambda c: c.pid)
+
+
 def launch(
     overrides: list[str],
     *,
@@ -79,24 +124,17 @@ def launch(
 ) -> subprocess.CompletedProcess[str]:
     """Run a training job (`script`: launch/train_rl.py by default); returns the finished
     process (output captured as text)."""
-    bindir = Path(sys.executable).parent
-    if launcher == "deepspeed":
-        cmd = [str(bindir / "deepspeed"), "--num_gpus", str(ranks)]
-        cmd += ["--master_port", str(free_port()), str(script)]
-    elif launcher == "torchrun":
-        cmd = [str(bindir / "torchrun"), "--nproc_per_node", str(ranks)]
-        cmd += ["--master_port", str(free_port()), str(script)]
-    else:
-        cmd = [sys.executable, str(script)]
-    cmd += ["--config", config, *overrides]
+    cmd = launch_command(overrides, launcher=launcher, ranks=ranks, config=config, script=script)
     return subprocess.run(
         cmd, cwd=REPO, env=run_env(env), capture_output=True, text=True, timeout=timeout
     )
 
 
 def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
-    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """The run's metrics rows, non-finite values (written as marked strings) as floats."""
+    from rl.trainer.metrics import read_metrics_file
+
+    return read_metrics_file(output_dir / "metrics.jsonl")
 
 
 def check_ok(proc: subprocess.CompletedProcess[str]) -> None:

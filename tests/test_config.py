@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,18 @@ def test_architecture_vllm_cannot_load_is_named(tmp_path: Path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="cannot load architecture NoSuchModelForCausalLM"):
         check_architecture(str(tmp_path), vllm)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_skipped_steps=0", "trainer.max_skipped_steps: must be at least 1, got 0"),
+        ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints: must be >= 0"),
+        ("trainer.collective_timeout_s=0", "trainer.collective_timeout_s: must be positive"),
+        ("reward.timeout_s=-1", "reward.timeout_s: must be positive"),
+        ("reward.on_error=skip", "reward.on_error"),
+    ],
+)
+def test_fault_settings_bounds(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])

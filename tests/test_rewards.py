@@ -187,7 +187,9 @@ def test_raising_function() -> None:
 
     with pytest.raises(RewardError) as e:
         score(boom)
-    assert str(e.value) == "reward function 'my.mod:fn' raised KeyError: 'answer'"
+    assert str(e.value) == (
+        "reward function 'my.mod:fn' raised KeyError: 'answer' on row 0, prompt 'p'"
+    )
     assert isinstance(e.value.__cause__, KeyError)
 
 

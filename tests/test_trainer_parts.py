@@ -318,7 +318,7 @@ def test_adamw_is_torchs_fused_on_gpus(
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: accelerator)
     model = torch.nn.Linear(3, 2)
     opt = eng.make_adamw(model, {}, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    assert type(opt) is torch.optim.AdamW
+    assert type(opt) is eng.FiniteAdamW and isinstance(opt, torch.optim.AdamW)
     group = opt.param_groups[0]
     assert group["fused"] is fused and group["lr"] == 3e-4 and group["betas"] == (0.9, 0.95)
     assert group["weight_decay"] == 0.1 and len(group["params"]) == 2

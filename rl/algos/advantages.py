@@ -8,13 +8,17 @@ function.
 Departures from / choices the papers leave open:
 - **grpo** (Shao et al. 2024): `(r - mean) / (std + eps)` with the *unbiased* (K-1) standard
   deviation, as `torch.std` and TRL's `GRPOTrainer` compute it, and `eps = GRPO_EPS = 1e-4`
-  (TRL's value). A group whose rewards are all equal gets advantage 0 on every sample. Needs
-  K >= 2 (the unbiased std of one sample is undefined).
+  (TRL's value). Needs K >= 2 (the unbiased std of one sample is undefined).
 - **dr_grpo** (Liu et al. 2025): `r - mean`, no std division. Dr.GRPO's other change, the
   constant length normaliser, lives in the loss aggregation, not here: use
   `rl.algos.losses.aggregate_loss(mode="token_mean", global_tokens=global_seqs * max_new_tokens)`.
 - **rloo** (Ahmadian et al. 2024): `r_i - mean_{j != i} r_j`, computed as
   `K / (K - 1) * (r_i - mean)`. Needs K >= 2.
+
+Every estimator gives a group whose rewards are all equal *exactly* zero advantage: in
+float32 the group mean of e.g. [0.3, 0.3, 0.3] is one ulp off 0.3, and divided by
+`std + eps` that was 3e-4 to 6e-4 per token, so groups with no signal still pushed the
+policy (`zero_flat_groups`).
 
 Integer/bool rewards are promoted to float32; floating rewards keep their dtype.
 """
@@ -61,7 +65,7 @@ def grpo(rewards: Tensor) -> Tensor:
     r = _check_groups(rewards, "grpo", min_k=2)
     mean = r.mean(dim=1, keepdim=True)  # [P, 1]
     std = r.std(dim=1, keepdim=True, unbiased=True)  # [P, 1]
-    return (r - mean) / (std + GRPO_EPS)  # [P, K]
+    return zero_flat_groups((r - mean) / (std + GRPO_EPS), r)  # [P, K]
 
 
 @ADVANTAGE_ESTIMATORS.register("dr_grpo")
@@ -71,7 +75,7 @@ def dr_grpo(rewards: Tensor) -> Tensor:
     rewards: [P, K] -> advantages: [P, K].
     """
     r = _check_groups(rewards, "dr_grpo", min_k=1)
-    return r - r.mean(dim=1, keepdim=True)  # [P, K]
+    return zero_flat_groups(r - r.mean(dim=1, keepdim=True), r)  # [P, K]
 
 
 @ADVANTAGE_ESTIMATORS.register("rloo")
@@ -81,7 +85,17 @@ def rloo(rewards: Tensor) -> Tensor:
     rewards: [P, K] -> advantages: [P, K]. Raises ConfigError when K < 2.
     """
     r = _check_groups(rewards, "rloo", min_k=2)
-    return r - leave_one_out_mean(r)  # [P, K]
+    return zero_flat_groups(r - leave_one_out_mean(r), r)  # [P, K]
+
+
+def zero_flat_groups(advantages: Tensor, rewards: Tensor) -> Tensor:
+    """`advantages` with every group whose rewards are all equal set to exactly 0.
+
+    advantages, rewards: [P, K] -> [P, K]. A group holding a NaN is not flat (NaN != NaN), so
+    a non-finite reward still shows in its advantages.
+    """
+    flat = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # [P, 1]
+    return torch.where(flat, torch.zeros((), dtype=advantages.dtype), advantages)  # [P, K]
 
 
 def leave_one_out_mean(grouped: Tensor) -> Tensor:

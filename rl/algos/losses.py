@@ -5,7 +5,11 @@ positions, V vocabulary; `mask: [B, T]` is 1 on response tokens that count in th
 
 What is implemented:
 - `clipped_surrogate`: PPO/GRPO per-token loss `-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)`
-  with asymmetric clip ranges (DAPO's "clip-higher"); no dual clip, no log-ratio clamping.
+  with asymmetric clip ranges (DAPO's "clip-higher"); no dual clip. The log-ratio is clamped
+  to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] before `exp` (`safe_ratio`): a log-ratio of 89 or
+  more (an engine log-prob of -inf, a corrupted row) overflows float32 to an infinite loss
+  and a NaN gradient for the whole step; ratios that large are clipped anyway, and values
+  with |log-ratio| <= 20 are unchanged.
 - `k3_kl`: the k3 estimator `exp(l_ref - l) - (l_ref - l) - 1` (Schulman), used as a loss term
   `kl_coef * aggregate(k3)` (GRPO style), aggregated exactly like the surrogate.
 - `aggregate_loss`: *sum-form* aggregation. Each micro-batch returns its share of the
@@ -29,6 +33,10 @@ import torch
 from torch import Tensor
 
 from rl.core.errors import ConfigError
+
+LOG_RATIO_CLAMP = 20.0
+"""|log pi - log pi_old| (and |log pi_ref - log pi| in k3) is clamped to this before exp:
+exp(20) = 4.9e8 is finite in bf16, fp16 and fp32, and far beyond any clip range."""
 
 AggregationMode = Literal["token_mean", "seq_mean"]
 AGGREGATION_MODES: tuple[str, ...] = ("token_mean", "seq_mean")
@@ -87,6 +95,15 @@ def logprobs_and_entropy(
     return logp, lse - (probs * z).sum(dim=-1)
 
 
+def safe_ratio(log_ratio: Tensor) -> Tensor:
+    """`exp(clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))`: [B, T] -> [B, T].
+
+    Equal to `exp(log_ratio)` where |log_ratio| <= LOG_RATIO_CLAMP (and the gradient too);
+    finite for +-inf inputs, whose gradient is 0. NaN stays NaN (it is a fault to be seen).
+    """
+    return torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [B, T]
+
+
 def clipped_surrogate(
     logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float, clip_high: float
 ) -> tuple[Tensor, Tensor]:
@@ -95,12 +112,13 @@ def clipped_surrogate(
     logp: [B, T] log pi(y_t) under the current policy (carries the gradient);
     old_logp: [B, T] under the policy that sampled the tokens (treated as a constant);
     advantages: [B, T]. Returns (loss [B, T], clipped [B, T] float 0/1) with
-    `rho = exp(logp - old_logp)`, `loss = -min(rho A, clip(rho, 1-clip_low, 1+clip_high) A)`;
+    `rho = safe_ratio(logp - old_logp)` (exp of the log-ratio clamped to +-20),
+    `loss = -min(rho A, clip(rho, 1-clip_low, 1+clip_high) A)`;
     `clipped` is 1 where the clipped term is the smaller one and differs from the unclipped
     one (A > 0 and rho > 1+clip_high, or A < 0 and rho < 1-clip_low), i.e. where the token
     gets no gradient. Unmasked: aggregate with `aggregate_loss`.
     """
-    ratio = torch.exp(logp - old_logp.detach())  # [B, T]
+    ratio = safe_ratio(logp - old_logp.detach())  # [B, T]
     unclipped = ratio * advantages  # [B, T]
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages  # [B, T]
     loss = -torch.minimum(unclipped, clipped)  # [B, T]
@@ -111,9 +129,10 @@ def clipped_surrogate(
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """k3 estimator of KL(pi || pi_ref) per token: `exp(ref - logp) - (ref - logp) - 1` >= 0.
 
-    logp: [B, T] (carries the gradient), ref_logp: [B, T] (a constant) -> [B, T].
+    logp: [B, T] (carries the gradient), ref_logp: [B, T] (a constant) -> [B, T]. The
+    difference is clamped to +-LOG_RATIO_CLAMP first (unchanged within it), as in the ratio.
     """
-    d = ref_logp.detach() - logp  # [B, T]
+    d = (ref_logp.detach() - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T]
     return torch.exp(d) - d - 1.0  # [B, T]
 
 
@@ -232,7 +251,7 @@ def policy_loss(
     if n_tok <= 0:
         raise ValueError(f"stats_tokens must be positive, got {n_tok}")
     with torch.no_grad():
-        ratio = torch.exp(logp - old_logp)  # [b, T]
+        ratio = safe_ratio(logp - old_logp)  # [b, T]
         stats = {
             "loss": loss.detach(),
             "pg_loss": pg.detach(),

@@ -122,6 +122,9 @@ class Scored:
     """Head metrics (`head/<name>/<key>`), averaged over ranks."""
     keep: torch.Tensor | None = None
     """[B] bool rows every head keeps in the policy update (None: all; see `drop_rows`)."""
+    errors: int = 0
+    """Rows on this rank whose reward function or head raised or timed out and that got 0
+    instead (`reward.on_error=zero`; summed over ranks into `reward/errors`)."""
 
 
 @dataclass

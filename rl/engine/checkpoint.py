@@ -4,6 +4,14 @@ Layout: `<output_dir>/checkpoints/step_00000010/` holds DeepSpeed's model/optimi
 scheduler files, `trainer_state.json`, `rng_rank{r}.pt` and, written last, `COMPLETE`.
 A checkpoint without `COMPLETE` (a crash mid-write) is never picked for resume, and
 `latest` is only ever replaced atomically.
+
+`COMPLETE` holds a manifest: every other file of the checkpoint with its size in bytes. At
+resume a checkpoint whose files are missing or of another size (a disk that filled up, a
+copy cut short) is skipped for the previous complete one, with a warning naming the file;
+`keep_checkpoints` pruning never deletes the newest intact checkpoint. Sizes, not checksums:
+they catch truncation and loss at the cost of one `stat` per file, where hashing a large
+model's shards would add minutes to every save. An empty `COMPLETE` (written before the
+manifest existed) is accepted unchecked.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +38,42 @@ TAG_PATTERN = re.compile(r"^step_(\d+)$")
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    """Where step `step`'s checkpoint lives under `root`."""
+    return root / tag_for(step)
+
+
+def manifest(path: Path) -> dict[str, int]:
+    """Every file under checkpoint dir `path` but `COMPLETE`: {relative path: size in bytes}."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != COMPLETE)
+    return {str(p.relative_to(path)): p.stat().st_size for p in files}
+
+
+def write_complete(path: Path) -> None:
+    """Mark `path` complete, recording its manifest (after every file is on disk)."""
+    write_atomic(path / COMPLETE, json.dumps({"files": manifest(path)}, indent=0))
+
+
+def damage(path: Path) -> str | None:
+    """None when the complete checkpoint `path` has every file its manifest records, at the
+    recorded size; else what is wrong, naming the file."""
+    text = (path / COMPLETE).read_text().strip()
+    if not text:
+        return None  # written before manifests existed
+    try:
+        recorded: dict[str, int] = json.loads(text)["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{path / COMPLETE} is not a readable manifest"
+    for name, size in recorded.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{file} is {actual} bytes, {COMPLETE} recorded {size}"
+    return None
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -70,9 +115,36 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def latest_checkpoint(root: Path) -> Path | None:
+def latest_checkpoint(root: Path, warn: bool = True) -> Path | None:
+    """The newest complete, intact checkpoint under `root` (None if there is none). A damaged
+    one is passed over for the one before, with a warning on stderr naming the file."""
+    for path in reversed(complete_checkpoints(root)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        if warn:
+            print(
+                f"warning: skipping damaged checkpoint {path.name}: {problem}; "
+                "trying the previous complete one",
+                file=sys.stderr,
+                flush=True,
+            )
+    return None
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete complete checkpoints older than the newest `keep` (0 keeps all), but never one
+    of the newest `keep` intact ones: with the newest damaged, the previous good one stays.
+    Returns the deleted dirs."""
+    if keep <= 0:
+        return []
     done = complete_checkpoints(root)
-    return done[-1] if done else None
+    intact = [path for path in done if damage(path) is None]
+    protected = set(intact[-keep:])
+    deleted = [path for path in done[:-keep] if path not in protected]
+    for path in deleted:
+        shutil.rmtree(path, ignore_errors=True)
+    return deleted
 
 
 def save_checkpoint(
@@ -95,10 +167,9 @@ def save_checkpoint(
     barrier()  # every rank's files are on disk
     if rank == 0:
         write_atomic(path / "trainer_state.json", json.dumps(trainer_state))
-        write_atomic(path / COMPLETE, "")
+        write_complete(path)
         write_atomic(root / "latest", tag)
-        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(root, keep)
     barrier()
     return path
 
@@ -109,6 +180,9 @@ def load_checkpoint(engine: Any, path: Path, rank: int) -> dict[str, Any]:
         raise ConfigError(
             f"trainer.resume: {path} is not a complete checkpoint (no {COMPLETE} marker)"
         )
+    problem = damage(path)
+    if problem is not None:
+        raise ConfigError(f"trainer.resume: checkpoint {path} is damaged: {problem}")
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")

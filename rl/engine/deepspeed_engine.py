@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from rl.core.errors import ConfigError
+from rl.engine import watchdog
 from rl.engine.op_locks import watch_op_builds
 
 
@@ -43,8 +44,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def init_distributed() -> DistInfo:
-    """Join the job's process group; a plain `python` run becomes a world of one."""
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
+    """Join the job's process group; a plain `python` run becomes a world of one. With
+    `timeout_s`, collectives that wait longer fail, and a heartbeat thread names a rank that
+    stops answering (`rl.engine.watchdog`)."""
     import deepspeed
 
     if "WORLD_SIZE" not in os.environ:  # plain `python launch/train_rl.py`
@@ -55,19 +58,20 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if get_accelerator().device_name() != "cpu":  # one GPU per rank, before any CUDA work
         get_accelerator().set_device(local_rank)
+    extra = {} if timeout_s is None else {"timeout": watchdog.pg_timeout(timeout_s)}
     with watch_op_builds():  # JIT-builds deepspeed_shm_comm on CPU; see op_locks
-        deepspeed.init_distributed()
-    return DistInfo(
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        local_rank=local_rank,
-    )
+        deepspeed.init_distributed(**extra)
+    info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+    if timeout_s is not None:
+        watchdog.start(info.rank, info.world_size, timeout_s)
+    return info
 
 
 def shutdown() -> None:
     """Leave the process group cleanly (avoids gloo's abort-on-exit noise); a no-op when a
     vLLM engine's shutdown already destroyed it. Also removes this rank's DeepSpeed CPU
     all-reduce buffer from /dev/shm, which DeepSpeed never unlinks (66 MiB per rank)."""
+    watchdog.stop()
     if dist.is_initialized():
         rank = dist.get_rank()
         dist.barrier()  # every rank has mapped every buffer long ago; unlinking is safe now
@@ -225,7 +229,35 @@ def make_adamw(
                 params, lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True
             )  # fmt: skip
     fused = get_accelerator().device_name() == "cuda"
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+    return FiniteAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+
+
+class FiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients hold a NaN or inf, and says so in `overflow`.
+
+    DeepSpeed's ZeRO optimizers (stages 1-3) and its bf16 optimizer check the reduced
+    gradients themselves and never call `step` on non-finite ones; plain fp32 without ZeRO
+    (stage 0) calls this optimizer directly and reads `overflow` afterwards, counting the
+    step as skipped (`engine.was_step_applied()` is False, the LR schedule does not advance).
+    The gradients are already all-reduced there, so every rank takes the same decision."""
+
+    overflow: bool = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        grads = [g for g in grads if g is not None]
+        finite = all(bool(torch.isfinite(n)) for n in torch._foreach_norm(grads)) if grads else True
+        self.overflow = not finite
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def step_applied(engine: Any) -> bool:
+    """Whether the engine's last optimizer step changed the weights (False when DeepSpeed
+    skipped it for non-finite gradients; the decision is the same on every rank)."""
+    return bool(engine.was_step_applied())
 
 
 def create_reference(

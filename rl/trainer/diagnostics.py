@@ -62,7 +62,7 @@ SUM_NAMES: tuple[str, ...] = (
     "step_adv_sq",
 )
 """The additive counts `diagnostic_sums` returns (summed over ranks, then divided; a ratio
-over zero items is NaN, written as null in metrics.jsonl)."""
+over zero items is NaN, written as "NaN" in metrics.jsonl)."""
 
 NO_CREDIT_ATOL = 1e-6
 """A step's mean step credit below this in magnitude counts as none (`A_out + alpha * 0`

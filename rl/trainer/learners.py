@@ -57,6 +57,10 @@ class Learner(ABC):
         """The last optimizer step's global gradient norm (None if unknown)."""
 
     @abstractmethod
+    def step_applied(self) -> bool:
+        """False when the last optimizer step was skipped for non-finite gradients."""
+
+    @abstractmethod
     def step_stats(self) -> dict[str, float]:
         """Stats logged once per step (learning rate ...), with the prefix."""
 
@@ -66,12 +70,21 @@ class PolicyLearner(Learner):
 
     prefix = "train"
 
-    def __init__(self, engine: Any, algo: AlgoConfig, temperature: float, engine_old: bool):
+    def __init__(
+        self,
+        engine: Any,
+        algo: AlgoConfig,
+        temperature: float,
+        engine_old: bool,
+        poison_loss: bool = False,
+    ) -> None:
         self.engine = engine
         self.algo = algo
         self.temperature = temperature
         self.engine_old = engine_old
         """Take the sampler's log-probs as the old policy's (`rollout.old_logprobs=engine`)."""
+        self.poison_loss = poison_loss
+        """Fault injection (`rl.trainer.fault_injection`): make every loss on this rank NaN."""
 
     def micro_step(
         self, micro: RolloutBatch, index: torch.Tensor, logprobs: LogProbs, credit: Credit,
@@ -100,6 +113,9 @@ class PolicyLearner(Learner):
             loss = loss - algo.entropy_coef * aggregate_loss(
                 entropy, micro.response_mask, algo.loss_agg, counts.tokens, counts.seqs
             )
+        if self.poison_loss:
+            loss = loss * float("nan")
+            stats["loss"] = loss.detach()
         self.engine.backward(loss * counts.scale)
         self.engine.step()
         out = {key: value.detach() for key, value in stats.items()}
@@ -109,6 +125,9 @@ class PolicyLearner(Learner):
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
+
+    def step_applied(self) -> bool:
+        return eng.step_applied(self.engine)
 
     def step_stats(self) -> dict[str, float]:
         return {"train/lr": float(self.engine.get_lr()[0])}
@@ -142,6 +161,9 @@ class CriticLearner(Learner):
     def grad_norm(self) -> float | None:
         return self.critic.grad_norm()
 
+    def step_applied(self) -> bool:
+        return eng.step_applied(self.critic.engine)
+
     def step_stats(self) -> dict[str, float]:
         return {"critic/lr": self.critic.lr(), "critic/policy_frozen": float(self.policy_frozen)}
 
@@ -169,11 +191,14 @@ def run_updates(
 ) -> dict[str, float]:
     """Every epoch and mini-batch: each learner in `learners` takes a micro-step on every
     micro-batch. Returns the stats averaged over optimizer steps and summed over ranks, and
-    each learner's (also each frozen one's) mean grad norm and step stats."""
+    each learner's (also each frozen one's) mean grad norm, step stats and
+    `<prefix>/skipped_steps`: its optimizer steps DeepSpeed skipped for non-finite gradients
+    (a NaN loss on one rank makes every rank's reduced gradient NaN, so all ranks skip)."""
     scale = engine_loss_scale(plan.world_size, plan.grad_accum_steps)
     order_gen = torch.Generator().manual_seed(plan.shuffle_seed)
     sums: dict[str, torch.Tensor] = {}  # on the device until the end of the step
     norms: dict[str, list[float]] = {learner.prefix: [] for learner in learners + frozen}
+    skipped = {learner.prefix: 0 for learner in learners + frozen}
     n_updates = 0
     for _ in range(plan.epochs):
         order = torch.randperm(len(batch), generator=order_gen) if plan.epochs > 1 else None
@@ -197,6 +222,7 @@ def run_updates(
                 norm = learner.grad_norm()
                 if norm is not None:
                     norms[learner.prefix].append(norm)
+                skipped[learner.prefix] += not learner.step_applied()
             n_updates += 1
     keys = sorted(sums)
     stacked = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0)
@@ -205,5 +231,6 @@ def run_updates(
     for learner in learners + frozen:
         values = norms[learner.prefix]
         out[f"{learner.prefix}/grad_norm"] = sum(values) / max(1, len(values))
+        out[f"{learner.prefix}/skipped_steps"] = float(skipped[learner.prefix])
         out.update(learner.step_stats())
     return out

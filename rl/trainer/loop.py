@@ -12,14 +12,17 @@
               the critic under gae), losses normalised over the global mini-batch;
     sync      the new weights into the rollout engine.
 
+Between steps, every rank takes the same decisions (rl.trainer.nonfinite, .preemption): a step
+whose update met non-finite numbers was skipped on every rank (counted, and the run halts
+after `trainer.max_skipped_steps` in a row); a preemption signal on any rank writes a
+checkpoint and ends the run with exit 0.
+
 The formulas are in docs/algorithms.md; the maths lives in `rl.algos`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from rewards.base import RewardSpec
+from rewards.base import CallPolicy, RewardSpec
 from rewards.build import build_reward_fns, build_reward_heads
 from rewards.heads import HeadContext, RewardHead
 from rl.algos.offpolicy import logprob_mismatch_sums, tis_weights
@@ -40,6 +43,7 @@ from rl.core.types import Credit, LogProbs, RolloutBatch, Scored
 from rl.data.prompts import PromptSampler, batch_columns, shard
 from rl.engine import checkpoint as ckpt
 from rl.engine import deepspeed_engine as eng
+from rl.engine import watchdog
 from rl.engine.forward import padding_counts, response_logprobs
 from rl.engine.memory import PhaseMeter
 from rl.engine.models import load_policy, run_dtype
@@ -52,11 +56,20 @@ from rl.setup import (
     seed_everything,
     training_sampling,
 )
+from rl.trainer import fault_injection as faults
 from rl.trainer.credit import build_credit, resolve_credit
 from rl.trainer.critic import Critic
 from rl.trainer.diagnostics import CreditDiagnostics
 from rl.trainer.learners import CriticLearner, Learner, PolicyLearner, UpdatePlan, run_updates
 from rl.trainer.metrics import MetricsLogger, truncate_after
+from rl.trainer.nonfinite import (
+    SkipTracker,
+    final_step_error,
+    inputs_verdict,
+    local_fault,
+    skipped_update_stats,
+)
+from rl.trainer.preemption import Preemption, resume_line
 from rl.trainer.rewards import RewardPipeline, drop_rows
 from rl.trainer.run_dir import prepare_output_dir
 
@@ -70,6 +83,7 @@ class TrainState:
     step: int = 0
     samples: int = 0
     sampler: dict[str, int] = field(default_factory=dict)
+    skipped_in_a_row: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,13 +125,6 @@ def build_heads(cfg: Config) -> list[tuple[RewardHead, float]]:
     return build_reward_heads(cfg.reward.heads)
 
 
-def simulate_crash_if_asked(step: int) -> None:
-    """Fault injection for resume tests: `DENSE_RL_KILL_AFTER_STEP=k` SIGKILLs every rank
-    right after step k is logged (and saved, if it is a save step), like a machine loss."""
-    if os.environ.get("DENSE_RL_KILL_AFTER_STEP") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def check_lengths(cfg: Config, policy: Any, longest_prompt: int) -> None:
     """ConfigError when the longest kept prompt plus `rollout.max_new_tokens` does not fit
     the model's positions."""
@@ -154,7 +161,13 @@ class Trainer:
         functions = build_reward_fns(
             [RewardSpec(f.fn, f.weight, dict(f.kwargs)) for f in cfg.reward.functions]
         )
-        self.rewards = RewardPipeline(functions, heads, self.tokenizer, cfg.reward.step_delimiter)
+        self.rewards = RewardPipeline(
+            functions,
+            heads,
+            self.tokenizer,
+            cfg.reward.step_delimiter,
+            CallPolicy(cfg.reward.timeout_s, cfg.reward.on_error),
+        )
         self.credit = build_credit(self.credit_name, cfg.algo, self.critic)
         self.rollout = make_rollout(cfg, self.tokenizer, model_path, policy, dist, self.zero_stage)
         self.rewards.setup(self._head_context(model_path, ds_config))
@@ -164,6 +177,10 @@ class Trainer:
             else None
         )
         self.state = TrainState()
+        self.skips = SkipTracker(cfg.trainer.max_skipped_steps)
+        self.preemption = Preemption()
+        self.skip_reason = ""
+        """Why the last update's optimizer steps were skipped, if they were."""
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.metrics: MetricsLogger | None = None
         # each rank samples differently; reseeded after model building consumed RNG
@@ -323,13 +340,25 @@ class Trainer:
         return self.critic is not None and self.state.step < self.cfg.critic.warmup_steps
 
     def update(self, batch: RolloutBatch, logprobs: LogProbs, credit: Credit) -> dict[str, float]:
-        """Every learner's optimizer steps on the rollouts; returns global stats."""
+        """Every learner's optimizer steps on the rollouts; returns global stats. Skipped on
+        every rank when any rank's inputs hold non-finite numbers."""
+        verdict = inputs_verdict(
+            local_fault(credit, logprobs, batch.response_mask), self.dist.rank, self.dist.world_size
+        )
+        if verdict is not None:
+            self.skip_reason = verdict
+            steps = self.cfg.algo.epochs * self.cfg.algo.mini_batches
+            return skipped_update_stats(steps, self.critic is not None)
+        self.skip_reason = "non-finite loss or gradient"
         frozen = self.policy_frozen()
         policy = PolicyLearner(
             self.engine,
             self.cfg.algo,
             self.cfg.rollout.temperature,
             engine_old=self.cfg.rollout.old_logprobs == "engine",
+            poison_loss=faults.poison_loss(
+                self.state.step + 1, self.dist.rank, self.dist.world_size
+            ),
         )
         learners: list[Learner] = [] if frozen else [policy]
         if self.critic is not None:
@@ -352,11 +381,13 @@ class Trainer:
         return self.diagnostics.row(batch, scored, credit, self.engine, size)
 
     def train_step(self) -> dict[str, Any]:
+        watchdog.set_step(self.state.step + 1)
         meter = PhaseMeter()
         start = time.perf_counter()
         with meter.phase("rollout"):
             batch = self.collect()
         with meter.phase("reward"):
+            self.rewards.at(f"step {self.state.step + 1}, rank {self.dist.rank}")
             scored = self.rewards.score(batch)
             drop_rows(batch, scored.keep)  # rows a head filtered out leave the update
         with meter.phase("logprobs"):
@@ -387,6 +418,7 @@ class Trainer:
         zero = scored.outcome.new_zeros(())
         truncated = batch.truncated.sum() if batch.truncated is not None else zero
         parts = [scored.outcome.sum(), batch.response_mask.sum(), zero + len(batch), truncated]
+        parts += [zero + scored.errors]
         parts += [v.sum() for v in scored.per_fn.values()]
         # one stack on the device, one all-reduce, one host read
         sums = eng.all_reduce_sum(torch.stack([p.double() for p in parts])).tolist()
@@ -394,8 +426,9 @@ class Trainer:
         row: dict[str, Any] = {"step": self.state.step, "samples": self.state.samples}
         row["reward/outcome_mean"] = sums[0] / n
         row["rollout/truncated_frac"] = sums[3] / n
+        row["reward/errors"] = sums[4]
         for i, name in enumerate(scored.per_fn):
-            row[f"reward/{name}_mean"] = sums[4 + i] / n
+            row[f"reward/{name}_mean"] = sums[5 + i] / n
         row["train/response_tokens_mean"] = tokens / n
         row.update(scored.metrics)
         if scored.process is not None:
@@ -454,6 +487,7 @@ class Trainer:
             sampling,
             group_size=1,
         )
+        self.rewards.at(f"evaluation at step {self.state.step}, rank {self.dist.rank}")
         _, per_fn = self.rewards.outcomes(batch)
         first = next(iter(per_fn.values()))[:n_real]
         clean = self.diagnostics.clean_count(batch, n_real) if self.diagnostics else 0.0
@@ -464,13 +498,20 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> None:
+    def save(self) -> Path:
+        """A complete checkpoint of this step (collective); returns its directory."""
         self.state.sampler = self.sampler.state_dict()
-        ckpt.save_checkpoint(
+        self.state.skipped_in_a_row = self.skips.in_a_row
+        return ckpt.save_checkpoint(
             self.engine,
             self.checkpoint_root,
             self.state.step,
-            {"step": self.state.step, "samples": self.state.samples, "sampler": self.state.sampler},
+            {
+                "step": self.state.step,
+                "samples": self.state.samples,
+                "sampler": self.state.sampler,
+                "skipped_in_a_row": self.state.skipped_in_a_row,
+            },
             self.dist.rank,
             self.cfg.trainer.keep_checkpoints,
             save_extra=self._save_extra,
@@ -478,6 +519,7 @@ class Trainer:
 
     def _save_extra(self, path: Path) -> None:
         """Heads' and critic's state into the checkpoint dir before it is marked complete."""
+        faults.signal_during_save(self.preemption.signal_name is not None)
         for head, _ in self.heads:
             head.save_checkpoint(path / "heads" / head.name)
         if self.critic is not None:
@@ -504,8 +546,12 @@ class Trainer:
             return
         state = ckpt.load_checkpoint(self.engine, path, self.dist.rank)
         self.state = TrainState(
-            step=int(state["step"]), samples=int(state["samples"]), sampler=state["sampler"]
+            step=int(state["step"]),
+            samples=int(state["samples"]),
+            sampler=state["sampler"],
+            skipped_in_a_row=int(state.get("skipped_in_a_row", 0)),
         )
+        self.skips.in_a_row = self.state.skipped_in_a_row
         self.sampler.load_state_dict(state["sampler"])
         for head, _ in self.heads:
             head.load_checkpoint(path / "heads" / head.name)
@@ -532,7 +578,9 @@ class Trainer:
         return step == self.cfg.trainer.max_steps or (every > 0 and step % every == 0)
 
     def fit(self) -> None:
-        """Run from the current (possibly resumed) step to `trainer.max_steps`."""
+        """Run from the current (possibly resumed) step to `trainer.max_steps`, or until a
+        preemption signal (then a checkpoint, a resume line, and a normal return)."""
+        self.preemption.install()
         self._restore()
         self.rollout.sync_weights(self.engine)  # the engine starts from the current weights
         cfg = self.cfg
@@ -562,10 +610,57 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(self._postfix(row))
-                if self.should_save(self.state.step):
+                skipped = self._check_skips(row)
+                saved = not skipped and self.should_save(self.state.step)
+                if saved:
                     self.save()
-                simulate_crash_if_asked(self.state.step)
-        self._finish()
+                faults.simulate_crash_if_asked(self.state.step)
+                faults.stop_if_asked(self.state.step, self.dist.rank, self.dist.world_size)
+                last = self.state.step == cfg.trainer.max_steps  # then just finish
+                if self.preemption.requested() and not last:
+                    self._stop_for_preemption(already_saved=saved)
+                    return
+                if skipped and self.state.step == cfg.trainer.max_steps:
+                    raise final_step_error(self.state.step, skipped, self._last_good())
+        self._finish()  # a signal now changes nothing: the run is finishing anyway
+        self.preemption.uninstall()
+
+    def _check_skips(self, row: dict[str, Any]) -> int:
+        """Count the step's skipped optimizer steps, say so, and halt after too many in a row
+        (no checkpoint is written at a step with skips: the newest stays a good one)."""
+        skipped = self.skips.record(row)
+        if skipped and self.dist.is_main:
+            tqdm.write(
+                f"step {self.state.step}: skipped {skipped} optimizer step(s) "
+                f"({self.skip_reason}); {self.skips.in_a_row} in a row "
+                f"(trainer.max_skipped_steps={self.skips.limit})"
+            )
+        if skipped:
+            self.skips.check(self.state.step, self._last_good())
+        return skipped
+
+    def _last_good(self) -> str:
+        """The newest complete checkpoint, for error lines."""
+        latest = ckpt.latest_checkpoint(self.checkpoint_root, warn=False)
+        return str(latest) if latest is not None else "none written yet"
+
+    def _stop_for_preemption(self, already_saved: bool) -> None:
+        """Write this step's checkpoint (unless the schedule just did), close everything,
+        print how to resume. The final model is not written: the run is not finished."""
+        path = ckpt.checkpoint_dir(self.checkpoint_root, self.state.step)
+        if not already_saved:
+            path = self.save()
+        if self.dist.is_main:
+            print(resume_line(self.preemption.signal_name, self.state.step, str(path)), flush=True)
+        self._close()
+
+    def _close(self) -> None:
+        """Every resource closed (collective)."""
+        self.rewards.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        eng.barrier()
+        self.rollout.close()
 
     def _finish(self) -> None:
         """Final models in Hugging Face format, then every resource closed."""
@@ -577,11 +672,7 @@ class Trainer:
                 self.critic.save_pretrained(
                     self.output_dir / "final_critic", self.tokenizer, self.dist.is_main
                 )
-        self.rewards.close()
-        if self.metrics is not None:
-            self.metrics.close()
-        eng.barrier()
-        self.rollout.close()
+        self._close()
 
     def _eval_row(self) -> dict[str, Any]:
         t = time.perf_counter()

@@ -1,6 +1,10 @@
 """Metrics sinks on rank 0: `<output_dir>/metrics.jsonl` (one object per step) and wandb.
 
 wandb runs offline unless `WANDB_MODE` says otherwise; `WANDB_MODE=disabled` skips it.
+
+Non-finite numbers are written as the strings "NaN", "Infinity" and "-Infinity" (strict JSON,
+and `float()` of each gives the number back), never as null: a blown-up run shows as one.
+`read_metrics_file` turns them back into floats.
 """
 
 from __future__ import annotations
@@ -10,6 +14,30 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+"""The marked strings metrics.jsonl holds for non-finite numbers."""
+
+
+def encode_value(value: Any) -> Any:
+    """A metric value for JSON: non-finite floats as their marked strings, others as given."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def decode_value(value: Any) -> Any:
+    """Inverse of `encode_value`: a marked string back to its float."""
+    return NON_FINITE[value] if isinstance(value, str) and value in NON_FINITE else value
+
+
+def read_metrics_file(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, with non-finite values as floats again."""
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rows.append({k: decode_value(v) for k, v in json.loads(line).items()})
+    return rows
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -22,12 +50,6 @@ def truncate_after(path: Path, step: int) -> None:
         if line.strip() and json.loads(line).get("step", 0) <= step
     ]
     path.write_text("".join(line + "\n" for line in kept))
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class MetricsLogger:
@@ -49,14 +71,14 @@ class MetricsLogger:
             )
 
     def log(self, row: dict[str, Any]) -> None:
-        clean = {key: _clean(value) for key, value in row.items()}
+        marked = {key: encode_value(value) for key, value in row.items()}
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(clean) + "\n")
+            handle.write(json.dumps(marked, allow_nan=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-        if self.wandb_run is not None:
+        if self.wandb_run is not None:  # wandb takes NaN and inf as numbers
             self.wandb_run.log(
-                {k: v for k, v in clean.items() if k != "step" and v is not None},
+                {k: v for k, v in row.items() if k != "step" and v is not None},
                 step=int(row["step"]),
             )
 
