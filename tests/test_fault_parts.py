@@ -101,3 +101,24 @@ def test_explain_hang_only_for_timeouts() -> None:
     assert explain_hang(RuntimeError("shape mismatch")) is None
     line = explain_hang(RuntimeError("Timed out waiting 60000ms for recv operation"))
     assert line is not None and "timed out" in line
+
+
+def test_a_timed_out_collective_names_the_silent_peer_before_the_heartbeat_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The collective's timeout and the heartbeat's have the same length and race (seen: the
+    gloo recv gave up first, and the error said no heartbeat had stopped): a peer silent for
+    three beats when a collective times out is the one named."""
+    import rl.engine.watchdog as watchdog
+
+    store = _Store()
+    me = Heartbeat(store, rank=0, world_size=2, timeout_s=60.0)
+    peer = Heartbeat(store, rank=1, world_size=2, timeout_s=60.0)
+    peer.step = 2
+    peer._beat()
+    me._read_peers()
+    me.peers[1].changed_at -= 3 * me.interval_s + 1  # silent for 31 s: under the 60 s limit
+    assert me.stale_ranks() == []
+    monkeypatch.setattr(watchdog, "_HEARTBEAT", me)
+    line = explain_hang(RuntimeError("Timed out waiting 60000ms for recv operation to complete"))
+    assert line is not None and line.startswith("rank 1 stopped answering"), line

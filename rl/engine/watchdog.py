@@ -119,13 +119,13 @@ class Heartbeat:
                 if value != "done":
                     view.step = int(value.split()[1])
 
-    def stale_ranks(self) -> list[int]:
-        """Peers whose heartbeat has not moved for `timeout_s` (finished ones excluded)."""
+    def stale_ranks(self, after_s: float | None = None) -> list[int]:
+        """Peers whose heartbeat has not moved for `after_s` (default `timeout_s`; finished
+        ones excluded)."""
         now = time.monotonic()
+        limit = self.timeout_s if after_s is None else after_s
         return [
-            r
-            for r, v in self.peers.items()
-            if v.beat != "done" and now - v.changed_at >= self.timeout_s
+            r for r, v in self.peers.items() if v.beat != "done" and now - v.changed_at >= limit
         ]
 
     def describe(self, ranks: list[int]) -> str:
@@ -190,7 +190,9 @@ def explain_hang(err: BaseException) -> str | None:
     hb = _HEARTBEAT
     if hb is None:
         return f"a collective timed out ({first})"
-    ranks = hb.stale_ranks() or hb.lagging_ranks()
+    # The collective's timeout and the heartbeat's are the same length and race: a peer that
+    # missed three beats when the collective gave up is the one it waited for.
+    ranks = hb.stale_ranks(after_s=3 * hb.interval_s) or hb.lagging_ranks()
     who = (
         hb.describe(ranks)
         if ranks
