@@ -92,8 +92,8 @@ def test_gold_steps_head_two_ranks(tmp_path: Path, model_cache: Path):
     for row in rows[1:]:  # diagnostics from the exact labels, over both ranks
         assert 0.0 <= row["diag/zero_spread_group_frac"] <= 1.0
         for key in ("wrong_step_adv_neg_frac", "right_step_adv_neg_frac"):
-            value = row[f"diag/{key}"]  # null when the batch has no such step
-            assert value is None or 0.0 <= value <= 1.0
+            value = row[f"diag/{key}"]  # NaN when the batch has no such step
+            assert math.isnan(value) or 0.0 <= value <= 1.0
         if row["head/gold_steps/wrong_step_frac"] > 0:
             # -alpha on the first wrong step: step credit adds to the outcome advantage
             assert 0.0 < row["diag/step_credit_share"] <= 1.0
