@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.launcher import FAST_OVERRIDES, check_ok, launch, read_metrics
-from tests.test_prm_head import build_prm, chat_tokenizer
+from tests.models import build_prm, chat_tokenizer
 
 pytestmark = pytest.mark.e2e
 

@@ -18,12 +18,12 @@ from rl.algos.losses import policy_loss
 from rl.algos.prm_shaping import ShapingParams, agreement_keep, shape_step_rewards
 from rl.core.errors import ConfigError, RewardError
 from rl.core.types import HeadBatch, RolloutBatch
-from rl.engine.start_model import SHIPPED_ROOT, build_tokenizer, prompt_text
-from rl.prm.convention import PRMConvention, save_convention, token_ids
-from rl.prm.model import PRMModel, load_prm, save_prm, step_probabilities
+from rl.engine.start_model import build_tokenizer, prompt_text
+from rl.prm.convention import PRMConvention, save_convention
+from rl.prm.model import load_prm, step_probabilities
 from rl.rollout.steps import head_batch
 from rl.trainer.rewards import drop_rows
-from tests.models import tiny_llama
+from tests.models import build_prm, chat_tokenizer
 
 PROBLEMS = ["3+4*2", "2+3", "1+1+2", "5*5"]
 RESPONSES = [
@@ -33,25 +33,6 @@ RESPONSES = [
     "5*5=25\nAnswer: 25",  # truncated below: no step at all
 ]
 STEPS = [["3+4=7", "7*2=14", "Answer: 14"], ["Answer: 5"], ["1+1=2", "2+2=4"], []]
-
-
-def chat_tokenizer() -> Any:
-    """The shipped chat-tiny BPE tokenizer with a one-token `<step>` tag added."""
-    from transformers import AutoTokenizer
-
-    (directory,) = sorted(SHIPPED_ROOT.glob("chat-tiny-*"))
-    tok = AutoTokenizer.from_pretrained(directory)
-    tok.add_special_tokens({"additional_special_tokens": ["<step>"]})
-    return tok
-
-
-def build_prm(out: Path, tokenizer: Any, **convention: Any) -> Path:
-    """A random tiny Llama read as a PRM in `convention`, saved with `save_prm`."""
-    conv = PRMConvention(**convention)
-    lm = tiny_llama(len(tokenizer), max_position_embeddings=256, seed=1)
-    head = torch.nn.Linear(32, 2) if conv.head == "two_class" else None
-    model = PRMModel(lm, conv, token_ids(conv, tokenizer), head)
-    return save_prm(model, tokenizer, out)
 
 
 def policy_batch(tok: Any, truncate_last: bool = True) -> HeadBatch:

@@ -23,37 +23,23 @@ import torch
 from rl.engine.start_model import build_tokenizer, prompt_text
 from rl.eval import search
 from rl.eval.cached_scoring import CachedScorer, PRMReader, Reader, reader_for
-from rl.prm.convention import PRMConvention, token_ids
-from rl.prm.model import PRMModel, save_prm
-from tests.models import tiny_llama
+from tests.models import build_prm as build_tiny_prm
+from tests.models import chat_tokenizer, tiny_llama
 
 PROBLEMS = ["3+4*2", "12+3", "1+1+2+5", "5*5"]
 EOS_TEXT = "Answer: "
 
 
+def build_prm(out: Path, tokenizer: Any, **convention: Any) -> Path:
+    """A random 2-layer tiny Llama read as a PRM in `convention`, saved with `save_prm`."""
+    return build_tiny_prm(
+        out, tokenizer, num_layers=2, max_position_embeddings=512, seed=3, **convention
+    )
+
+
 @pytest.fixture(scope="module")
 def policy_tok() -> Any:
     return build_tokenizer()
-
-
-def chat_tokenizer() -> Any:
-    """The shipped chat-tiny BPE tokenizer with a one-token `<step>` tag added."""
-    from transformers import AutoTokenizer
-
-    from rl.engine.start_model import SHIPPED_ROOT
-
-    (directory,) = sorted(SHIPPED_ROOT.glob("chat-tiny-*"))
-    tok = AutoTokenizer.from_pretrained(directory)
-    tok.add_special_tokens({"additional_special_tokens": ["<step>"]})
-    return tok
-
-
-def build_prm(out: Path, tokenizer: Any, **convention: Any) -> Path:
-    """A random 2-layer tiny Llama read as a PRM in `convention`, saved with `save_prm`."""
-    conv = PRMConvention(**convention)
-    lm = tiny_llama(len(tokenizer), num_layers=2, max_position_embeddings=512, seed=3)
-    head = torch.nn.Linear(32, 2) if conv.head == "two_class" else None
-    return save_prm(PRMModel(lm, conv, token_ids(conv, tokenizer), head), tokenizer, out)
 
 
 def build_pav(out: Path, tokenizer: Any) -> Path:
