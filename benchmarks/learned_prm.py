@@ -134,9 +134,10 @@ def curve(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from rl.config import PRMConfig
+    from rl.eval.prm import best_threshold
     from rl.prm.active import train_with_budget
     from rl.prm.data import read_step_dataset
-    from rl.prm.fitting import prm_scores
+    from rl.prm.fitting import first_bad, prm_scores
     from rl.prm.model import load_prm, step_probabilities
 
     start = prebuild_start_model(CONFIG, regime_overrides(args.regime))
@@ -173,6 +174,12 @@ def curve(args: argparse.Namespace) -> None:
                     model, tokenizer, [e.prompt for e in test], [e.completions for e in test]
                 )
                 scores = prm_scores(probs, [e.labels for e in test])
+                # the first-error threshold chosen on the validation set, applied to the test set
+                val_probs = step_probabilities(
+                    model, tokenizer, [e.prompt for e in val], [e.completions for e in val]
+                )
+                threshold, _ = best_threshold(val_probs, [first_bad(e.labels) for e in val])
+                tuned = prm_scores(probs, [e.labels for e in test], threshold)
                 row = {
                     "selection": selection,
                     "budget_frac": budget,
@@ -186,6 +193,10 @@ def curve(args: argparse.Namespace) -> None:
                     "acc_error": scores["acc_error"],
                     "acc_correct": scores["acc_correct"],
                     "test_bce": scores["bce"],
+                    "threshold": threshold,
+                    "f1_tuned": tuned["f1"],
+                    "acc_error_tuned": tuned["acc_error"],
+                    "acc_correct_tuned": tuned["acc_correct"],
                     "val_f1": fit["f1"],
                     "val_auc": fit["auc"],
                     "val_loss": fit["val_loss"],
@@ -197,7 +208,8 @@ def curve(args: argparse.Namespace) -> None:
                 print(
                     f"{selection:11s} budget {budget:<5} seed {seed}: "
                     f"{row['teacher_labels']} labels, test F1 {row['f1']:.3f} "
-                    f"AUC {row['auc'] or float('nan'):.3f} (val F1 {row['val_f1']:.3f}) "
+                    f"AUC {row['auc'] or float('nan'):.3f} (val F1 {row['val_f1']:.3f}); "
+                    f"at the validation threshold {threshold:.2f}: F1 {row['f1_tuned']:.3f}, "
                     f"{row['seconds']} s",
                     flush=True,
                 )
