@@ -252,8 +252,11 @@ def summary(args: argparse.Namespace) -> None:
         rows = read_rows(rows_file)
         out["label_curve"] += [{"setup": setup, **r} for r in rows]
         lines += [f"## {setup}", "", rows[0].get("start_model", "") if rows else "", ""]
-        lines += ["| selection | budget | teacher labels | F1 (mean ± sd) | AUC | seeds |"]
-        lines += ["|---|---|---|---|---|---|"]
+        lines += [
+            "| selection | budget | teacher labels | F1 at 0.5 (mean ± sd) "
+            "| F1 at the validation threshold | AUC | seeds |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|"]
         for settings in sorted({r["settings"] for r in rows}):
             for selection in SELECTIONS:
                 for budget in sorted({r["budget_frac"] for r in rows}):
@@ -269,12 +272,18 @@ def summary(args: argparse.Namespace) -> None:
                     f1, f1_sd = mean_std([r["f1"] for r in group])
                     auc, auc_sd = mean_std([r["auc"] or 0.0 for r in group])
                     labels = statistics.fmean(r["teacher_labels"] for r in group)
+                    tuned = [r["f1_tuned"] for r in group if r.get("f1_tuned") is not None]
+                    tuned_cell = "-"
+                    if tuned:
+                        tuned_mean, tuned_sd = mean_std(tuned)
+                        tuned_cell = f"{tuned_mean:.3f} ± {tuned_sd:.3f}"
                     lines.append(
                         f"| {selection} | {budget:g} | {labels:.0f} | {f1:.3f} ± {f1_sd:.3f} "
-                        f"| {auc:.3f} ± {auc_sd:.3f} | {len(group)} |"
+                        f"| {tuned_cell} | {auc:.3f} ± {auc_sd:.3f} | {len(group)} |"
                     )
             fraction = actprm_fraction([r for r in rows if r["settings"] == settings])
-            lines += ["", f"PRM settings {settings}; ActPRM fraction: {fraction}", ""]
+            note = "" if fraction != 1.0 else " (only at the full pool, which is uniform's pool)"
+            lines += ["", f"PRM settings {settings}; ActPRM fraction: {fraction}{note}", ""]
     args.results.mkdir(parents=True, exist_ok=True)
     file = args.results / "summary.json"
     kept = json.loads(file.read_text()) if file.is_file() else {}  # the rl and search parts
