@@ -15,7 +15,10 @@ teacher or judge; each one bought counts as one teacher label.
 `curve` trains a PRM from the start policy (`rl.prm.active.train_with_budget`, one process)
 for every selection rule (`uniform`: a random draw; `uncertainty`: ActPRM's ensemble ranking),
 budget (a share of the pool's solutions) and seed, then scores it on the test set: step AUC
-and ProcessBench first-error F1 at p = 0.5 (`rl.prm.fitting.prm_scores`). One JSON line per
+and ProcessBench first-error F1 at p = 0.5 (`rl.prm.fitting.prm_scores`) and at the threshold
+that is best on the validation set. `--selections shuffled` trains the negative control: the
+pool's and validation set's step labels permuted across all steps (the RL benchmark's
+`prm_shuffled` reads it); its test numbers are on the true labels. One JSON line per
 run in `<results>/<name>/label_curve.jsonl`; a rerun skips the runs done, so a killed curve
 resumes. PRM settings (`prm.epochs`, `prm.lr`, ...) are `prm.KEY=VALUE` overrides and are
 recorded with each row: choose them on the validation numbers (`val_f1` in each row), never
@@ -51,6 +54,9 @@ SPLITS: dict[str, str] = {"pool": "train", "val": "validation", "test": "eval"}
 """Dataset role -> prompt split of the task."""
 BUDGETS = (0.01, 0.03, 0.1, 0.3, 1.0)
 SELECTIONS = ("uniform", "uncertainty")
+CONTROL = "shuffled"
+"""The negative control's selection name: uniform selection on the pool's (and the validation
+set's) labels permuted across all steps, so the PRM sees the label rate but no step truth."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -125,6 +131,21 @@ def parse_prm_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+def shuffle_labels(examples: list[Any], seed: int) -> list[Any]:
+    """`examples` with every step label permuted across the whole set (each solution keeps its
+    number of steps; the share of good steps is unchanged)."""
+    import random
+    from dataclasses import replace
+
+    labels = [label for e in examples for label in e.labels]
+    random.Random(seed).shuffle(labels)
+    out, at = [], 0
+    for e in examples:
+        out.append(replace(e, labels=labels[at : at + len(e.labels)]))
+        at += len(e.labels)
+    return out
+
+
 def run_key(row: dict[str, Any]) -> tuple[str, float, int, str]:
     return (row["selection"], float(row["budget_frac"]), int(row["seed"]), row["settings"])
 
@@ -159,13 +180,14 @@ def curve(args: argparse.Namespace) -> None:
                     continue
                 t0 = time.perf_counter()
                 prm_dir = args.runs_dir / setup_name(args) / "prms" / f"{selection}_{budget}_{seed}"
+                control = selection == CONTROL
                 fit = train_with_budget(
-                    pool,
+                    shuffle_labels(pool, seed) if control else pool,
                     budget,
-                    selection,
+                    "uniform" if control else selection,
                     seed,
                     model_path=start,
-                    val_examples=val,
+                    val_examples=shuffle_labels(val, seed + 1) if control else val,
                     prm=prm,
                     out_dir=prm_dir,
                 )
@@ -178,7 +200,8 @@ def curve(args: argparse.Namespace) -> None:
                 val_probs = step_probabilities(
                     model, tokenizer, [e.prompt for e in val], [e.completions for e in val]
                 )
-                threshold, _ = best_threshold(val_probs, [first_bad(e.labels) for e in val])
+                val_labels = shuffle_labels(val, seed + 1) if control else val
+                threshold, _ = best_threshold(val_probs, [first_bad(e.labels) for e in val_labels])
                 tuned = prm_scores(probs, [e.labels for e in test], threshold)
                 row = {
                     "selection": selection,
@@ -258,7 +281,7 @@ def summary(args: argparse.Namespace) -> None:
         ]
         lines += ["|---|---|---|---|---|---|---|"]
         for settings in sorted({r["settings"] for r in rows}):
-            for selection in SELECTIONS:
+            for selection in (*SELECTIONS, CONTROL):
                 for budget in sorted({r["budget_frac"] for r in rows}):
                     group = [
                         r

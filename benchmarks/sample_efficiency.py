@@ -15,6 +15,14 @@ same number of generated samples, and is evaluated on the held-out `eval` split 
     ppo_pav        PPO (critic, GAE) with the PAV step advantages as dense token rewards
     pav_mc_oracle  GRPO + PAV with Q^pi from fresh Monte-Carlo rollouts (upper bound)
     gold_steps     GRPO + -1 on the first wrong step from the task's exact labels (upper bound)
+    prm            GRPO + -1 on the first step a learned discriminative PRM scores below its
+                   threshold (`--prm DIR`: benchmarks/learned_prm.py curve trains one)
+    prm_min        the same PRM, PURE's min-form credit on p_h - 1
+    prm_clip       the same PRM, Clip (Gao et al. 2024): min(p_h - 0.5, 0) per step
+    prm_delta      the same PRM, Delta (Gao et al. 2024): p_h - p_{h+1}, summed return
+    prm_prob       the same PRM, the plain probability per step (expected to be gamed)
+    prm_shuffled   prm with a PRM trained on shuffled step labels (`--prm-control DIR`):
+                   the negative control, expected within noise of outcome-only
 
 The task is harder than the quickstart's (which reaches 100%): `TASK_OVERRIDES`. The start
 model is built per task config and cached, so all methods share it.
@@ -189,6 +197,9 @@ class Method:
     """Placeholder values that are not tuned."""
     needs_verifier: bool = False
     """Uses `$verifier`, the PAV verifier trained by launch/train_pav.py."""
+    needs_prm: str | None = None
+    """Uses `$prm`, the PRM directory given as `--prm` ("prm") or `--prm-control`
+    ("prm_control")."""
     paper: str = "-"
     """The papers' reference number for this method."""
 
@@ -217,6 +228,45 @@ def pav_method(
         tunables=(LR, ALPHA),
         fixed={"head_weight": 1.0, "prover_k": prover_k},
         needs_verifier=True,
+        paper=paper,
+    )
+
+
+PRM_HEAD = (
+    "reward.heads=[{head: prm, kwargs: {path: '$prm', shaping: $shaping, threshold: $threshold}}]"
+)
+PRM_CREDIT: dict[str, tuple[str, ...]] = {
+    "pav": ("algo.credit=pav", "algo.credit_kwargs={alpha: $alpha}"),
+    "sum": ("algo.credit=sum", "algo.gamma=1.0", "algo.credit_kwargs={process_coef: $alpha}"),
+    "min_form": (
+        "algo.credit=min_form",
+        "algo.gamma=1.0",
+        "algo.credit_kwargs={process_coef: $alpha}",
+    ),
+}
+"""Each shaping's credit scheme (`rl.algos.prm_shaping.SHAPING_CREDIT`), its step weight
+named `$alpha` throughout (PAV's alpha; the process return's coefficient)."""
+
+
+PRM_ALPHA = Tunable("alpha", 4.0, (2.0, 4.0, 8.0))
+"""The PRM methods' step weight: around gold_steps' choice (8.0 in the middle regime)."""
+PRM_POLICY_LR = 4e-4
+"""The PRM methods' policy lr, not tuned per method (each tuning run costs minutes on the
+2-core CPU): the value outcome-only and gold_steps both chose in the 8-step regimes."""
+
+
+def prm_method(
+    name: str, label: str, shaping: str, credit: str, needs: str = "prm", paper: str = "-"
+) -> Method:
+    """GRPO + a learned PRM's step rewards shaped by `shaping` under `credit`; the first-error
+    threshold is the PRM's own (`--prm-threshold`, chosen on the PRM's validation labels)."""
+    return Method(
+        name,
+        label,
+        (PRM_HEAD, *PRM_CREDIT[credit], "optim.lr=$lr"),
+        tunables=(PRM_ALPHA,),
+        fixed={"shaping": shaping, "lr": PRM_POLICY_LR},
+        needs_prm=needs,
         paper=paper,
     )
 
@@ -296,6 +346,25 @@ METHODS: tuple[Method, ...] = (
         tunables=(LR, ALPHA),
         paper="- (exact labels: bounds any learned PRM on this task, at no cost)",
     ),
+    prm_method(
+        "prm",
+        "GRPO + learned PRM, first error",
+        "first_error",
+        "pav",
+        paper="- (gold_steps with the PRM's verdict for the exact labels)",
+    ),
+    prm_method("prm_min", "GRPO + learned PRM, min-form (PURE)", "min", "min_form"),
+    prm_method("prm_clip", "GRPO + learned PRM, Clip", "clip", "pav"),
+    prm_method("prm_delta", "GRPO + learned PRM, Delta", "delta", "sum"),
+    prm_method("prm_prob", "GRPO + learned PRM, plain probability", "prob", "pav"),
+    prm_method(
+        "prm_shuffled",
+        "GRPO + PRM trained on shuffled labels (negative control)",
+        "first_error",
+        "pav",
+        needs="prm_control",
+        paper="- (no step truth: expected within noise of outcome-only)",
+    ),
 )
 BASELINE = "outcome"
 
@@ -329,9 +398,13 @@ def select_methods(names: str | None) -> list[Method]:
     return [m for m in METHODS if m.name in wanted]
 
 
+RESOURCE_KEYS: tuple[str, ...] = ("verifier", "prm")
+"""Parameters that are paths to trained models, not hyperparameters."""
+
+
 def public(params: dict[str, Any]) -> dict[str, Any]:
-    """The hyperparameters of a setting (without the verifier path)."""
-    return {k: v for k, v in params.items() if k != "verifier"}
+    """The hyperparameters of a setting (without the verifier's or PRM's path)."""
+    return {k: v for k, v in params.items() if k not in RESOURCE_KEYS}
 
 
 def params_slug(params: dict[str, Any]) -> str:
@@ -343,10 +416,25 @@ def with_verifier(
     method: Method, params: dict[str, Any], verifier: dict[str, Any]
 ) -> dict[str, Any]:
     """`params` plus `verifier` (its path, or a placeholder when it is missing: such runs
-    are skipped before launch) for methods that need it."""
-    if not method.needs_verifier:
-        return dict(params)
-    return {**params, "verifier": verifier.get("verifier", "<missing>")}
+    are skipped before launch) for methods that need it, and `prm` (the `--prm` or
+    `--prm-control` directory, and the threshold `prm_threshold`) for PRM methods."""
+    out = dict(params)
+    if method.needs_verifier:
+        out["verifier"] = verifier.get("verifier", "<missing>")
+    if method.needs_prm:
+        out["prm"] = verifier.get(method.needs_prm, "<missing>")
+        out.setdefault("threshold", verifier.get("prm_threshold", 0.5))
+    return out
+
+
+def missing_resource(method: Method, resources: dict[str, Any]) -> str | None:
+    """Why `method` cannot run with `resources` (no verifier, no PRM), or None."""
+    if method.needs_verifier and "verifier" not in resources:
+        return str(resources.get("reason", "PAV verifier missing"))
+    if method.needs_prm and method.needs_prm not in resources:
+        flag = "--prm" if method.needs_prm == "prm" else "--prm-control"
+        return f"no PRM: pass {flag} DIR (benchmarks/learned_prm.py curve trains one)"
+    return None
 
 
 # ----------------------------------------------------------------------------------- pure: data
@@ -979,6 +1067,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="use a tuning JSON made on another build of the start model (its weights differ)",
     )
+    parser.add_argument("--prm", type=Path, default=None, help="PRM directory of the prm_* methods")
+    parser.add_argument(
+        "--prm-control", type=Path, default=None, help="shuffled-label PRM of prm_shuffled"
+    )
+    parser.add_argument(
+        "--prm-threshold",
+        type=float,
+        default=0.5,
+        help="first-error threshold of the PRM methods (choose it on the PRM's validation labels)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     return parser.parse_args(argv)
@@ -1254,8 +1352,9 @@ def tune(
         for entry in report["methods"].values():  # records from before per-method seeds
             entry.setdefault("seeds", previous.get("seeds", [previous.get("seed", TUNE_SEED)]))
     for method in methods:
-        if method.needs_verifier and "verifier" not in verifier:
-            report["methods"][method.name] = {"skipped": verifier.get("reason", "no verifier")}
+        why = missing_resource(method, verifier)
+        if why is not None:
+            report["methods"][method.name] = {"skipped": why}
             continue
         params = with_verifier(method, method.defaults(), verifier)
         trials: list[dict[str, Any]] = []
@@ -1301,9 +1400,7 @@ def evaluate_methods(
             specs.append(run_spec(setup, method, params, seed, "eval", out_dir))
             seed_of[out_dir] = seed
     prerequisites = {
-        m.name: verifier.get("reason", "PAV verifier missing")
-        for m in methods
-        if m.needs_verifier and "verifier" not in verifier
+        m.name: why for m in methods if (why := missing_resource(m, verifier)) is not None
     }
     results = run_all(specs, final_accuracy, skip_after_config_error(prerequisites), desc="runs")
     points, diagnostics = collect_points(results, seed_of)
@@ -1373,7 +1470,8 @@ def main(argv: list[str]) -> int:
         from benchmarks.launching import command as launch_command
 
         for method in methods:
-            params = with_verifier(method, method.defaults(), {"verifier": "<verifier>"})
+            placeholders = {"verifier": "<verifier>", "prm": "<prm>", "prm_control": "<prm>"}
+            params = with_verifier(method, method.defaults(), placeholders)
             spec = run_spec(
                 setup, method, params, 0, "eval", setup.runs_dir / "eval" / method.name / "seed0"
             )
@@ -1393,6 +1491,12 @@ def main(argv: list[str]) -> int:
     if any(m.needs_verifier for m in methods):
         path, reason = ensure_pav_verifier(setup)
         verifier = {"verifier": str(path)} if path is not None else {"reason": reason}
+    for key, given in (("prm", args.prm), ("prm_control", args.prm_control)):
+        if given is not None:
+            if not given.is_dir():
+                raise SystemExit(f"error: --{key.replace('_', '-')} {given}: no such directory")
+            verifier[key] = repo_relative(given.resolve())
+    verifier["prm_threshold"] = args.prm_threshold
     if args.tune:
         tune(setup, methods, verifier, tuning_path, args.tune_seeds)
         return 0

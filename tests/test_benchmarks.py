@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from benchmarks import learned_prm as lp
 from benchmarks import sample_efficiency as se
 from benchmarks import throughput as tp
 from benchmarks import zero_memory as zm
@@ -288,10 +289,24 @@ def test_methods_overrides_load() -> None:
     from rl.config import load_config
 
     for method in se.METHODS:
-        params = se.with_verifier(method, method.defaults(), {"verifier": "/tmp/verifier"})
+        resources = {"verifier": "/tmp/verifier", "prm": "/tmp/prm", "prm_control": "/tmp/c"}
+        params = se.with_verifier(method, method.defaults(), resources)
         overrides = se.method_overrides(method, params)
         cfg = load_config(REPO / se.CONFIG, [*se.TASK_OVERRIDES, *overrides])
         assert cfg.data.task["n_steps"] == 4
+    (prm,) = se.select_methods("prm_min")
+    params = se.with_verifier(prm, prm.defaults(), {"prm": "/tmp/prm", "prm_threshold": 0.4})
+    cfg = load_config(REPO / se.CONFIG, se.method_overrides(prm, params))
+    assert cfg.algo.credit == "min_form" and cfg.algo.credit_kwargs["process_coef"] == 4.0
+    head = cfg.reward.heads[0]
+    assert head.head == "prm" and head.kwargs["shaping"] == "min"
+    assert head.kwargs["path"] == "/tmp/prm" and head.kwargs["threshold"] == 0.4
+    assert se.params_slug(params) == "alpha=4.0,lr=0.0004,shaping=min,threshold=0.4"
+    (control,) = se.select_methods("prm_shuffled")
+    assert se.missing_resource(control, {"prm": "/tmp/prm"}) == (
+        "no PRM: pass --prm-control DIR (benchmarks/learned_prm.py curve trains one)"
+    )
+    assert se.missing_resource(control, {"prm_control": "/tmp/c"}) is None
     prime = se.select_methods("prime")[0]
     params = {"lr": 2e-4, "prm_lr": 1e-5, "baseline": "last_token"}
     cfg = load_config(REPO / se.CONFIG, se.method_overrides(prime, params))
@@ -837,3 +852,18 @@ def test_throughput_fails_only_when_nothing_was_measured() -> None:
     assert tp.exit_status([ok, failed]) == 0
     assert tp.exit_status([failed]) == 1
     assert tp.exit_status([]) == 1
+
+
+def test_shuffled_control_keeps_lengths_and_label_rate_but_moves_labels() -> None:
+    from rl.prm.data import StepExample
+
+    examples = [
+        StepExample(f"p{i}", [f"s{h}" for h in range(n)], [h < n // 2 for h in range(n)])
+        for i, n in enumerate([2, 5, 3, 8, 4, 6])
+    ]
+    shuffled = lp.shuffle_labels(examples, seed=0)
+    assert [len(e.labels) for e in shuffled] == [len(e.labels) for e in examples]
+    assert sum(sum(e.labels) for e in shuffled) == sum(sum(e.labels) for e in examples)
+    assert [e.labels for e in shuffled] != [e.labels for e in examples]
+    assert [e.completions for e in shuffled] == [e.completions for e in examples]
+    assert lp.shuffle_labels(examples, seed=0) == shuffled  # seeded
