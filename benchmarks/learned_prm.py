@@ -228,10 +228,11 @@ def curve(args: argparse.Namespace) -> None:
                 }
                 with rows_file.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+                nan = float("nan")  # a score with no defined value (e.g. no right solution)
                 print(
                     f"{selection:11s} budget {budget:<5} seed {seed}: "
                     f"{row['teacher_labels']} labels, test F1 {row['f1']:.3f} "
-                    f"AUC {row['auc'] or float('nan'):.3f} (val F1 {row['val_f1']:.3f}); "
+                    f"AUC {row['auc'] or nan:.3f} (val F1 {row['val_f1'] or nan:.3f}); "
                     f"at the validation threshold {threshold:.2f}: F1 {row['f1_tuned']:.3f}, "
                     f"{row['seconds']} s",
                     flush=True,

@@ -310,6 +310,12 @@ class PRMConfig:
     soft_labels: bool = False
     """Train on the data's `label_values` (e.g. Monte-Carlo success rates) as soft targets
     where present, instead of the binary `labels`."""
+    after_first_error: Literal["keep", "drop"] = "keep"
+    """Steps after a solution's first wrong one: `keep` (their labels, all False under the
+    prefix convention, are trained on) or `drop` (train and validate on each solution up to
+    and including its first wrong step, as a teacher who stops reading there would label it;
+    the dropped labels are neither bought nor counted). `first_error` shaping and first-error
+    F1 read only up to the first flagged step, so `drop` loses nothing they use."""
     epochs: int = 3
     """Passes over the labelled training solutions."""
     lr: float = 1e-4

@@ -394,3 +394,23 @@ def test_unknown_columns_and_paths(tmp_path: Path) -> None:
         read_step_dataset(path, format="prm800k")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="step-label data not found"):
         read_step_dataset(tmp_path / "missing.jsonl")
+
+
+def test_until_first_error_cuts_after_the_first_wrong_step() -> None:
+    from rl.prm.data import until_first_error
+
+    wrong = StepExample(
+        "p",
+        ["a", "b", "c", "d"],
+        [True, False, False, False],
+        label_values=[0.9, 0.2, 0.1, 0.0],
+        cost={"teacher_labels": 4, "mc_rollouts": 0},
+    )
+    cut = until_first_error(wrong)
+    assert cut.completions == ["a", "b"] and cut.labels == [True, False]
+    assert cut.label_values == [0.9, 0.2] and cut.cost["teacher_labels"] == 2
+    assert wrong.labels == [True, False, False, False]  # the input is not changed
+    right = StepExample("p", ["a", "b"], [True, True])
+    assert until_first_error(right) is right
+    first = StepExample("p", ["a", "b"], [False, False])
+    assert until_first_error(first).completions == ["a"]

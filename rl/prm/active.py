@@ -57,6 +57,7 @@ from rl.pav.active import (
     uncertainty,
 )
 from rl.prm.convention import PRMConvention, TokenIds
+from rl.prm.data import until_first_error
 from rl.prm.fitting import (
     EngineFactory,
     FitResult,
@@ -310,6 +311,9 @@ def budget_run(
     """Buy `prm.budget_frac` of the pool's labels by `prm.selection`, train the PRM on them
     from `lm` (validated on `val_examples`, fully labelled), and count what was used.
     Collective: every rank calls it with the same data."""
+    if prm.after_first_error == "drop":
+        pool_examples = [until_first_error(e) for e in pool_examples]
+        val_examples = [until_first_error(e) for e in val_examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if grew:  # once, so that the ensemble's copy and the PRM both read the new tag
         lm.resize_token_embeddings(len(tokenizer))

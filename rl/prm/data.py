@@ -96,6 +96,27 @@ class StepExample:
         return row | self.extra
 
 
+def until_first_error(example: StepExample) -> StepExample:
+    """`example` cut after its first wrong step ([H] -> [min(H, first wrong + 1)]), with its
+    soft labels and teacher-label cost cut to match; unchanged when every step is right."""
+    from dataclasses import replace
+
+    keep = next((h + 1 for h, good in enumerate(example.labels) if not good), len(example.labels))
+    if keep == len(example.labels):
+        return example
+    values = None if example.label_values is None else example.label_values[:keep]
+    cost = dict(example.cost)
+    if cost.get("teacher_labels"):
+        cost["teacher_labels"] = min(cost["teacher_labels"], keep)
+    return replace(
+        example,
+        completions=example.completions[:keep],
+        labels=example.labels[:keep],
+        label_values=values,
+        cost=cost,
+    )
+
+
 def total_cost(examples: Iterable[StepExample]) -> dict[str, int]:
     """Sum of every example's label cost, per counter of `COST_KEYS`."""
     totals = dict.fromkeys(COST_KEYS, 0)
