@@ -1,6 +1,16 @@
-"""Splitting a batch into consecutive chunks (micro-batches, forward-only passes)."""
+"""How a step's rollouts split over ranks (`plan_batches`), and splitting a batch into
+consecutive chunks (micro-batches, forward-only passes). Imports no torch, so the dry-run
+plan (`rl.engine.memory_plan`) uses the same arithmetic as the trainer."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from rl.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rl.config import Config
 
 
 def micro_batches(n: int, size: int) -> list[list[int]]:
@@ -9,3 +19,37 @@ def micro_batches(n: int, size: int) -> list[list[int]]:
     if size < 1:
         raise ValueError(f"chunk size must be at least 1, got {size}")
     return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one step's rollouts are split on this rank."""
+
+    local_prompts: int
+    local_seqs: int
+    mini_batch_seqs: int
+    micro_batch_size: int
+    grad_accum_steps: int
+
+
+def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
+    """Per-rank sizes; ConfigError naming the keys when the numbers do not divide."""
+    prompts = cfg.rollout.prompts_per_step
+    if prompts % world_size:
+        raise ConfigError(
+            f"rollout.prompts_per_step={prompts} must be a multiple of the {world_size} ranks"
+        )
+    local_seqs = prompts // world_size * cfg.rollout.group_size
+    if local_seqs % cfg.algo.mini_batches:
+        raise ConfigError(
+            f"algo.mini_batches={cfg.algo.mini_batches} must divide the {local_seqs} "
+            "sequences each rank generates per step"
+        )
+    mini = local_seqs // cfg.algo.mini_batches
+    micro = min(cfg.trainer.micro_batch_size, mini)
+    if mini % micro:
+        raise ConfigError(
+            f"trainer.micro_batch_size={micro} must divide the {mini} sequences per rank "
+            "in each mini-batch"
+        )
+    return BatchPlan(prompts // world_size, local_seqs, mini, micro, mini // micro)
