@@ -124,6 +124,9 @@ def largest_module_parameters(arch: Architecture) -> int:
 def architecture_from_hf_config(config: Any) -> Architecture:
     """`Architecture` of a transformers `PretrainedConfig` (or anything with its fields)."""
     heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is not None and int(head_dim) == int(config.hidden_size) // heads:
+        head_dim = None  # the default width, written out
     return Architecture(
         hidden_size=int(config.hidden_size),
         num_layers=int(config.num_hidden_layers),
@@ -134,7 +137,7 @@ def architecture_from_hf_config(config: Any) -> Architecture:
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         qkv_bias=getattr(config, "model_type", "") == "qwen2"
         or bool(getattr(config, "attention_bias", False)),
-        head_dim=getattr(config, "head_dim", None),
+        head_dim=None if head_dim is None else int(head_dim),
     )
 
 
@@ -152,7 +155,8 @@ def builtin_architecture(name: str, tiny_overrides: dict[str, Any]) -> Architect
     from rl.engine.tiny_config import TinyModelConfig
 
     prefix, qwen2 = BUILTIN_KINDS[name]
-    fields = {k: v for k, v in tiny_overrides.items() if k in TinyModelConfig.__dataclass_fields__}
+    shape_keys = ("hidden_size", "num_layers", "num_heads", "intermediate_size")
+    fields = {k: v for k, v in tiny_overrides.items() if k in shape_keys}
     tiny = TinyModelConfig(**fields)
     shipped = sorted((Path(__file__).parent / "start_models").glob(f"{prefix}-*/config.json"))
     if not shipped:
