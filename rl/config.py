@@ -546,6 +546,17 @@ def check_fault_settings(cfg: Config) -> None:
         )
 
 
+def check_cluster_settings(cluster: ClusterConfig) -> None:
+    """Bounds of the `cluster` section (the dry-run plan's machines)."""
+    if cluster.nodes < 1 or cluster.gpus_per_node < 1:
+        raise ConfigError(
+            "cluster.nodes and cluster.gpus_per_node: must be at least 1, got "
+            f"{cluster.nodes} and {cluster.gpus_per_node}"
+        )
+    if cluster.gpu_memory_gib <= 0:
+        raise ConfigError(f"cluster.gpu_memory_gib: must be positive, got {cluster.gpu_memory_gib}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single type hint cannot express."""
     forward_mb = cfg.trainer.forward_micro_batch_size
@@ -554,15 +565,7 @@ def validate(cfg: Config) -> None:
     if cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps: must be at least 1, got {cfg.trainer.max_steps}")
     check_fault_settings(cfg)
-    if cfg.cluster.nodes < 1 or cfg.cluster.gpus_per_node < 1:
-        raise ConfigError(
-            f"cluster.nodes and cluster.gpus_per_node: must be at least 1, got "
-            f"{cfg.cluster.nodes} and {cfg.cluster.gpus_per_node}"
-        )
-    if cfg.cluster.gpu_memory_gib <= 0:
-        raise ConfigError(
-            f"cluster.gpu_memory_gib: must be positive, got {cfg.cluster.gpu_memory_gib}"
-        )
+    check_cluster_settings(cfg.cluster)
     if cfg.algo.credit != "auto":
         check_credit_settings(cfg.algo, cfg.algo.credit)
     if cfg.rollout.group_size < 2:

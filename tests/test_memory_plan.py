@@ -209,3 +209,13 @@ def test_plan_matches_the_h200_measurements():
             assert abs(row.estimate_other_gc_mib / row.measured_mib - 1) < 0.25, row
         else:
             assert abs(row.error) < 0.25, row
+
+
+def test_batch_split_of_a_recipe():
+    cfg = load_config(REPO / "configs/recipes/qwen2.5-math-1.5b/grpo_1x8.yaml")
+    # 128 prompts x 8 samples over 8 ranks: 16 prompts = 128 samples per rank, 2 mini-batches
+    # of 64, micro-batches of 8 -> 8 accumulation steps per optimizer step
+    split = mp.batch_plan(cfg, 8)
+    assert (split.local_prompts, split.local_seqs, split.mini_batch_seqs) == (16, 128, 64)
+    assert (split.micro_batch_size, split.grad_accum_steps) == (8, 8)
+    assert mp.batch_plan(cfg, 16).grad_accum_steps == 4

@@ -5,12 +5,8 @@ plan (`rl.engine.memory_plan`) uses the same arithmetic as the trainer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from rl.core.errors import ConfigError
-
-if TYPE_CHECKING:
-    from rl.config import Config
 
 
 def micro_batches(n: int, size: int) -> list[list[int]]:
@@ -32,24 +28,32 @@ class BatchPlan:
     grad_accum_steps: int
 
 
-def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
-    """Per-rank sizes; ConfigError naming the keys when the numbers do not divide."""
-    prompts = cfg.rollout.prompts_per_step
-    if prompts % world_size:
+def plan_batches(
+    prompts_per_step: int,
+    group_size: int,
+    mini_batches: int,
+    micro_batch_size: int,
+    world_size: int,
+) -> BatchPlan:
+    """Per-rank sizes of `rollout.prompts_per_step` prompts x `rollout.group_size` samples
+    over `world_size` ranks, in `algo.mini_batches` mini-batches of `trainer.micro_batch_size`
+    micro-batches; ConfigError naming the keys when the numbers do not divide."""
+    if prompts_per_step % world_size:
         raise ConfigError(
-            f"rollout.prompts_per_step={prompts} must be a multiple of the {world_size} ranks"
+            f"rollout.prompts_per_step={prompts_per_step} must be a multiple of the "
+            f"{world_size} ranks"
         )
-    local_seqs = prompts // world_size * cfg.rollout.group_size
-    if local_seqs % cfg.algo.mini_batches:
+    local_seqs = prompts_per_step // world_size * group_size
+    if local_seqs % mini_batches:
         raise ConfigError(
-            f"algo.mini_batches={cfg.algo.mini_batches} must divide the {local_seqs} "
+            f"algo.mini_batches={mini_batches} must divide the {local_seqs} "
             "sequences each rank generates per step"
         )
-    mini = local_seqs // cfg.algo.mini_batches
-    micro = min(cfg.trainer.micro_batch_size, mini)
+    mini = local_seqs // mini_batches
+    micro = min(micro_batch_size, mini)
     if mini % micro:
         raise ConfigError(
             f"trainer.micro_batch_size={micro} must divide the {mini} sequences per rank "
             "in each mini-batch"
         )
-    return BatchPlan(prompts // world_size, local_seqs, mini, micro, mini // micro)
+    return BatchPlan(prompts_per_step // world_size, local_seqs, mini, micro, mini // micro)

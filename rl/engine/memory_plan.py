@@ -355,6 +355,18 @@ def plan_world_size(cfg: Config, environ: dict[str, str] | None = None) -> World
     )
 
 
+def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
+    """How a step's rollouts split on each of `world_size` ranks (the trainer's own split:
+    `rl.core.batching.plan_batches` of the rollout, algo and trainer settings)."""
+    return plan_batches(
+        cfg.rollout.prompts_per_step,
+        cfg.rollout.group_size,
+        cfg.algo.mini_batches,
+        cfg.trainer.micro_batch_size,
+        world_size,
+    )
+
+
 def read_ds_config(path: str) -> dict[str, Any]:
     """The DeepSpeed JSON `deepspeed.config` names (ConfigError when missing or malformed)."""
     import json
@@ -566,7 +578,7 @@ def build_plan(
     """The plan of `cfg` on `world` ranks for a policy of shape `arch`. Sequence lengths
     default to the config's bounds (`data.max_prompt_tokens`, `rollout.max_new_tokens`); the
     trainer trims padding per micro-batch, so real prompts shorter than the bound need less."""
-    batches = plan_batches(cfg, world.ranks)
+    batches = batch_plan(cfg, world.ranks)
     zero = zero_setup(cfg)
     b = value_bytes_of(cfg.model.dtype)
     ranks = world.ranks

@@ -46,6 +46,7 @@ from rl.engine import deepspeed_engine as eng
 from rl.engine import watchdog
 from rl.engine.forward import padding_counts, response_logprobs
 from rl.engine.memory import PhaseMeter
+from rl.engine.memory_plan import batch_plan
 from rl.engine.models import load_policy, run_dtype
 from rl.rollout.backend import SamplingSettings
 from rl.setup import (
@@ -73,7 +74,7 @@ from rl.trainer.preemption import Preemption, resume_line
 from rl.trainer.rewards import RewardPipeline, drop_rows
 from rl.trainer.run_dir import prepare_output_dir
 
-__all__ = ["BatchPlan", "Trainer", "build_heads", "plan_batches", "resolve_credit"]
+__all__ = ["BatchPlan", "Trainer", "batch_plan", "build_heads", "plan_batches", "resolve_credit"]
 
 
 @dataclass
@@ -112,7 +113,7 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         prepare_output_dir(self.output_dir, cfg.trainer.resume, cfg.trainer.overwrite, dist)
         check_shared_dir(self.output_dir, dist)
-        self.plan = plan_batches(cfg, dist.world_size)
+        self.plan = batch_plan(cfg, dist.world_size)
         self.device = eng.accelerator_device()
         """Where batches, log-probs and credit live (the engines' device)."""
         seed_everything(cfg.seed)
