@@ -100,3 +100,14 @@ def test_batch_that_does_not_divide_names_the_key():
     done = dry_run(recipe, "rollout.prompts_per_step=100")
     assert done.returncode == 2
     assert "rollout.prompts_per_step=100" in done.stderr.strip().splitlines()[0]
+
+
+@pytest.mark.parametrize("recipe", ["qwen2.5-math-1.5b/grpo_1x8.yaml", "qwen2.5-7b/prime_1x8.yaml"])
+def test_docs_show_the_current_dry_run_output(recipe: str):
+    """docs/recipes.md quotes these two plans; they must be what the dry run prints now."""
+    done = dry_run(REPO / "configs/recipes" / recipe)
+    assert done.returncode == 0, done.stderr
+    docs = (REPO / "docs/recipes.md").read_text()
+    relative = f"configs/recipes/{recipe}"
+    printed = done.stdout.replace(str(REPO / "configs/recipes" / recipe), relative)
+    assert f"```\n{printed.rstrip()}\n```" in docs

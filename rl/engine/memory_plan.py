@@ -619,13 +619,18 @@ def gib(n_bytes: int) -> str:
     return f"{n_bytes / GIB:.1f}"
 
 
+def params_text(params: int) -> str:
+    """A parameter count as `1.54B` or `0.6M`."""
+    return f"{params / 1e9:.2f}B" if params >= 10**8 else f"{params / 1e6:.1f}M"
+
+
 def render_plan(plan: MemoryPlan, cfg: Config) -> str:
     """The plan as text: world, batch split, memory table per GPU, totals, notes."""
     bp = plan.batches
     w = plan.world
     dtype = "bf16" if plan.value_bytes == 2 else "fp32"
     lines = [
-        f"model: {plan.model} ({plan.params / 1e9:.2f}B parameters, {dtype})",
+        f"model: {plan.model} ({params_text(plan.params)} parameters, {dtype})",
         f"world: {w.ranks} ranks on {w.nodes} node(s) (from {w.source})",
         f"deepspeed: {cfg.deepspeed.config}, ZeRO-{plan.zero_stage}"
         + (", optimizer offloaded to CPU" if plan.optimizer_offload else ""),
