@@ -111,3 +111,18 @@ def test_docs_show_the_current_dry_run_output(recipe: str):
     relative = f"configs/recipes/{recipe}"
     printed = done.stdout.replace(str(REPO / "configs/recipes" / recipe), relative)
     assert f"```\n{printed.rstrip()}\n```" in docs
+
+
+@pytest.mark.parametrize("one_node", [r for r in RECIPES if r.stem.endswith("_1x8")], ids=str)
+def test_two_node_recipe_differs_only_in_scale(one_node: Path):
+    """A 2x8 recipe is its 1x8 twin with twice the nodes and prompts per step."""
+    from rl.config import to_dict
+
+    small = to_dict(load_config(one_node))
+    large = to_dict(load_config(one_node.with_name(one_node.stem[:-4] + "_2x8.yaml")))
+    assert large["cluster"]["nodes"] == 2 * small["cluster"]["nodes"]
+    assert large["rollout"]["prompts_per_step"] == 2 * small["rollout"]["prompts_per_step"]
+    assert large["output_dir"] == small["output_dir"].replace("_1x8", "_2x8")
+    for cfg in (small, large):
+        del cfg["cluster"]["nodes"], cfg["rollout"]["prompts_per_step"], cfg["output_dir"]
+    assert large == small
