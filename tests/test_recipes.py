@@ -126,3 +126,20 @@ def test_two_node_recipe_differs_only_in_scale(one_node: Path):
     for cfg in (small, large):
         del cfg["cluster"]["nodes"], cfg["rollout"]["prompts_per_step"], cfg["output_dir"]
     assert large == small
+
+
+def test_dry_run_loads_no_model_library():
+    """The plan of a known model imports neither DeepSpeed, transformers nor vLLM."""
+    code = (
+        "import sys\n"
+        "from rl.cli import print_plan\n"
+        "code = print_plan(['--config', 'configs/recipes/qwen2.5-7b/ppo_1x8.yaml'], None)\n"
+        "print('LOADED', code, sorted(m for m in ('deepspeed', 'transformers', 'vllm') "
+        "if m in sys.modules))\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "LOADED 0 []"

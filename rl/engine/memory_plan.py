@@ -1,14 +1,15 @@
 """Per-GPU memory plan of a training run, from the config and the model's architecture alone
 (no weights are read, no device is touched): what `launch/train_rl.py --dry-run` prints.
 
-Every function is a closed formula in bytes per GPU (`GIB` = 2**30 bytes); P is a parameter
-count, N the data-parallel world size, b the bytes of one value in the run's dtype (2 for
-bf16, 4 for fp32). What is counted, per phase of a step:
+Each line of the plan is one small closed formula in bytes per GPU (`GIB` = 2**30 bytes);
+P is a parameter count, N the data-parallel world size, b the bytes of one value in the
+run's dtype (2 for bf16, 4 for fp32). What is counted, per phase of a step:
 
-- resident (both phases): each model's weights, the trained models' optimizer state, the
-  vLLM engine's share when it does not sleep;
-- update phase: + the trained model's gradients, DeepSpeed's gradient buckets, the
-  activations of one micro-batch and the output layer's chunked log-prob working set;
+- resident (both phases): each model's weights, the trained models' optimizer state (and,
+  under ZeRO-3, their gradient partitions and buckets), the vLLM engine's share when it
+  does not sleep;
+- update phase: + the trained model's gradients and DeepSpeed's gradient buckets (ZeRO-1/2),
+  the activations of one micro-batch and the output layer's chunked log-prob working set;
 - rollout phase: + the generation's KV cache (transformers backend) or vLLM's share of
   the GPU (`rollout.vllm_gpu_memory_utilization` x GPU memory), and the whole gathered
   policy under ZeRO-3 when `rollout.zero3_gather_for_generation`.
@@ -21,6 +22,7 @@ and the reward functions. The models are assumed to be Llama/Qwen2-style decoder
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,8 +163,6 @@ def builtin_architecture(name: str, tiny_overrides: dict[str, Any]) -> Architect
     shipped = sorted((Path(__file__).parent / "start_models").glob(f"{prefix}-*/config.json"))
     if not shipped:
         raise ConfigError(f"model.path={name}: no shipped copy to read its vocabulary from")
-    import json
-
     vocab = int(json.loads(shipped[0].read_text())["vocab_size"])
     return Architecture(
         hidden_size=tiny.hidden_size,
@@ -369,8 +369,6 @@ def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
 
 def read_ds_config(path: str) -> dict[str, Any]:
     """The DeepSpeed JSON `deepspeed.config` names (ConfigError when missing or malformed)."""
-    import json
-
     try:
         loaded = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
