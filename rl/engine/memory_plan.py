@@ -629,7 +629,7 @@ def render_plan(plan: MemoryPlan, cfg: Config) -> str:
     dtype = "bf16" if plan.value_bytes == 2 else "fp32"
     lines = [
         f"model: {plan.model} ({params_text(plan.params)} parameters, {dtype})",
-        f"world: {w.ranks} ranks on {w.nodes} node(s) (from {w.source})",
+        f"world: {w.ranks} rank{'s' if w.ranks > 1 else ''} on {w.nodes} node(s) (from {w.source})",
         f"deepspeed: {cfg.deepspeed.config}, ZeRO-{plan.zero_stage}"
         + (", optimizer offloaded to CPU" if plan.optimizer_offload else ""),
         "batch per step:",
