@@ -3,6 +3,8 @@
     deepspeed --num_gpus 2 launch/train_rl.py --config configs/quickstart.yaml [key=value ...]
     torchrun --nproc_per_node 2 launch/train_rl.py --config ...
     python launch/train_rl.py --config ...            (one rank)
+    python launch/train_rl.py --config X --dry-run    (check X, print the batch split and
+                                                       the per-GPU memory plan; nothing runs)
 
 Overrides are dotted config keys, e.g. `trainer.max_steps=20 deepspeed.zero_stage=3`.
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from rl.cli import exit_process, run_distributed_job  # noqa: E402  (imports no torch)
+from rl.cli import exit_process, print_plan, run_distributed_job  # noqa: E402  (no torch)
 
 
 def train(cfg: Any, dist: Any) -> None:
@@ -24,4 +26,7 @@ def train(cfg: Any, dist: Any) -> None:
 
 
 if __name__ == "__main__":
-    exit_process(run_distributed_job(sys.argv[1:], __doc__, train))
+    argv = sys.argv[1:]
+    if "--dry-run" in argv:
+        exit_process(print_plan([a for a in argv if a != "--dry-run"], __doc__))
+    exit_process(run_distributed_job(argv, __doc__, train))

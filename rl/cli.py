@@ -88,6 +88,24 @@ def run_distributed_job(argv: list[str], description: str | None, job: Callable[
     return guarded(body)
 
 
+def print_plan(argv: list[str], description: str | None) -> int:
+    """`--dry-run`: load and check the config, print the batch split and the per-GPU memory
+    plan (`rl.engine.memory_plan`) without reading model weights or starting DeepSpeed."""
+    args = config_parser(description).parse_args(argv)
+
+    def body() -> None:
+        from rl.config import load_config
+        from rl.engine.memory_plan import architecture_for, build_plan, plan_world_size, render_plan
+
+        cfg = load_config(args.config, args.overrides)
+        arch = architecture_for(cfg.model.path, cfg.model.tiny)
+        plan = build_plan(cfg, arch, plan_world_size(cfg))
+        print(f"dry run of {args.config}: nothing is loaded or started", flush=True)
+        print(render_plan(plan, cfg), flush=True)
+
+    return guarded(body)
+
+
 def exit_process(code: int) -> NoReturn:
     """Exit a distributed job with `code`. After a clean run (code 0: every file closed,
     wandb finished, any vLLM engine shut down, the process group left) this skips the C++

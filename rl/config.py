@@ -406,6 +406,20 @@ class DeepSpeedConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """The machines a recipe is written for. Only `launch/train_rl.py --dry-run` reads it
+    (its world size when no launcher sets WORLD_SIZE, and the memory budget it checks the
+    plan against); a run takes its world size from the launcher."""
+
+    nodes: int = 1
+    """Nodes the recipe is planned for."""
+    gpus_per_node: int = 1
+    """GPUs (ranks) per node."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU, GiB (80 for an H100 or A100-80GB, 141 for an H200)."""
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     wandb: bool = True
     """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
@@ -441,6 +455,7 @@ class Config:
     critic: CriticConfig = field(default_factory=CriticConfig)
     pav: PAVConfig = field(default_factory=PAVConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -537,6 +552,17 @@ def check_fault_settings(cfg: Config) -> None:
         )
 
 
+def check_cluster_settings(cluster: ClusterConfig) -> None:
+    """Bounds of the `cluster` section (the dry-run plan's machines)."""
+    if cluster.nodes < 1 or cluster.gpus_per_node < 1:
+        raise ConfigError(
+            "cluster.nodes and cluster.gpus_per_node: must be at least 1, got "
+            f"{cluster.nodes} and {cluster.gpus_per_node}"
+        )
+    if cluster.gpu_memory_gib <= 0:
+        raise ConfigError(f"cluster.gpu_memory_gib: must be positive, got {cluster.gpu_memory_gib}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single type hint cannot express."""
     forward_mb = cfg.trainer.forward_micro_batch_size
@@ -545,6 +571,7 @@ def validate(cfg: Config) -> None:
     if cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps: must be at least 1, got {cfg.trainer.max_steps}")
     check_fault_settings(cfg)
+    check_cluster_settings(cfg.cluster)
     if cfg.algo.credit != "auto":
         check_credit_settings(cfg.algo, cfg.algo.credit)
     if cfg.rollout.group_size < 2:

@@ -37,7 +37,7 @@ from rewards.build import build_reward_fns, build_reward_heads
 from rewards.heads import HeadContext, RewardHead
 from rl.algos.offpolicy import logprob_mismatch_sums, tis_weights
 from rl.config import Config, to_dict
-from rl.core.batching import micro_batches
+from rl.core.batching import BatchPlan, micro_batches, plan_batches
 from rl.core.errors import ConfigError
 from rl.core.types import Credit, LogProbs, RolloutBatch, Scored
 from rl.data.prompts import PromptSampler, batch_columns, shard
@@ -46,6 +46,7 @@ from rl.engine import deepspeed_engine as eng
 from rl.engine import watchdog
 from rl.engine.forward import padding_counts, response_logprobs
 from rl.engine.memory import PhaseMeter
+from rl.engine.memory_plan import batch_plan
 from rl.engine.models import load_policy, run_dtype
 from rl.rollout.backend import SamplingSettings
 from rl.setup import (
@@ -73,7 +74,7 @@ from rl.trainer.preemption import Preemption, resume_line
 from rl.trainer.rewards import RewardPipeline, drop_rows
 from rl.trainer.run_dir import prepare_output_dir
 
-__all__ = ["BatchPlan", "Trainer", "build_heads", "plan_batches", "resolve_credit"]
+__all__ = ["BatchPlan", "Trainer", "batch_plan", "build_heads", "plan_batches", "resolve_credit"]
 
 
 @dataclass
@@ -84,40 +85,6 @@ class TrainState:
     samples: int = 0
     sampler: dict[str, int] = field(default_factory=dict)
     skipped_in_a_row: int = 0
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How one step's rollouts are split on this rank."""
-
-    local_prompts: int
-    local_seqs: int
-    mini_batch_seqs: int
-    micro_batch_size: int
-    grad_accum_steps: int
-
-
-def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
-    """Per-rank sizes; ConfigError naming the keys when the numbers do not divide."""
-    prompts = cfg.rollout.prompts_per_step
-    if prompts % world_size:
-        raise ConfigError(
-            f"rollout.prompts_per_step={prompts} must be a multiple of the {world_size} ranks"
-        )
-    local_seqs = prompts // world_size * cfg.rollout.group_size
-    if local_seqs % cfg.algo.mini_batches:
-        raise ConfigError(
-            f"algo.mini_batches={cfg.algo.mini_batches} must divide the {local_seqs} "
-            "sequences each rank generates per step"
-        )
-    mini = local_seqs // cfg.algo.mini_batches
-    micro = min(cfg.trainer.micro_batch_size, mini)
-    if mini % micro:
-        raise ConfigError(
-            f"trainer.micro_batch_size={micro} must divide the {mini} sequences per rank "
-            "in each mini-batch"
-        )
-    return BatchPlan(prompts // world_size, local_seqs, mini, micro, mini // micro)
 
 
 def build_heads(cfg: Config) -> list[tuple[RewardHead, float]]:
@@ -146,7 +113,7 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         prepare_output_dir(self.output_dir, cfg.trainer.resume, cfg.trainer.overwrite, dist)
         check_shared_dir(self.output_dir, dist)
-        self.plan = plan_batches(cfg, dist.world_size)
+        self.plan = batch_plan(cfg, dist.world_size)
         self.device = eng.accelerator_device()
         """Where batches, log-probs and credit live (the engines' device)."""
         seed_everything(cfg.seed)
