@@ -146,6 +146,31 @@ def shuffle_labels(examples: list[Any], seed: int) -> list[Any]:
     return out
 
 
+def control_data(
+    pool: list[Any], val: list[Any], prm: Any, seed: int
+) -> tuple[list[Any], list[Any]]:
+    """The negative control's (pool, validation): cut after the first error when the PRM
+    settings drop those steps (so the control buys the same labels), then every label
+    permuted across the set."""
+    from rl.prm.data import until_first_error
+
+    if prm.after_first_error == "drop":
+        pool, val = [until_first_error(e) for e in pool], [until_first_error(e) for e in val]
+    return shuffle_labels(pool, seed), shuffle_labels(val, seed + 1)
+
+
+def prm_dir_name(key: tuple[str, float, int, str]) -> str:
+    """`<selection>_<budget>_<seed>`, plus a digest of the PRM settings when any are set (so
+    PRMs of different settings do not overwrite each other)."""
+    import hashlib
+
+    selection, budget, seed, settings = key
+    name = f"{selection}_{budget}_{seed}"
+    if settings != "{}":
+        name += "_" + hashlib.sha256(settings.encode()).hexdigest()[:8]
+    return name
+
+
 def run_key(row: dict[str, Any]) -> tuple[str, float, int, str]:
     return (row["selection"], float(row["budget_frac"]), int(row["seed"]), row["settings"])
 
@@ -179,16 +204,20 @@ def curve(args: argparse.Namespace) -> None:
                 if key in done:
                     continue
                 t0 = time.perf_counter()
-                prm_dir = args.runs_dir / setup_name(args) / "prms" / f"{selection}_{budget}_{seed}"
+                prm_dir = args.runs_dir / setup_name(args) / "prms" / prm_dir_name(key)
                 control = selection == CONTROL
+                train_pool, train_val, run_prm = pool, val, prm
+                if control:  # cut first (the same labels bought), then permute the labels
+                    train_pool, train_val = control_data(pool, val, prm, seed)
+                    run_prm = replace(prm, after_first_error="keep")
                 fit = train_with_budget(
-                    shuffle_labels(pool, seed) if control else pool,
+                    train_pool,
                     budget,
                     "uniform" if control else selection,
                     seed,
                     model_path=start,
-                    val_examples=shuffle_labels(val, seed + 1) if control else val,
-                    prm=prm,
+                    val_examples=train_val,
+                    prm=run_prm,
                     out_dir=prm_dir,
                 )
                 model, tokenizer = load_prm(prm_dir)
@@ -200,7 +229,7 @@ def curve(args: argparse.Namespace) -> None:
                 val_probs = step_probabilities(
                     model, tokenizer, [e.prompt for e in val], [e.completions for e in val]
                 )
-                val_labels = shuffle_labels(val, seed + 1) if control else val
+                val_labels = train_val
                 threshold, _ = best_threshold(val_probs, [first_bad(e.labels) for e in val_labels])
                 tuned = prm_scores(probs, [e.labels for e in test], threshold)
                 row = {
@@ -267,6 +296,48 @@ def actprm_fraction(rows: list[dict[str, Any]]) -> float | None:
     return None
 
 
+def prm_labels_by_dir(results: Path) -> dict[str, int]:
+    """Teacher labels of every PRM the label curves trained, by its directory name."""
+    labels: dict[str, int] = {}
+    for rows_file in results.glob("*/label_curve.jsonl"):
+        for row in read_rows(rows_file):
+            labels[prm_dir_name(run_key(row))] = int(row["teacher_labels"])
+    return labels
+
+
+def rl_rows(results: Path) -> list[dict[str, Any]]:
+    """summary.json's `rl` rows from each `<setup>/rl/summary.json` that
+    benchmarks/sample_efficiency.py wrote: one per method, with the teacher labels of the
+    PRM it read (`--prm` / `--prm-control` in its command; None for methods without one)."""
+    labels = prm_labels_by_dir(results)
+    rows: list[dict[str, Any]] = []
+    for file in sorted(results.glob("*/rl/summary.json")):
+        report = json.loads(file.read_text())
+        words = report["command"].split()
+        given = {
+            flag: Path(words[i + 1]).name
+            for i, flag in enumerate(words[:-1])
+            if flag in ("--prm", "--prm-control")
+        }
+        for row in report["rows"]:
+            flag = {"prm_shuffled": "--prm-control"}.get(row["method"], "--prm")
+            uses_prm = row["method"].startswith("prm")
+            rows.append(
+                {
+                    "regime": file.parent.parent.name,
+                    "method": row["method"],
+                    "seeds": row["n_seeds"],
+                    "final_mean": row["final_mean"],
+                    "final_std": row["final_std"],
+                    "samples_to_target": row["samples_to_target"],
+                    "ratio_vs_outcome": row["gain"],
+                    "prm_labels": labels.get(given.get(flag, "")) if uses_prm else None,
+                    "target": report["target"],
+                }
+            )
+    return rows
+
+
 def summary(args: argparse.Namespace) -> None:
     """summary.json (`label_curve`) and label_curve.md over every setup run so far."""
     out: dict[str, Any] = {"label_curve": []}
@@ -308,9 +379,10 @@ def summary(args: argparse.Namespace) -> None:
             fraction = actprm_fraction([r for r in rows if r["settings"] == settings])
             note = "" if fraction != 1.0 else " (only at the full pool, which is uniform's pool)"
             lines += ["", f"PRM settings {settings}; ActPRM fraction: {fraction}{note}", ""]
+    out["rl"] = rl_rows(args.results)
     args.results.mkdir(parents=True, exist_ok=True)
     file = args.results / "summary.json"
-    kept = json.loads(file.read_text()) if file.is_file() else {}  # the rl and search parts
+    kept = json.loads(file.read_text()) if file.is_file() else {}  # the search part
     file.write_text(json.dumps(kept | out, indent=2) + "\n")
     (args.results / "label_curve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
