@@ -91,6 +91,12 @@ def setup_name(args: argparse.Namespace) -> str:
     return args.regime or "quickstart"
 
 
+def rel(path: Path) -> str:
+    """`path` relative to the repository when inside it (logs name no machine's paths)."""
+    full = path.resolve()
+    return str(full.relative_to(REPO)) if full.is_relative_to(REPO) else str(path)
+
+
 def data_dir(args: argparse.Namespace, role: str) -> Path:
     return args.runs_dir / setup_name(args) / "data" / role
 
@@ -105,7 +111,7 @@ def make_data(args: argparse.Namespace) -> None:
         out = data_dir(args, role)
         cmd = [str(script), "--num_gpus", "2", "--master_port", str(free_port())]
         cmd += ["launch/make_prm_data.py", "--config", CONFIG, "--labeler", "exact"]
-        cmd += ["--out", str(out), "--split", split, "--prompts", str(prompts[role])]
+        cmd += ["--out", rel(out), "--split", split, "--prompts", str(prompts[role])]
         cmd += ["--samples-per-prompt", str(args.samples_per_prompt), *overrides]
         cmd += ["logging.progress_bar=false"]
         print(f"data {role}: {' '.join(cmd[3:])}", flush=True)
