@@ -1040,6 +1040,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=1,
         help="--tune: validation seeds per setting (scores averaged; one seed can be noise)",
     )
+    parser.add_argument(
+        "--tune-grid",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="--tune: search only these candidates of a hyperparameter (recorded as tried)",
+    )
     parser.add_argument("--methods", default=None, help="comma-separated subset of METHODS")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per method (3; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (60; quick 4)")
@@ -1327,12 +1334,31 @@ def tune_coordinate(
     return coordinate
 
 
+def parse_grid(items: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+    """`--tune-grid NAME=v1,v2` items -> {NAME: candidates} (numbers where they parse);
+    ValueError naming a malformed item."""
+    grid: dict[str, tuple[Any, ...]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not name or not values:
+            raise ValueError(f"--tune-grid {item!r}: expected NAME=v1[,v2...]")
+        parsed: list[Any] = []
+        for value in values.split(","):
+            try:
+                parsed.append(float(value))
+            except ValueError:
+                parsed.append(value)
+        grid[name] = tuple(parsed)
+    return grid
+
+
 def tune(
     setup: Setup,
     methods: list[Method],
     verifier: dict[str, Any],
     path: Path,
     n_seeds: int = 1,
+    grid: dict[str, tuple[Any, ...]] | None = None,
 ) -> None:
     """Coordinate search per method on the validation split, each setting scored by its
     mean over `n_seeds` seeds; writes the tuning JSON."""
@@ -1359,6 +1385,8 @@ def tune(
         params = with_verifier(method, method.defaults(), verifier)
         trials: list[dict[str, Any]] = []
         for tunable in method.tunables:
+            if grid and tunable.name in grid:  # --tune-grid: a narrower search, recorded
+                tunable = dataclasses.replace(tunable, candidates=grid[tunable.name])
             coordinate = tune_coordinate(setup, method, params, tunable, n_seeds)
             trials += coordinate
             best = choose(coordinate)
@@ -1498,7 +1526,7 @@ def main(argv: list[str]) -> int:
             verifier[key] = repo_relative(given.resolve())
     verifier["prm_threshold"] = args.prm_threshold
     if args.tune:
-        tune(setup, methods, verifier, tuning_path, args.tune_seeds)
+        tune(setup, methods, verifier, tuning_path, args.tune_seeds, parse_grid(args.tune_grid))
         return 0
     for item in args.borrow:
         name, _, source = item.partition("=")

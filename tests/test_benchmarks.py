@@ -867,3 +867,12 @@ def test_shuffled_control_keeps_lengths_and_label_rate_but_moves_labels() -> Non
     assert [e.labels for e in shuffled] != [e.labels for e in examples]
     assert [e.completions for e in shuffled] == [e.completions for e in examples]
     assert lp.shuffle_labels(examples, seed=0) == shuffled  # seeded
+
+
+def test_tune_grid_parses_numbers_and_names_a_bad_item() -> None:
+    assert se.parse_grid(["alpha=4.0", "baseline=per_step,last_token"]) == {
+        "alpha": (4.0,),
+        "baseline": ("per_step", "last_token"),
+    }
+    with pytest.raises(ValueError, match="--tune-grid 'alpha'"):
+        se.parse_grid(["alpha"])
