@@ -423,7 +423,9 @@ def with_verifier(
         out["verifier"] = verifier.get("verifier", "<missing>")
     if method.needs_prm:
         out["prm"] = verifier.get(method.needs_prm, "<missing>")
-        out.setdefault("threshold", verifier.get("prm_threshold", 0.5))
+        default = verifier.get("prm_threshold", 0.5)
+        own = verifier.get(f"{method.needs_prm}_threshold", default)  # the control's own
+        out.setdefault("threshold", own)
     return out
 
 
@@ -1084,6 +1086,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=0.5,
         help="first-error threshold of the PRM methods (choose it on the PRM's validation labels)",
     )
+    parser.add_argument(
+        "--prm-control-threshold",
+        type=float,
+        default=None,
+        help="prm_shuffled's threshold (default --prm-threshold; choose it so the control "
+        "flags as many solutions as the PRM does)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     return parser.parse_args(argv)
@@ -1525,6 +1534,8 @@ def main(argv: list[str]) -> int:
                 raise SystemExit(f"error: --{key.replace('_', '-')} {given}: no such directory")
             verifier[key] = repo_relative(given.resolve())
     verifier["prm_threshold"] = args.prm_threshold
+    if args.prm_control_threshold is not None:
+        verifier["prm_control_threshold"] = args.prm_control_threshold
     if args.tune:
         tune(setup, methods, verifier, tuning_path, args.tune_seeds, parse_grid(args.tune_grid))
         return 0

@@ -307,6 +307,9 @@ def test_methods_overrides_load() -> None:
         "no PRM: pass --prm-control DIR (benchmarks/learned_prm.py curve trains one)"
     )
     assert se.missing_resource(control, {"prm_control": "/tmp/c"}) is None
+    resources = {"prm_control": "/tmp/c", "prm_threshold": 0.18, "prm_control_threshold": 0.77}
+    assert se.with_verifier(control, control.defaults(), resources)["threshold"] == 0.77
+    assert se.with_verifier(prm, prm.defaults(), {**resources, "prm": "/p"})["threshold"] == 0.18
     prime = se.select_methods("prime")[0]
     params = {"lr": 2e-4, "prm_lr": 1e-5, "baseline": "last_token"}
     cfg = load_config(REPO / se.CONFIG, se.method_overrides(prime, params))
