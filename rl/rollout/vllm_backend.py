@@ -9,8 +9,9 @@ under ZeRO-3), then resets the prefix cache. Sampled-token log-probs come back w
 rollout ("processed" log-probs, i.e. after temperature / top-p, as the trainer computes).
 
 Sleep mode (GPUs): during the update the engine sleeps at level 2 (weights and KV cache
-freed); `sync_weights` frees the trainer's cached blocks, wakes the weights' memory only,
-loads the new weights, then wakes the KV cache, so the two never peak together.
+freed); `sync_weights` frees the trainer's cached blocks, wakes the
+weights' memory only, loads the new weights, then wakes the KV cache only, so the two never
+peak together.
 
 Tensor parallelism: the ranks `g*tp .. g*tp+tp-1` form one engine, which must be given the
 same prompts with the same seed on each of its ranks: each rank's prompts are gathered
@@ -29,6 +30,9 @@ import torch.distributed as dist
 
 from rl.core.errors import ConfigError
 from rl.rollout.backend import Generated, RolloutBackend, SamplingSettings, left_pad
+
+WEIGHTS, KV_CACHE = "weights", "kv_cache"
+"""vLLM's sleep-mode memory tags (`LLM.wake_up(tags=[...])`)."""
 
 
 def vllm_install_hint() -> str:
@@ -133,7 +137,6 @@ class VLLMRollout(RolloutBackend):
                 tensor_parallel_size=tensor_parallel_size,
                 dtype=dtype,  # the trainer's: log-probs and weights sync in one dtype
                 enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
-                seed=seed,
                 max_model_len=max_model_len,
                 gpu_memory_utilization=gpu_memory_utilization,
                 logprobs_mode="processed_logprobs",
@@ -145,7 +148,8 @@ class VLLMRollout(RolloutBackend):
             raise RuntimeError(
                 f"vLLM engine failed to start for {model_path}: {type(err).__name__}: {err}"
             ) from err
-        self.asleep = False
+        self.sleeping: set[str] = set()
+        """The engine's memory that sleeps: `weights` and `kv_cache` (empty: awake)."""
 
     def sampling_params(self, sampling: SamplingSettings) -> Any:
         from vllm import SamplingParams
@@ -194,28 +198,34 @@ class VLLMRollout(RolloutBackend):
     def sync_weights(self, engine: Any) -> None:
         """Stream the policy's weights into the engine; every rank calls this together.
         Asleep, the weights' memory is woken first and the KV cache only after the load."""
-        if self.asleep:
+        if WEIGHTS in self.sleeping:
             _free_cached_memory()  # the trainer's cached blocks, before vLLM allocates
-            self.llm.wake_up(tags=["weights"])
+            self.llm.wake_up(tags=[WEIGHTS])
+            self.sleeping.discard(WEIGHTS)
         self.llm.collective_rpc(_reload, args=(policy_weights(engine),))
         self._wake()
         self.llm.reset_prefix_cache()
 
     def prepare_for_update(self) -> None:
-        if self.sleep_mode and not self.asleep:
+        """Sleep until the next `sync_weights` (a no-op when asleep or without sleep mode)."""
+        if self.sleep_mode and not self.sleeping:
             self.llm.sleep(level=2)  # frees weights and KV cache; weights re-synced after
-            self.asleep = True
+            self.sleeping = {WEIGHTS, KV_CACHE}
 
     def close(self) -> None:
         # vLLM's shutdown also destroys the default process group, so this runs last
         self.llm.llm_engine.engine_core.shutdown()
 
     def _wake(self) -> None:
-        """Wake whatever still sleeps (all of it, or the KV cache after `sync_weights`)."""
-        if self.asleep:
-            _free_cached_memory()
-            self.llm.wake_up()
-            self.asleep = False
+        """Wake the KV cache, which still sleeps after `sync_weights` woke and reloaded the
+        weights (waking the weights again would re-map their memory)."""
+        if not self.sleeping:
+            return
+        if WEIGHTS in self.sleeping:  # level 2 discarded them: only a sync brings them back
+            raise RuntimeError("vLLM engine: generate after sleep needs sync_weights first")
+        _free_cached_memory()
+        self.llm.wake_up(tags=[KV_CACHE])
+        self.sleeping.clear()
 
 
 def _free_cached_memory() -> None:

@@ -1,0 +1,114 @@
+"""The vLLM backend's engine calls, on a fake engine that records them: sleep and wake
+(which memory each wake maps back). No real engine starts here; `SamplingParams` and
+`TokensPrompt` are vLLM's."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from rl.rollout import vllm_backend  # noqa: E402
+from rl.rollout.backend import SamplingSettings  # noqa: E402
+from rl.rollout.vllm_backend import VLLMRollout  # noqa: E402
+
+SAMPLING = SamplingSettings(max_new_tokens=2, temperature=1.0, top_p=1.0)
+
+
+class FakeLLM:
+    """`vllm.LLM`'s calls the backend makes, recorded in `calls` (shared with the test)."""
+
+    def __init__(self, calls: list[tuple[Any, ...]], **kwargs: Any) -> None:
+        self.calls = calls
+        self.kwargs = kwargs
+
+    def sleep(self, level: int = 1) -> None:
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        self.calls.append(("wake_up", tags))
+        return True
+
+    def collective_rpc(self, method: Any, args: tuple[Any, ...] = ()) -> None:
+        self.calls.append(("reload",))
+
+    def reset_prefix_cache(self) -> None:
+        self.calls.append(("reset_prefix_cache",))
+
+    def generate(self, prompts: list[Any], params: Any, use_tqdm: bool = False) -> list[Any]:
+        self.calls.append(("generate", params))
+        token = SimpleNamespace(logprob=-0.5)
+        sample = SimpleNamespace(token_ids=[7], logprobs=[{7: token}])
+        return [SimpleNamespace(outputs=[sample]) for _ in prompts]
+
+
+def make_rollout(
+    monkeypatch: pytest.MonkeyPatch,
+    calls: list[tuple[Any, ...]],
+    *,
+    seed: int = 5,
+    tensor_parallel_size: int = 1,
+    sleep_mode: bool = True,
+) -> VLLMRollout:
+    """A `VLLMRollout` built as the trainer builds it, on a `FakeLLM`; with sleep mode on
+    (this CPU platform has none, so it is switched on after the build)."""
+    fake_vllm = SimpleNamespace(LLM=lambda **kw: FakeLLM(calls, **kw))
+    monkeypatch.setattr(vllm_backend, "import_vllm", lambda: fake_vllm)
+    monkeypatch.setattr(vllm_backend, "check_architecture", lambda path, vllm: None)
+    monkeypatch.setattr(vllm_backend, "tensor_parallel_group", lambda size: None)
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)
+    rollout = VLLMRollout(
+        tokenizer,
+        "unused",
+        seed=seed,
+        max_model_len=16,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=0.5,
+        kv_cache_gib=1,
+        sleep_mode=sleep_mode,
+    )
+    rollout.sleep_mode = sleep_mode
+    return rollout
+
+
+class FakeEngine:
+    """What `policy_weights` reads from a DeepSpeed engine (no ZeRO-3)."""
+
+    def __init__(self) -> None:
+        self.module = torch.nn.Linear(2, 2)
+
+    def zero_optimization_partition_weights(self) -> bool:
+        return False
+
+
+def test_wake_after_sleep_maps_the_weights_once_then_the_kv_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sleep, sync, generate: the weights are woken before the reload, and the second wake
+    maps the KV cache only (a bare `wake_up()` would map the weights a second time)."""
+    calls: list[tuple[Any, ...]] = []
+    rollout = make_rollout(monkeypatch, calls)
+    rollout.prepare_for_update()
+    rollout.prepare_for_update()  # already asleep: no second sleep
+    rollout.sync_weights(FakeEngine())
+    rollout.generate_tokens(None, [[3, 4]], SAMPLING)
+    assert [c for c in calls if c[0] != "generate"] == [
+        ("sleep", 2),
+        ("wake_up", ["weights"]),
+        ("reload",),
+        ("wake_up", ["kv_cache"]),
+        ("reset_prefix_cache",),
+    ]
+
+
+def test_awake_engine_is_not_woken(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[Any, ...]] = []
+    rollout = make_rollout(monkeypatch, calls, sleep_mode=False)
+    rollout.prepare_for_update()  # no sleep mode: stays awake
+    rollout.sync_weights(FakeEngine())
+    rollout.generate_tokens(None, [[3, 4]], SAMPLING)
+    assert [c[0] for c in calls] == ["reload", "reset_prefix_cache", "generate"]
