@@ -1,6 +1,6 @@
 """The vLLM backend's engine calls, on a fake engine that records them: sleep and wake
-(which memory each wake maps back). No real engine starts here; `SamplingParams` and
-`TokensPrompt` are vLLM's."""
+(which memory each wake maps back) and the per-request sampling seeds of a tensor-parallel
+engine group. No real engine starts here; `SamplingParams` and `TokensPrompt` are vLLM's."""
 
 from __future__ import annotations
 
@@ -112,3 +112,43 @@ def test_awake_engine_is_not_woken(monkeypatch: pytest.MonkeyPatch) -> None:
     rollout.sync_weights(FakeEngine())
     rollout.generate_tokens(None, [[3, 4]], SAMPLING)
     assert [c[0] for c in calls] == ["reload", "reset_prefix_cache", "generate"]
+
+
+def _request_seeds(calls: list[tuple[Any, ...]]) -> list[list[int | None]]:
+    """Each `generate` call's per-request seeds (one shared SamplingParams: [its seed])."""
+    out = []
+    for name, *args in calls:
+        if name == "generate":
+            params = args[0] if isinstance(args[0], list) else [args[0]]
+            out.append([p.seed for p in params])
+    return out
+
+
+def test_tensor_parallel_ranks_send_the_same_request_seeds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two ranks of one TP engine (the same engine seed) whose global RNGs the trainer then
+    seeds differently: both give vLLM the same seed for each of the group's requests,
+    distinct across requests and across calls."""
+    group = [[3, 4], [5], [6, 7], [8]]  # the group's gathered prompts, the same on each rank
+    monkeypatch.setattr(vllm_backend, "gather_group_prompts", lambda ids, g: (group, slice(0, 2)))
+    seeds = []
+    for rank in (0, 1):
+        calls: list[tuple[Any, ...]] = []
+        rollout = make_rollout(monkeypatch, calls, seed=7000, tensor_parallel_size=2)
+        torch.manual_seed(7000 + rank)  # as the trainer reseeds each rank after the build
+        for _ in range(2):
+            rollout.generate_tokens(None, group[2 * rank : 2 * rank + 2], SAMPLING)
+        seeds.append(_request_seeds(calls))
+    assert seeds[0] == seeds[1]
+    first, second = seeds[0]
+    assert None not in first + second
+    assert len(set(first + second)) == 2 * len(group)
+
+
+def test_one_rank_engines_sample_without_request_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensor parallel size 1: one shared SamplingParams without a seed, as before."""
+    calls: list[tuple[Any, ...]] = []
+    rollout = make_rollout(monkeypatch, calls, sleep_mode=False)
+    rollout.generate_tokens(None, [[3, 4], [5]], SAMPLING)
+    assert _request_seeds(calls) == [[None]]

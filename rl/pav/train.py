@@ -188,7 +188,9 @@ def open_rollout(
         from deepspeed.accelerator import get_accelerator
 
         policy.to(get_accelerator().device_name(dist.local_rank))
-    seed_everything(cfg.seed * 1000 + dist.rank)  # after the engine: vLLM reseeds global RNGs
+    # after the engine: vLLM reseeds global RNGs (a tensor-parallel engine's requests carry
+    # their own seeds, the same on each of its ranks)
+    seed_everything(cfg.seed * 1000 + dist.rank)
     return rollout
 
 

@@ -16,7 +16,9 @@ peak together.
 Tensor parallelism: the ranks `g*tp .. g*tp+tp-1` form one engine, which must be given the
 same prompts with the same seed on each of its ranks: each rank's prompts are gathered
 over the group, generated together, and each rank keeps its own slice (as TRL's colocate
-mode does).
+mode does). The trainer reseeds every rank's global RNGs differently after the engine is
+built, so each request carries its own seed (`SamplingParams(seed=...)`), drawn from a
+generator seeded with the engine's seed: the same on every rank of the group.
 """
 
 from __future__ import annotations
@@ -128,6 +130,11 @@ class VLLMRollout(RolloutBackend):
         if sleep_mode and not self.sleep_mode:
             log(f"rollout.vllm_sleep_mode: not supported on {current_platform.device_type}; off")
         self.tp_group = tensor_parallel_group(tensor_parallel_size)
+        self.request_seeds = (
+            torch.Generator().manual_seed(seed) if tensor_parallel_size > 1 else None
+        )
+        """Per-request sampling seeds, the same sequence on every rank of the engine (None
+        for one rank per engine: its sampling then follows the engine's own RNG)."""
         extra = {} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}
         try:
             self.llm = vllm.LLM(
@@ -137,6 +144,7 @@ class VLLMRollout(RolloutBackend):
                 tensor_parallel_size=tensor_parallel_size,
                 dtype=dtype,  # the trainer's: log-probs and weights sync in one dtype
                 enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+                seed=seed,
                 max_model_len=max_model_len,
                 gpu_memory_utilization=gpu_memory_utilization,
                 logprobs_mode="processed_logprobs",
@@ -151,7 +159,8 @@ class VLLMRollout(RolloutBackend):
         self.sleeping: set[str] = set()
         """The engine's memory that sleeps: `weights` and `kv_cache` (empty: awake)."""
 
-    def sampling_params(self, sampling: SamplingSettings) -> Any:
+    def sampling_params(self, sampling: SamplingSettings, seed: int | None = None) -> Any:
+        """vLLM's settings for one request (`seed`: its own sampling seed, else none)."""
         from vllm import SamplingParams
 
         return SamplingParams(
@@ -164,7 +173,15 @@ class VLLMRollout(RolloutBackend):
             logprobs=0,  # the sampled token's log-prob at every position
             stop_token_ids=self.eos_ids,
             skip_special_tokens=True,
+            seed=seed,
         )
+
+    def request_params(self, sampling: SamplingSettings, n: int) -> Any:
+        """The settings of the `n` requests of one `generate` call: one shared object, or
+        with tensor parallelism one per request with its own seed."""
+        if self.request_seeds is None:
+            return self.sampling_params(sampling)
+        return [self.sampling_params(sampling, s) for s in draw_seeds(self.request_seeds, n)]
 
     @torch.no_grad()
     def generate_tokens(
@@ -177,7 +194,7 @@ class VLLMRollout(RolloutBackend):
         group_prompts, mine = gather_group_prompts(prompt_ids, self.tp_group)
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in group_prompts],
-            self.sampling_params(sampling),
+            self.request_params(sampling, len(group_prompts)),
             use_tqdm=False,
         )
         samples = [out.outputs[0] for out in outputs[mine]]  # [N] in prompt order
@@ -226,6 +243,11 @@ class VLLMRollout(RolloutBackend):
         _free_cached_memory()
         self.llm.wake_up(tags=[KV_CACHE])
         self.sleeping.clear()
+
+
+def draw_seeds(generator: torch.Generator, n: int) -> list[int]:
+    """`n` request seeds in [0, 2**62) from `generator` (CPU)."""
+    return torch.randint(0, 2**62, (n,), generator=generator).tolist()
 
 
 def _free_cached_memory() -> None:

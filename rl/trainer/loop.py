@@ -183,7 +183,8 @@ class Trainer:
         """Why the last update's optimizer steps were skipped, if they were."""
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.metrics: MetricsLogger | None = None
-        # each rank samples differently; reseeded after model building consumed RNG
+        # each rank samples differently; reseeded after model building consumed RNG (the
+        # ranks of one tensor-parallel vLLM engine send per-request seeds: vllm_backend.py)
         seed_everything(cfg.seed * 1000 + dist.rank)
 
     # ------------------------------------------------------------------ setup
