@@ -116,6 +116,9 @@ class RewardHead(ABC):
     """The credit scheme `algo.credit: auto` picks when this is the first head."""
     update_first: bool = False
     """Learn from the step's outcomes before scoring it (default: score, then learn)."""
+    uses_rollout: ClassVar[bool] = False
+    """The head generates with the trainer's rollout backend (`HeadContext.rollout`): a
+    sleeping vLLM engine then waits until the heads have scored the step."""
     Options: ClassVar[type | None] = None
     """A dataclass of the head's keyword arguments: when set, `reward.heads[i].kwargs` are
     checked against it at load time (unknown keys and wrong types name the key)."""

@@ -223,6 +223,7 @@ class PAVMCOracleHead(RewardHead):
     granularity = "step"
     default_credit = "pav"
     Options = PAVMCOracleOptions
+    uses_rollout = True
 
     def __init__(self, n_mc: int = 4, prover_k: int = 4) -> None:
         if n_mc < 1 or prover_k < 1:

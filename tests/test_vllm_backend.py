@@ -152,3 +152,51 @@ def test_one_rank_engines_sample_without_request_seeds(monkeypatch: pytest.Monke
     rollout = make_rollout(monkeypatch, calls, sleep_mode=False)
     rollout.generate_tokens(None, [[3, 4], [5]], SAMPLING)
     assert _request_seeds(calls) == [[None]]
+
+
+class RecordingRewards:
+    """`RewardPipeline.score` recorded; `uses_rollout` from the real pipeline's heads."""
+
+    def __init__(self, calls: list[tuple[Any, ...]], heads: list[Any]) -> None:
+        from rl.trainer.rewards import RewardPipeline
+
+        self.pipeline = object.__new__(RewardPipeline)
+        self.pipeline.heads = [(head, 1.0) for head in heads]
+        self.calls = calls
+
+    @property
+    def uses_rollout(self) -> bool:
+        return self.pipeline.uses_rollout
+
+    def at(self, where: str) -> None:
+        return None
+
+    def score(self, batch: Any) -> Any:
+        self.calls.append(("score",))
+        return SimpleNamespace(keep=None)
+
+
+@pytest.mark.parametrize("head_name", ["implicit_prm", "pav_mc_oracle"])
+def test_engine_sleeps_before_the_heads_unless_one_generates(
+    monkeypatch: pytest.MonkeyPatch, head_name: str
+) -> None:
+    """The trainer's rollout and reward phases: the engine sleeps right after collection, so
+    the heads (an implicit PRM's update, a verifier) run without its memory; with
+    `pav_mc_oracle`, which generates with the engine while scoring, it stays awake."""
+    from rewards.build import resolve_head
+    from rl.engine.deepspeed_engine import DistInfo
+    from rl.engine.memory import PhaseMeter
+    from rl.trainer.loop import Trainer, TrainState
+
+    calls: list[tuple[Any, ...]] = []
+    trainer = object.__new__(Trainer)
+    trainer.rollout = make_rollout(monkeypatch, calls)
+    trainer.rewards = RecordingRewards(calls, [resolve_head(head_name)])  # type: ignore[assignment]
+    trainer.collect = lambda: calls.append(("collect",)) or SimpleNamespace()  # type: ignore[method-assign]
+    trainer.state, trainer.dist = TrainState(), DistInfo(0, 1, 0)
+    trainer.collect_and_score(PhaseMeter())
+    order = [c[0] for c in calls]
+    if head_name == "pav_mc_oracle":
+        assert order == ["collect", "score"]  # awake: the head's rollouts need the engine
+    else:
+        assert order == ["collect", "sleep", "score"]

@@ -8,8 +8,9 @@ weights into the engine in one `reload_weights` call (one parameter gathered at 
 under ZeRO-3), then resets the prefix cache. Sampled-token log-probs come back with each
 rollout ("processed" log-probs, i.e. after temperature / top-p, as the trainer computes).
 
-Sleep mode (GPUs): during the update the engine sleeps at level 2 (weights and KV cache
-freed); `sync_weights` frees the trainer's cached blocks, wakes the
+Sleep mode (GPUs): from the end of rollout collection (from the log-prob phase when a
+reward head generates with the engine) until the weight sync the engine sleeps at level 2
+(weights and KV cache freed); `sync_weights` frees the trainer's cached blocks, wakes the
 weights' memory only, loads the new weights, then wakes the KV cache only, so the two never
 peak together.
 

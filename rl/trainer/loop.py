@@ -1,7 +1,8 @@
 """The training loop. One step reads top to bottom, one phase per line of `train_step`:
 
     collect   every rank samples `rollout.group_size` responses for its share of the step's
-              `rollout.prompts_per_step` prompts;
+              `rollout.prompts_per_step` prompts (then a sleep-mode vLLM engine sleeps until
+              the sync, or from `logprobs` on when a reward head generates with it);
     score     the reward pipeline: outcome reward functions, then the process reward heads
               (which may also learn online from the outcomes) -> `Scored`;
     logprobs  the trainer's old-policy (and reference) log-probs of the sampled tokens;
@@ -381,18 +382,27 @@ class Trainer:
         size = self.cfg.trainer.forward_micro_batch_size or self.plan.micro_batch_size
         return self.diagnostics.row(batch, scored, credit, self.engine, size)
 
-    def train_step(self) -> dict[str, Any]:
-        watchdog.set_step(self.state.step + 1)
-        meter = PhaseMeter()
-        start = time.perf_counter()
+    def collect_and_score(self, meter: PhaseMeter) -> tuple[RolloutBatch, Scored]:
+        """The rollout and reward phases. A sleep-mode vLLM engine goes to sleep as soon as
+        the rollouts are collected, so reward heads (an implicit PRM's update, a verifier's
+        forward passes) do not run next to its memory; unless a head generates with it."""
         with meter.phase("rollout"):
             batch = self.collect()
+            if not self.rewards.uses_rollout:
+                self.rollout.prepare_for_update()
         with meter.phase("reward"):
             self.rewards.at(f"step {self.state.step + 1}, rank {self.dist.rank}")
             scored = self.rewards.score(batch)
             drop_rows(batch, scored.keep)  # rows a head filtered out leave the update
+        return batch, scored
+
+    def train_step(self) -> dict[str, Any]:
+        watchdog.set_step(self.state.step + 1)
+        meter = PhaseMeter()
+        start = time.perf_counter()
+        batch, scored = self.collect_and_score(meter)
         with meter.phase("logprobs"):
-            self.rollout.prepare_for_update()
+            self.rollout.prepare_for_update()  # no-op when asleep since the rollout phase
             logprobs = self.compute_logprobs(batch)
         with meter.phase("credit"):
             credit = self.credit.assign(batch, scored, logprobs)
