@@ -115,6 +115,33 @@ def test_value_model_from_policy_and_round_trip(tiny_policy: Path, tmp_path: Pat
     torch.testing.assert_close(loaded(ids, mask), expected)
 
 
+class FixedBackbone(nn.Module):
+    """A backbone whose last hidden state is `hidden` `[B, T, H]` (in its dtype)."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = nn.Parameter(hidden, requires_grad=False)
+        self.config = type("Config", (), {"hidden_size": hidden.shape[-1]})()
+
+    def forward(self, **kwargs: Any) -> Any:
+        return type("Out", (), {"last_hidden_state": self.hidden})()
+
+
+def test_bf16_value_model_values_are_not_rounded_to_bf16() -> None:
+    """A bf16 value model (critic, PAV verifier) computes its head in float32: 0.5 + 2**-9
+    (between two bf16 neighbours near 0.5, 2**-8 apart) comes out exactly, not as 0.5."""
+    hidden = torch.tensor([[[1.0, 1.0], [1.0, -1.0]]])  # [B=1, T=2, H=2]
+    model = ValueModel(FixedBackbone(hidden)).to(torch.bfloat16)
+    with torch.no_grad():
+        model.value_head.weight.copy_(torch.tensor([[0.5, 2.0**-9]]))  # exact in bf16
+        model.value_head.bias.zero_()
+    assert model.value_head.weight.dtype == torch.bfloat16  # storage stays in the run's dtype
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    values = model(ids, torch.ones_like(ids))
+    assert values.dtype == torch.float32
+    assert values.tolist() == [[0.5 + 2.0**-9, 0.5 - 2.0**-9]]
+
+
 def test_save_into_existing_dir_keeps_other_files(tiny_policy: Path, tmp_path: Path) -> None:
     out = tmp_path / "vm"
     model = value_model_from_policy(tiny_policy)
