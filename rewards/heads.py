@@ -95,6 +95,9 @@ class HeadContext:
     """The run's one dtype (`model.dtype`): load every model in it."""
     offload_references: bool = False
     """`model.offload_references`: frozen models' ZeRO-3 partitions live in CPU memory."""
+    gradient_checkpointing: bool = False
+    """`model.gradient_checkpointing`: models a head trains recompute their activations in
+    the backward pass (`rl.engine.models.enable_gradient_checkpointing`)."""
 
 
 class RewardHead(ABC):

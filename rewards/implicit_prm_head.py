@@ -29,6 +29,7 @@ from rl.core.batching import micro_batches
 from rl.core.errors import ConfigError
 from rl.engine import deepspeed_engine as eng
 from rl.engine.forward import response_logprobs
+from rl.engine.models import enable_gradient_checkpointing
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ class ImplicitPRMHead(RewardHead):
         prm_path = self._existing(self.path, "path") or ctx.policy_path
         with eng.zero3_init(ds):
             prm = AutoModelForCausalLM.from_pretrained(prm_path, dtype=ctx.dtype)
+        if ctx.gradient_checkpointing:
+            enable_gradient_checkpointing(prm)
         self.engine = eng.create_policy_engine(
             prm, ds, lr=self.lr, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0
         )

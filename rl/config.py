@@ -32,7 +32,8 @@ class ModelConfig:
     verifier and the vLLM engine load in it (auto = bf16 on GPUs that support it, fp32
     otherwise; bfloat16 also works on CPUs)."""
     gradient_checkpointing: bool = False
-    """Recompute the policy's (and critic's, PRM's) activations in the backward pass."""
+    """Recompute the activations of every trained model in the backward pass: the policy,
+    the critic, the implicit PRM and the PAV verifier."""
     attn_implementation: str | None = None
     """Attention kernel passed to `from_pretrained` (e.g. sdpa, eager, flash_attention_2);
     None = the library's default."""

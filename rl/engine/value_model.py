@@ -65,6 +65,18 @@ class ValueModel(nn.Module):
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
 
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """The backbone's activation checkpointing (Hugging Face's switch)."""
+        self.backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
+        )
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(self.backbone.is_gradient_checkpointing)
+
     def forward(
         self,
         input_ids: Tensor,

@@ -40,7 +40,7 @@ from rl.config import Config, to_dict
 from rl.core.errors import ConfigError, DataError
 from rl.data.prompts import PromptRow, PromptSampler, seeded
 from rl.engine import deepspeed_engine as eng
-from rl.engine.models import run_dtype
+from rl.engine.models import enable_gradient_checkpointing, run_dtype
 from rl.pav.active import (
     SELECT_RULES,
     UNCERTAINTY_KINDS,
@@ -443,7 +443,10 @@ def train_verifier(
     from rl.engine.value_model import value_model_from_policy
 
     pav = cfg.pav
-    engine = make_value_engine(cfg, dist, value_model_from_policy(init_path, run_dtype(cfg)))
+    model = value_model_from_policy(init_path, run_dtype(cfg))
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    engine = make_value_engine(cfg, dist, model)
     steps = len(
         plan_micro_batches(list(range(len(train))), dist.world_size, 0, pav.micro_batch_size)
     )

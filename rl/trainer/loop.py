@@ -239,6 +239,7 @@ class Trainer:
                 betas=cfg.optim.betas,
                 value_clip=cfg.critic.value_clip,
                 micro_batch_size=self.plan.micro_batch_size,
+                gradient_checkpointing=cfg.model.gradient_checkpointing,
             )
 
     def _head_context(self, model_path: str, ds_config: dict[str, Any]) -> HeadContext:
@@ -257,6 +258,7 @@ class Trainer:
             sampling=self.sampling(),
             dtype=run_dtype(self.cfg),
             offload_references=self.cfg.model.offload_references,
+            gradient_checkpointing=self.cfg.model.gradient_checkpointing,
         )
 
     @property
