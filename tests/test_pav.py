@@ -480,6 +480,49 @@ def record(prompt: int, sample: int, labels: list[float] | None = None) -> Solut
     )
 
 
+class TinyVerifierEngine(nn.Module):
+    """A value model (embedding -> scalar per position, no host reads) behind the engine
+    calls `train_epoch` and `evaluate` make."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(16, 1)
+        self.optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids).squeeze(-1) * attention_mask  # [b, T]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("fit", ["train_epoch", "evaluate"])
+def test_verifier_fitting_reads_the_host_once_per_pass(fit: str) -> None:
+    """`train_epoch` and `evaluate` keep their sums on the device: the host reads of a pass
+    do not grow with its number of micro-batches (each would wait for the GPU)."""
+    from rl.pav.fitting import evaluate, train_epoch
+    from tests.host_reads import counted_host_reads
+
+    counts = []
+    for n_records in (2, 8):  # 1 and 4 micro-batches of 2
+        records = [record(p, 0, [0.5, 0.25, 1.0]) for p in range(n_records)]
+        engine = TinyVerifierEngine()
+        with counted_host_reads() as reads:
+            if fit == "train_epoch":
+                train_epoch(engine, records, list(range(n_records)), DistInfo(0, 1, 0), 2, 0)
+            else:
+                evaluate(engine, records, DistInfo(0, 1, 0), 2, 0)
+        counts.append(len(reads))
+    assert counts[0] == counts[1] <= 2, counts
+
+
 def test_records_resume_after_a_partial_write(tmp_path: Path) -> None:
     path = tmp_path / "mc_data.rank0.jsonl"
     append_records(path, [record(0, 0), record(0, 1), record(1, 0)])

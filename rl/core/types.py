@@ -73,7 +73,7 @@ class RolloutBatch:
         """The same kind of batch holding only `rows`: every per-row tensor, text list and
         dataset column is indexed; per-batch fields (prompt_length, group_size) are kept."""
         index = torch.as_tensor(rows, dtype=torch.long)
-        picked = index.tolist()
+        picked = [int(i) for i in rows] if isinstance(rows, list) else index.tolist()
         n = len(self)
         changes: dict[str, Any] = {}
         for f in dataclasses.fields(self):
