@@ -1,5 +1,7 @@
-"""Counting host reads of tensors (`.item()`, `.tolist()`, `float()`, `int()`, `bool()`):
-on a GPU each one waits for the device, so a loop over micro-batches should make none."""
+"""Counting host reads of tensors (`.item()`, `.tolist()`, `float()`, `int()`, `bool()`,
+`.cpu()`): on a GPU each one waits for the device, so a loop over micro-batches or rows
+should make none. On the CPU the same calls are counted, so a test sees where a GPU run
+would wait."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Any
 
 import torch
 
-READS = ("item", "tolist", "__float__", "__int__", "__bool__")
+READS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu")
 
 
 @contextmanager

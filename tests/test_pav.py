@@ -255,6 +255,49 @@ def test_pav_head_scores_prover_advantages(tmp_path: Path, monkeypatch: pytest.M
     assert head.update(head_batch(), torch.ones(2)) == {} and head.state_dict() == {}
 
 
+def test_pav_head_reads_the_host_once_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PAV head's verifier outputs stay on the device over its micro-batches, and its
+    metrics are read in one go: the host reads of a score do not grow with the number of
+    micro-batches."""
+    from tests.host_reads import counted_host_reads
+
+    (tmp_path / HEAD_FILE).touch()
+    monkeypatch.setattr(pav, "load_value_model", lambda path, dtype: (StubVerifier(), None))
+    counts, outputs = [], []
+    for micro_batch_size in (2, 1):
+        head = pav.PAVHead(path=str(tmp_path), prover_k=2)
+        head.setup(HeadContext(None, DistInfo(0, 1, 0), None, "", {}, micro_batch_size, 2))
+        batch = head_batch()
+        with counted_host_reads() as reads:
+            outputs.append(head.score(batch))
+        counts.append(len(reads))
+    assert counts[0] == counts[1], counts
+    torch.testing.assert_close(outputs[0].token_rewards, outputs[1].token_rewards)
+    assert outputs[0].metrics == outputs[1].metrics
+
+
+def test_row_prefixes_read_the_host_once_per_batch() -> None:
+    """`row_prefixes` (pav_mc_oracle) and the trainer's step cutting read each tensor of the
+    batch once, not once per row."""
+    from rl.rollout.steps import batch_steps
+    from tests.host_reads import counted_host_reads
+
+    tok = sm.build_tokenizer()
+    small = head_batch()
+    large = small.select([0, 1, 0, 1, 1])
+    counts = {"prefixes": [], "steps": []}
+    for batch in (small, large):
+        with counted_host_reads() as reads:
+            pav.row_prefixes(batch, tok)
+        counts["prefixes"].append(len(reads))
+        with counted_host_reads() as reads:
+            batch_steps(tok, batch, "\n")
+        counts["steps"].append(len(reads))
+    assert all(c[0] == c[1] for c in counts.values()), counts
+
+
 def test_with_terminal_outcome_hand_example() -> None:
     # row 0: 2 steps, row 1: 1 step, row 2: no step (unchanged)
     q_pi = torch.tensor([[0.5, 0.7, 0.8], [0.6, 0.1, 0.0], [0.3, 0.0, 0.0]])
