@@ -114,4 +114,5 @@ def head_batch(tokenizer: Any, batch: RolloutBatch, delimiter: str = "\n") -> He
         group_size=batch.group_size,
         prompts=batch.prompts,
         columns=batch.columns,
+        column_spans=batch.column_spans,
     )

@@ -40,7 +40,7 @@ from rl.algos.offpolicy import logprob_mismatch_sums, tis_weights
 from rl.config import Config, to_dict
 from rl.core.batching import micro_batches
 from rl.core.errors import ConfigError
-from rl.core.types import Credit, LogProbs, RolloutBatch, Scored
+from rl.core.types import Credit, LogProbs, RolloutBatch, Scored, column_spans
 from rl.data.prompts import PromptSampler, batch_columns, shard
 from rl.engine import checkpoint as ckpt
 from rl.engine import deepspeed_engine as eng
@@ -288,6 +288,7 @@ class Trainer:
         )
         if self.cfg.rollout.mask_truncated and batch.truncated is not None:
             batch.response_mask = batch.response_mask * (~batch.truncated).unsqueeze(1)
+        batch.column_spans = column_spans(batch.attention_mask)  # the forwards' trimming
         return batch.to(self.device)  # the one place rollouts move to the engine's device
 
     @torch.no_grad()
