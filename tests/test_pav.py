@@ -705,3 +705,41 @@ def test_train_verifier_saves_the_kept_epochs_weights(
     assert run.kept_epoch == want_epoch
     assert run.kept_state is not None
     assert run.kept_state["w"].tolist() == [float(want_epoch)]  # that epoch's weights
+
+
+def test_pipeline_puts_the_engine_to_sleep_before_training_the_verifier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rl.pav.train.run`: once the data is collected the rollout engine sleeps (vLLM sleep
+    mode frees its weights and KV cache), so the verifier trains without its memory."""
+    import rl.engine.models as models
+    import rl.engine.value_model as value_model
+
+    calls: list[str] = []
+
+    class RecordingRollout:
+        def prepare_for_update(self) -> None:
+            calls.append("sleep")
+
+        def close(self) -> None:
+            calls.append("close")
+
+    def collect(*args: Any) -> Any:
+        calls.append("collect")
+        return RecordingRollout(), [record(0, 0)], [], 3, None
+
+    def train(*args: Any, **kwargs: Any) -> Any:
+        calls.append("train")
+        engine = type("Engine", (), {"module": None})()
+        return pav_train.VerifierRun(engine, [{"epoch": 1, "train_bce": 0.5}], 1, None)
+
+    tok = type("Tok", (), {"pad_token_id": 0})()
+    monkeypatch.setattr(models, "load_policy", lambda cfg, dist: (object(), tok, "policy"))
+    monkeypatch.setattr(pav_train, "verifier_init", lambda cfg, tok, path: path)
+    monkeypatch.setattr(pav_train, "select_prompts", lambda cfg, tok: [])
+    monkeypatch.setattr(pav_train, "collect_records", collect)
+    monkeypatch.setattr(pav_train, "train_verifier", train)
+    monkeypatch.setattr(value_model, "save_value_model", lambda *args, **kwargs: None)
+    cfg = load_config(PAV_CONFIG, [f"pav.output_dir={tmp_path}"])
+    pav_train.run(cfg, DistInfo(0, 1, 0))
+    assert calls == ["collect", "sleep", "train", "close"]

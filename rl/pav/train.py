@@ -558,6 +558,8 @@ def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
     )
     data_s = time.perf_counter() - start
     del policy
+    if rollout is not None:  # done generating: a sleep-mode vLLM engine frees its memory
+        rollout.prepare_for_update()
     if not train:
         raise DataError(f"pav: no labelled training solutions in {out}")
     start = time.perf_counter()
