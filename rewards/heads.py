@@ -95,6 +95,9 @@ class HeadContext:
     """The run's one dtype (`model.dtype`): load every model in it."""
     offload_references: bool = False
     """`model.offload_references`: frozen models' ZeRO-3 partitions live in CPU memory."""
+    gradient_checkpointing: bool = False
+    """`model.gradient_checkpointing`: models a head trains recompute their activations in
+    the backward pass (`rl.engine.models.enable_gradient_checkpointing`)."""
 
 
 class RewardHead(ABC):
@@ -116,6 +119,9 @@ class RewardHead(ABC):
     """The credit scheme `algo.credit: auto` picks when this is the first head."""
     update_first: bool = False
     """Learn from the step's outcomes before scoring it (default: score, then learn)."""
+    uses_rollout: ClassVar[bool] = False
+    """The head generates with the trainer's rollout backend (`HeadContext.rollout`): a
+    sleeping vLLM engine then waits until the heads have scored the step."""
     Options: ClassVar[type | None] = None
     """A dataclass of the head's keyword arguments: when set, `reward.heads[i].kwargs` are
     checked against it at load time (unknown keys and wrong types name the key)."""

@@ -29,6 +29,7 @@ from rl.core.batching import micro_batches
 from rl.core.errors import ConfigError
 from rl.engine import deepspeed_engine as eng
 from rl.engine.forward import response_logprobs
+from rl.engine.models import enable_gradient_checkpointing
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ class ImplicitPRMHead(RewardHead):
         prm_path = self._existing(self.path, "path") or ctx.policy_path
         with eng.zero3_init(ds):
             prm = AutoModelForCausalLM.from_pretrained(prm_path, dtype=ctx.dtype)
+        if ctx.gradient_checkpointing:
+            enable_gradient_checkpointing(prm)
         self.engine = eng.create_policy_engine(
             prm, ds, lr=self.lr, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0
         )
@@ -175,25 +178,29 @@ class ImplicitPRMHead(RewardHead):
         """One optimizer step of the outcome cross-entropy over the global batch."""
         if self.update_mode == "never":
             return {}
+        if ((outcome < 0) | (outcome > 1)).any():
+            raise ValueError("implicit PRM outcome labels must lie in [0, 1]")
         ref_logp = self._ref_logprobs(batch)  # [B, Tr]
         global_seqs = float(eng.all_reduce_sum(torch.tensor([float(batch.batch_size)]))[0])
         scale = engine_loss_scale(self.world_size, self.grad_accum_steps)
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64)  # on the device: one host read per update
         self.engine.train()
         for index in micro_batches(batch.batch_size, self.micro_batch_size):
             micro = batch.select(index)
             rows = torch.tensor(index)
             logp = response_logprobs(self.engine, micro)  # [b, Tr]
             token_r = implicit_token_rewards(logp, ref_logp[rows], micro.response_mask, self.beta)
+            # the labels were checked once for the whole batch, above
             loss, stats = implicit_prm_ce_loss(
-                token_r, micro.response_mask, outcome[rows].float(), global_seqs
+                token_r, micro.response_mask, outcome[rows].float(), global_seqs, False
             )
             self.engine.backward(loss * scale)
             self.engine.step()
-            sums += torch.tensor([float(stats["prm/ce_loss"]), float(stats["prm/acc"])])
+            pair = torch.stack([stats["prm/ce_loss"], stats["prm/acc"]]).detach().double()
+            sums = sums.to(pair.device) + pair
         self._ref_cache = None
-        reduced = eng.all_reduce_sum(sums)
-        return {"ce_loss": float(reduced[0]), "acc": float(reduced[1])}
+        ce_loss, acc = eng.all_reduce_sum(sums).tolist()
+        return {"ce_loss": ce_loss, "acc": acc}
 
     # ------------------------------------------------------------------ state
     def save_checkpoint(self, directory: Path) -> None:

@@ -54,13 +54,17 @@ def pav_output(q_pi: Tensor, step_mask: Tensor, step_end: Tensor, prover_k: int)
     token_rewards = steps_to_tokens(adv, step_end)  # [B, Tr]
     counts = step_mask.sum(dim=1).long()  # [B]
     has = counts > 0
-    rows = torch.arange(q_pi.shape[0])
+    rows = torch.arange(q_pi.shape[0], device=q_pi.device)
     q_last = q_pi[rows, counts]  # [B] value after each row's last step
-    n_rows = max(1, int(has.sum()))
+    sums = [has.sum(), q_pi[has, 0].sum(), q_last[has].sum(), adv.sum(), step_mask.sum()]
+    n_has, q_prompt, q_last_sum, adv_sum, n_steps = torch.stack(
+        [s.double() for s in sums]
+    ).tolist()  # one host read
+    n_rows = max(1.0, n_has)
     metrics = {
-        "q_prompt": float(q_pi[has, 0].sum()) / n_rows,
-        "q_last_step": float(q_last[has].sum()) / n_rows,
-        "step_adv": float(adv.sum()) / max(1.0, float(step_mask.sum())),
+        "q_prompt": q_prompt / n_rows,
+        "q_last_step": q_last_sum / n_rows,
+        "step_adv": adv_sum / max(1.0, n_steps),
     }
     return HeadOutput(token_rewards=token_rewards, metrics=metrics)
 
@@ -171,13 +175,14 @@ class PAVHead(RewardHead):
                 attention_mask=mask.to(device),
                 position_ids=position_ids_from_mask(mask).to(device),
             )  # [b, Tp + Tr]
-            q = torch.sigmoid(logits.float()).cpu()
+            q = torch.sigmoid(logits.float())  # stays on the device until the loop ends
             q_prompt.append(q[:, tp - 1])  # [b] last prompt token (prompts are left padded)
             q_tokens.append(q[:, tp:])  # [b, Tr]
-        q_resp = torch.cat(q_tokens)  # [B, Tr]
+        q_resp = torch.cat(q_tokens).cpu()  # [B, Tr]
         step_end = batch.step_end.to(q_resp.device)
         q_steps, step_mask = tokens_to_steps(q_resp, step_end)  # [B, H] each
-        q_pi = torch.cat([torch.cat(q_prompt).unsqueeze(1), q_steps], dim=1)  # [B, H+1]
+        q_first = torch.cat(q_prompt).cpu().unsqueeze(1)  # [B, 1]
+        q_pi = torch.cat([q_first, q_steps], dim=1)  # [B, H+1]
         if self.terminal == "outcome":
             outcome = self.outcome_verifier(batch.prompts, batch.completions, batch.columns)
             q_pi = with_terminal_outcome(q_pi, step_mask, outcome.float().cpu())
@@ -204,11 +209,15 @@ def row_prefixes(batch: HeadBatch, tokenizer: Any) -> tuple[list[list[int]], lis
     prefixes: list[list[int]] = []
     texts: list[str] = []
     counts: list[int] = []
+    # one host read per tensor for the whole batch, not one per row
+    ids, attention = batch.input_ids.tolist(), batch.attention_mask.tolist()
+    lengths = batch.response_mask.sum(dim=1).long().tolist()  # [B]
+    step_end = batch.step_end.tolist()
     for b in range(batch.batch_size):
-        prompt = batch.input_ids[b, :tp][batch.attention_mask[b, :tp].bool()].tolist()
-        n = int(batch.response_mask[b].sum())
-        response = batch.input_ids[b, tp : tp + n].tolist()
-        ends = batch.step_end[b, :n].nonzero().flatten().tolist()
+        prompt = [t for t, m in zip(ids[b][:tp], attention[b][:tp], strict=True) if m]
+        n = lengths[b]
+        response = ids[b][tp : tp + n]
+        ends = [i for i, end in enumerate(step_end[b][:n]) if end]
         prefixes += step_prefixes(prompt, response, ends)
         texts += prefix_texts(tokenizer, response, ends)
         counts.append(len(ends))
@@ -223,6 +232,7 @@ class PAVMCOracleHead(RewardHead):
     granularity = "step"
     default_credit = "pav"
     Options = PAVMCOracleOptions
+    uses_rollout = True
 
     def __init__(self, n_mc: int = 4, prover_k: int = 4) -> None:
         if n_mc < 1 or prover_k < 1:

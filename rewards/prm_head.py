@@ -169,8 +169,11 @@ class PRMHead(RewardHead):
     def step_texts(self, batch: HeadBatch) -> tuple[list[str], list[list[str]]]:
         """(raw problems [B], step texts [B][H_b]): H_b is row b's number of step ends."""
         problems = raw_problems(batch, self.prompt_column)
+        # one host read per tensor for the whole batch, not one per row
+        ends, step_ids = batch.step_end.tolist(), batch.step_id.tolist()
+        ids = batch.response_ids.tolist()
         steps = [
-            row_step_texts(self.policy_tokenizer, batch, b, self.delimiter)
+            row_step_texts(self.policy_tokenizer, ends[b], step_ids[b], ids[b], self.delimiter)
             for b in range(batch.batch_size)
         ]
         return problems, steps
@@ -310,19 +313,24 @@ def span_texts(
     ]
 
 
-def row_step_texts(tokenizer: Any, batch: HeadBatch, row: int, delimiter: str) -> list[str]:
-    """Step texts of one row, one per step-end token of `batch.step_end[row]`: step h spans
-    the tokens after step h-1's end up to its own (decoded with the trainer's offsets)."""
+def row_step_texts(
+    tokenizer: Any,
+    step_end: Sequence[float],
+    step_id: Sequence[int],
+    response_ids: Sequence[int],
+    delimiter: str,
+) -> list[str]:
+    """Step texts of one row (its `[Tr]` step_end, step_id and response ids, as lists), one
+    per step-end token: step h spans the tokens after step h-1's end up to its own (decoded
+    with the trainer's offsets)."""
     from rl.rollout.steps import decode_offsets
 
-    ends = batch.step_end[row].nonzero().flatten().tolist()
+    ends = [t for t, end in enumerate(step_end) if end]
     if not ends:
         return []
-    on = (batch.step_id[row] >= 0).nonzero().flatten().tolist()
-    first = on[0] if on else 0
+    first = next((t for t, step in enumerate(step_id) if step >= 0), 0)
     n = ends[-1] + 1
-    ids = batch.response_ids[row, :n].tolist()
-    text, offsets = decode_offsets(tokenizer, ids)
+    text, offsets = decode_offsets(tokenizer, list(response_ids[:n]))
     starts = [first, *(e + 1 for e in ends[:-1])]
     spans = list(zip(starts, ends, strict=True))
     return span_texts(text, offsets, spans, delimiter)

@@ -32,7 +32,8 @@ class ModelConfig:
     verifier and the vLLM engine load in it (auto = bf16 on GPUs that support it, fp32
     otherwise; bfloat16 also works on CPUs)."""
     gradient_checkpointing: bool = False
-    """Recompute the policy's (and critic's, PRM's) activations in the backward pass."""
+    """Recompute the activations of every trained model in the backward pass: the policy,
+    the critic, the implicit PRM and the PAV verifier."""
     attn_implementation: str | None = None
     """Attention kernel passed to `from_pretrained` (e.g. sdpa, eager, flash_attention_2);
     None = the library's default."""
@@ -161,9 +162,10 @@ class RolloutConfig:
     vllm_tensor_parallel_size: int = 1
     """Tensor-parallel size of each vLLM engine."""
     vllm_sleep_mode: bool = False
-    """Free vLLM's weights and KV cache while the trainer updates (sleep level 2; the
-    weights are re-synced after every update anyway). GPUs only; ignored with a log line
-    where the platform does not support it, as on CPU."""
+    """Free vLLM's weights and KV cache from the end of rollout collection (the log-prob
+    phase when a reward head generates with the engine) to the weight sync (sleep level 2;
+    the weights are re-synced after every update anyway). GPUs only; ignored with a log
+    line where the platform does not support it, as on CPU."""
     vllm_enforce_eager: bool | None = None
     """Run vLLM without CUDA graphs (None: eager on CPU, graphs on GPUs)."""
     vllm_max_num_seqs: int | None = None

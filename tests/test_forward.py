@@ -114,3 +114,31 @@ def test_padding_counts_by_hand() -> None:
     assert tokens == 4 + 2 + 7 + 2
     # micro 0: columns 1..4 kept (width 4); micro 1: all 7 columns (row 2 uses them)
     assert trimmed == 2 * 4 + 2 * 7 and full == 4 * 7
+
+
+def test_column_spans_trim_micro_batches_without_host_reads() -> None:
+    """With the step's `column_spans` (read once), trimming each micro-batch reads nothing
+    from the device and cuts the same columns as reading its mask."""
+    from rl.core.types import RolloutBatch, column_spans
+    from rl.engine.forward import trim_padding
+    from tests.host_reads import counted_host_reads
+
+    mask = torch.zeros(5, 7, dtype=torch.long)  # Tp = 3, Tr = 4
+    mask[0, 1:5] = 1
+    mask[1, 2:4] = 1
+    mask[2, 0:7] = 1
+    mask[3, 2:6] = 1  # row 4: nothing attended
+    assert column_spans(mask) == [(1, 4), (2, 3), (0, 6), (2, 5), None]
+    ids = torch.arange(35).reshape(5, 7)
+    plain = RolloutBatch(ids, mask, torch.ones(5, 4), 3, [""] * 5, [""] * 5)
+    spanned = RolloutBatch(ids, mask, torch.ones(5, 4), 3, [""] * 5, [""] * 5)
+    spanned.column_spans = column_spans(mask)
+    for rows in ([0, 1], [2, 3], [4], [1, 3], [3, 4]):
+        want, want_kept = trim_padding(plain.select(rows))
+        micro = spanned.select(rows)
+        with counted_host_reads() as reads:
+            got, kept = trim_padding(micro)
+        assert reads == []
+        assert kept == want_kept and got.prompt_length == want.prompt_length
+        assert torch.equal(got.input_ids, want.input_ids)
+        assert torch.equal(got.attention_mask, want.attention_mask)

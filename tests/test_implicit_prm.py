@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -137,3 +138,68 @@ def test_ce_loss_bad_input() -> None:
         implicit_prm_ce_loss(r, m, torch.zeros(3), global_seqs=2)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         implicit_prm_ce_loss(r, m, torch.tensor([2.0, 0.0]), global_seqs=2)
+
+
+class _TinyLM(torch.nn.Module):
+    """Logits from an embedding of the current token (no host reads), behind the engine calls
+    the implicit PRM's update makes."""
+
+    def __init__(self, vocab: int = 11) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, vocab)
+        self.optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+def _logprobs(model: _TinyLM, batch: Any) -> torch.Tensor:
+    """Response tokens' log-probs `[b, Tr]` (what `response_logprobs` computes)."""
+    tp = batch.prompt_length
+    logits = model.embed(batch.input_ids[:, tp - 1 : -1])  # [b, Tr, V]
+    return logits.log_softmax(-1).gather(-1, batch.input_ids[:, tp:, None]).squeeze(-1)
+
+
+def _head_batch(rows: int) -> Any:
+    from rl.core.types import HeadBatch
+
+    ids = torch.randint(0, 11, (rows, 5), generator=torch.Generator().manual_seed(rows))
+    mask = torch.ones(rows, 3)
+    return HeadBatch(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        response_mask=mask,
+        prompt_length=2,
+        prompts=[""] * rows,
+        completions=[""] * rows,
+        step_id=torch.zeros(rows, 3, dtype=torch.long),
+        step_end=torch.tensor([[0.0, 0.0, 1.0]]).expand(rows, 3),
+    )
+
+
+def test_update_reads_the_host_once_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The online update keeps its loss and accuracy sums on the device: its host reads do
+    not grow with the number of micro-batches (each would wait for the GPU)."""
+    import rewards.implicit_prm_head as head_module
+    from tests.host_reads import counted_host_reads
+
+    monkeypatch.setattr(head_module, "response_logprobs", _logprobs)
+    counts, stats = [], []
+    for rows in (2, 8):  # 1 and 4 micro-batches of 2
+        head = head_module.ImplicitPRMHead(beta=0.5)
+        head.engine, head.reference = _TinyLM(), _TinyLM(vocab=11)
+        head.micro_batch_size, head.grad_accum_steps = 2, rows // 2
+        batch = _head_batch(rows)
+        outcome = (torch.arange(rows) % 2).float()
+        with counted_host_reads() as reads:
+            stats.append(head.update(batch, outcome))
+        counts.append(len(reads))
+    assert counts[0] == counts[1], counts
+    for row in stats:
+        assert set(row) == {"ce_loss", "acc"}
+        assert all(isinstance(v, float) and math.isfinite(v) for v in row.values())

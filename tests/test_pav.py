@@ -115,6 +115,33 @@ def test_value_model_from_policy_and_round_trip(tiny_policy: Path, tmp_path: Pat
     torch.testing.assert_close(loaded(ids, mask), expected)
 
 
+class FixedBackbone(nn.Module):
+    """A backbone whose last hidden state is `hidden` `[B, T, H]` (in its dtype)."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = nn.Parameter(hidden, requires_grad=False)
+        self.config = type("Config", (), {"hidden_size": hidden.shape[-1]})()
+
+    def forward(self, **kwargs: Any) -> Any:
+        return type("Out", (), {"last_hidden_state": self.hidden})()
+
+
+def test_bf16_value_model_values_are_not_rounded_to_bf16() -> None:
+    """A bf16 value model (critic, PAV verifier) computes its head in float32: 0.5 + 2**-9
+    (between two bf16 neighbours near 0.5, 2**-8 apart) comes out exactly, not as 0.5."""
+    hidden = torch.tensor([[[1.0, 1.0], [1.0, -1.0]]])  # [B=1, T=2, H=2]
+    model = ValueModel(FixedBackbone(hidden)).to(torch.bfloat16)
+    with torch.no_grad():
+        model.value_head.weight.copy_(torch.tensor([[0.5, 2.0**-9]]))  # exact in bf16
+        model.value_head.bias.zero_()
+    assert model.value_head.weight.dtype == torch.bfloat16  # storage stays in the run's dtype
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    values = model(ids, torch.ones_like(ids))
+    assert values.dtype == torch.float32
+    assert values.tolist() == [[0.5 + 2.0**-9, 0.5 - 2.0**-9]]
+
+
 def test_save_into_existing_dir_keeps_other_files(tiny_policy: Path, tmp_path: Path) -> None:
     out = tmp_path / "vm"
     model = value_model_from_policy(tiny_policy)
@@ -226,6 +253,49 @@ def test_pav_head_scores_prover_advantages(tmp_path: Path, monkeypatch: pytest.M
     expected_q = torch.tensor([[0.0, 0.7, 0.0, 0.8], [0.0, 0.1, 0.0, 0.0]])
     torch.testing.assert_close(head.step_values(head_batch()), expected_q)
     assert head.update(head_batch(), torch.ones(2)) == {} and head.state_dict() == {}
+
+
+def test_pav_head_reads_the_host_once_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PAV head's verifier outputs stay on the device over its micro-batches, and its
+    metrics are read in one go: the host reads of a score do not grow with the number of
+    micro-batches."""
+    from tests.host_reads import counted_host_reads
+
+    (tmp_path / HEAD_FILE).touch()
+    monkeypatch.setattr(pav, "load_value_model", lambda path, dtype: (StubVerifier(), None))
+    counts, outputs = [], []
+    for micro_batch_size in (2, 1):
+        head = pav.PAVHead(path=str(tmp_path), prover_k=2)
+        head.setup(HeadContext(None, DistInfo(0, 1, 0), None, "", {}, micro_batch_size, 2))
+        batch = head_batch()
+        with counted_host_reads() as reads:
+            outputs.append(head.score(batch))
+        counts.append(len(reads))
+    assert counts[0] == counts[1], counts
+    torch.testing.assert_close(outputs[0].token_rewards, outputs[1].token_rewards)
+    assert outputs[0].metrics == outputs[1].metrics
+
+
+def test_row_prefixes_read_the_host_once_per_batch() -> None:
+    """`row_prefixes` (pav_mc_oracle) and the trainer's step cutting read each tensor of the
+    batch once, not once per row."""
+    from rl.rollout.steps import batch_steps
+    from tests.host_reads import counted_host_reads
+
+    tok = sm.build_tokenizer()
+    small = head_batch()
+    large = small.select([0, 1, 0, 1, 1])
+    counts = {"prefixes": [], "steps": []}
+    for batch in (small, large):
+        with counted_host_reads() as reads:
+            pav.row_prefixes(batch, tok)
+        counts["prefixes"].append(len(reads))
+        with counted_host_reads() as reads:
+            batch_steps(tok, batch, "\n")
+        counts["steps"].append(len(reads))
+    assert all(c[0] == c[1] for c in counts.values()), counts
 
 
 def test_with_terminal_outcome_hand_example() -> None:
@@ -453,6 +523,49 @@ def record(prompt: int, sample: int, labels: list[float] | None = None) -> Solut
     )
 
 
+class TinyVerifierEngine(nn.Module):
+    """A value model (embedding -> scalar per position, no host reads) behind the engine
+    calls `train_epoch` and `evaluate` make."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(16, 1)
+        self.optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids).squeeze(-1) * attention_mask  # [b, T]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("fit", ["train_epoch", "evaluate"])
+def test_verifier_fitting_reads_the_host_once_per_pass(fit: str) -> None:
+    """`train_epoch` and `evaluate` keep their sums on the device: the host reads of a pass
+    do not grow with its number of micro-batches (each would wait for the GPU)."""
+    from rl.pav.fitting import evaluate, train_epoch
+    from tests.host_reads import counted_host_reads
+
+    counts = []
+    for n_records in (2, 8):  # 1 and 4 micro-batches of 2
+        records = [record(p, 0, [0.5, 0.25, 1.0]) for p in range(n_records)]
+        engine = TinyVerifierEngine()
+        with counted_host_reads() as reads:
+            if fit == "train_epoch":
+                train_epoch(engine, records, list(range(n_records)), DistInfo(0, 1, 0), 2, 0)
+            else:
+                evaluate(engine, records, DistInfo(0, 1, 0), 2, 0)
+        counts.append(len(reads))
+    assert counts[0] == counts[1] <= 2, counts
+
+
 def test_records_resume_after_a_partial_write(tmp_path: Path) -> None:
     path = tmp_path / "mc_data.rank0.jsonl"
     append_records(path, [record(0, 0), record(0, 1), record(1, 0)])
@@ -592,3 +705,41 @@ def test_train_verifier_saves_the_kept_epochs_weights(
     assert run.kept_epoch == want_epoch
     assert run.kept_state is not None
     assert run.kept_state["w"].tolist() == [float(want_epoch)]  # that epoch's weights
+
+
+def test_pipeline_puts_the_engine_to_sleep_before_training_the_verifier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rl.pav.train.run`: once the data is collected the rollout engine sleeps (vLLM sleep
+    mode frees its weights and KV cache), so the verifier trains without its memory."""
+    import rl.engine.models as models
+    import rl.engine.value_model as value_model
+
+    calls: list[str] = []
+
+    class RecordingRollout:
+        def prepare_for_update(self) -> None:
+            calls.append("sleep")
+
+        def close(self) -> None:
+            calls.append("close")
+
+    def collect(*args: Any) -> Any:
+        calls.append("collect")
+        return RecordingRollout(), [record(0, 0)], [], 3, None
+
+    def train(*args: Any, **kwargs: Any) -> Any:
+        calls.append("train")
+        engine = type("Engine", (), {"module": None})()
+        return pav_train.VerifierRun(engine, [{"epoch": 1, "train_bce": 0.5}], 1, None)
+
+    tok = type("Tok", (), {"pad_token_id": 0})()
+    monkeypatch.setattr(models, "load_policy", lambda cfg, dist: (object(), tok, "policy"))
+    monkeypatch.setattr(pav_train, "verifier_init", lambda cfg, tok, path: path)
+    monkeypatch.setattr(pav_train, "select_prompts", lambda cfg, tok: [])
+    monkeypatch.setattr(pav_train, "collect_records", collect)
+    monkeypatch.setattr(pav_train, "train_verifier", train)
+    monkeypatch.setattr(value_model, "save_value_model", lambda *args, **kwargs: None)
+    cfg = load_config(PAV_CONFIG, [f"pav.output_dir={tmp_path}"])
+    pav_train.run(cfg, DistInfo(0, 1, 0))
+    assert calls == ["collect", "sleep", "train", "close"]

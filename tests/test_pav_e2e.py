@@ -41,7 +41,7 @@ def saved_val_bce(verifier_dir: Path, val: list[SolutionRecord]) -> float:
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     terms = bce_terms(logits, batch, torch.ones(len(val)))
-    return float(terms["bce"]) / terms["count"]
+    return float(terms["bce"]) / float(terms["count"])
 
 
 def test_train_pav_zero3_then_resume(tmp_path: Path, model_cache: Path) -> None:

@@ -115,6 +115,23 @@ def test_step_texts_follow_the_trainers_steps(chat_prm: Path, policy_tok: Any) -
     assert steps == STEPS
 
 
+def test_step_texts_read_the_host_once_per_batch(chat_prm: Path, policy_tok: Any) -> None:
+    """The step texts read each tensor of the batch once, not once per row, and a batch
+    twice as long gives each row the same texts."""
+    from tests.host_reads import counted_host_reads
+
+    batch = policy_batch(policy_tok)
+    double = batch.select(list(range(len(PROBLEMS))) * 2)
+    head = make_head(chat_prm, policy_tok)
+    counts, texts = [], []
+    for b in (batch, double):
+        with counted_host_reads() as reads:
+            texts.append(head.step_texts(b)[1])
+        counts.append(len(reads))
+    assert counts[0] == counts[1], counts
+    assert texts == [STEPS, STEPS + STEPS]
+
+
 def test_cross_tokenizer_scores_land_on_policy_step_ends(chat_prm: Path, policy_tok: Any) -> None:
     _, prm_tok = load_prm(chat_prm)
     assert prm_tok.get_vocab() != policy_tok.get_vocab()  # really another tokenizer

@@ -86,7 +86,11 @@ def sequence_reward(token_rewards: Tensor, mask: Tensor) -> Tensor:
 
 
 def implicit_prm_ce_loss(
-    token_rewards: Tensor, mask: Tensor, outcome: Tensor, global_seqs: float
+    token_rewards: Tensor,
+    mask: Tensor,
+    outcome: Tensor,
+    global_seqs: float,
+    check_labels: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """This micro-batch's share of the global-batch mean outcome cross-entropy (sum form).
 
@@ -97,7 +101,8 @@ def implicit_prm_ce_loss(
     `log(1 - sigma(x)) = log sigma(-x)`, both via logsigmoid for stability).
     Stats (detached scalars, both in sum form, so they too add up over micro-batches/ranks to
     the global value): "prm/ce_loss" the loss; "prm/acc" (number of rows where
-    `r_phi > 0` agrees with `r_o > 0.5`) / global_seqs.
+    `r_phi > 0` agrees with `r_o > 0.5`) / global_seqs. `check_labels=False` skips the
+    [0, 1] check of the labels (a host read) for a caller that checked them once already.
     """
     if global_seqs <= 0:
         raise ValueError(f"global_seqs must be positive, got {global_seqs}")
@@ -107,7 +112,7 @@ def implicit_prm_ce_loss(
             f"expected outcome [B] = [{token_rewards.shape[0]}], got {list(outcome.shape)}"
         )
     r_o = outcome.detach().to(token_rewards.dtype)  # [b]
-    if ((r_o < 0) | (r_o > 1)).any():
+    if check_labels and ((r_o < 0) | (r_o > 1)).any():
         raise ValueError("implicit PRM outcome labels must lie in [0, 1]")
     r_phi = sequence_reward(token_rewards, mask)  # [b]
     ce = -(r_o * F.logsigmoid(r_phi) + (1.0 - r_o) * F.logsigmoid(-r_phi))  # [b]

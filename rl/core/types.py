@@ -39,6 +39,10 @@ class RolloutBatch:
     """[B, Tr] the sampling engine's log-probs of the sampled tokens (vLLM), else None."""
     truncated: torch.Tensor | None = None
     """[B] bool: the response reached max_new_tokens without a stop token."""
+    column_spans: list[tuple[int, int] | None] | None = None
+    """[B] each row's first and last attended column (None: a row with none), read from
+    the attention mask once per step (`column_spans`) so that trimming a micro-batch's
+    padding needs no host read; None: not read yet."""
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -73,7 +77,7 @@ class RolloutBatch:
         """The same kind of batch holding only `rows`: every per-row tensor, text list and
         dataset column is indexed; per-batch fields (prompt_length, group_size) are kept."""
         index = torch.as_tensor(rows, dtype=torch.long)
-        picked = index.tolist()
+        picked = [int(i) for i in rows] if isinstance(rows, list) else index.tolist()
         n = len(self)
         changes: dict[str, Any] = {}
         for f in dataclasses.fields(self):
@@ -158,3 +162,14 @@ class Credit:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, T] positions counting only attended tokens, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def column_spans(attention_mask: torch.Tensor) -> list[tuple[int, int] | None]:
+    """Each row's (first, last) attended column of `attention_mask` `[B, T]`, None for a
+    row with no attended column; one host read."""
+    attended = attention_mask.bool()  # [B, T]
+    columns = torch.arange(attended.shape[1], device=attended.device)
+    first = torch.where(attended, columns, attended.shape[1]).amin(dim=1)  # [B]
+    last = torch.where(attended, columns, -1).amax(dim=1)  # [B]
+    pairs = torch.stack([first, last], dim=1).tolist() if len(attended) else []
+    return [(a, b) if b >= 0 else None for a, b in pairs]

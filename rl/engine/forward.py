@@ -55,15 +55,29 @@ def trim_padding(batch: TokenBatch) -> tuple[_Tokens, int]:
     step). Returns (trimmed batch, Tr' its response length). Positions come from the
     attention mask, so the model computes the same thing on fewer columns."""
     tp, total = batch.prompt_length, batch.input_ids.shape[1]
-    used = batch.attention_mask.bool().any(dim=0).nonzero().flatten()  # [n used columns]
-    if used.numel() == 0:
+    bounds = _attended_bounds(batch)
+    if bounds is None:
         return _Tokens(batch.input_ids, batch.attention_mask, tp), total - tp
-    first, last = used[[0, -1]].tolist()  # one host read for both
+    first, last = bounds
     lead = min(first, tp - 1)  # keep one prompt column: it predicts the first response token
     end = max(last + 1, tp)
     cut = slice(lead, end)
     trimmed = _Tokens(batch.input_ids[:, cut], batch.attention_mask[:, cut], tp - lead)
     return trimmed, end - tp
+
+
+def _attended_bounds(batch: TokenBatch) -> tuple[int, int] | None:
+    """The first and last column any row attends to (None: no column): from the batch's
+    `column_spans` when it has them (no host read), else from its mask (one read)."""
+    spans = getattr(batch, "column_spans", None)
+    if spans is not None:
+        rows = [span for span in spans if span is not None]
+        return (min(s[0] for s in rows), max(s[1] for s in rows)) if rows else None
+    used = batch.attention_mask.bool().any(dim=0).nonzero().flatten()  # [n used columns]
+    if used.numel() == 0:
+        return None
+    first, last = used[[0, -1]].tolist()  # one host read for both
+    return first, last
 
 
 def padding_counts(

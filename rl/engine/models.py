@@ -117,7 +117,14 @@ def load_policy(
     except (OSError, ValueError, ImportError) as err:
         raise ConfigError(f"model.path: cannot load {path!r}: {str(err).splitlines()[0]}") from err
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, path
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute activations in the backward pass (`model.gradient_checkpointing`), for any
+    trained model: a Hugging Face model or a `ValueModel` (its backbone). Non-reentrant
+    checkpointing, which also works when the inputs need no gradient."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

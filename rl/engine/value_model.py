@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rl.core.errors import ConfigError
@@ -38,19 +39,43 @@ META_FILE = "value_model.json"
 FORMAT_VERSION = 1
 
 
-class ValueModel(nn.Module):
-    """`backbone` (a base transformer returning `last_hidden_state`) + `value_head` Linear(H, 1)."""
+class ValueHead(nn.Linear):
+    """`Linear(H, 1)` computed in float32 whatever its weights' dtype: hidden states
+    `[..., H]` -> `[..., 1]` float32. In bf16 the values would be rounded to 8 significant
+    bits (steps of ~0.004 near 1); the weights stay in the model's dtype (DeepSpeed casts
+    them), input and weights are cast up for the product. A no-op cast in float32."""
 
-    def __init__(self, backbone: Any, value_head: nn.Linear | None = None) -> None:
+    def forward(self, hidden: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(hidden.float(), self.weight.float(), bias)
+
+
+class ValueModel(nn.Module):
+    """`backbone` (a base transformer returning `last_hidden_state`) + `value_head`, a
+    `ValueHead(H, 1)` (float32 values)."""
+
+    def __init__(self, backbone: Any, value_head: ValueHead | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         hidden = int(backbone.config.hidden_size)
-        self.value_head = value_head if value_head is not None else nn.Linear(hidden, 1)
+        self.value_head = value_head if value_head is not None else ValueHead(hidden, 1)
         self.config: Any = backbone.config  # what DeepSpeed and HF helpers look for on a model
 
     @property
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """The backbone's activation checkpointing (Hugging Face's switch)."""
+        self.backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
+        )
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(self.backbone.is_gradient_checkpointing)
 
     def forward(
         self,
@@ -70,7 +95,7 @@ class ValueModel(nn.Module):
             position_ids=position_ids,
             use_cache=False,
         ).last_hidden_state  # [B, T, H]
-        return self.value_head(hidden).squeeze(-1).float()  # [B, T]
+        return self.value_head(hidden).squeeze(-1)  # [B, T] float32
 
 
 def zero_init_(head: nn.Linear) -> nn.Linear:

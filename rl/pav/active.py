@@ -190,7 +190,7 @@ def ensemble_bce_terms(
         weight.to(logits.device).unsqueeze(1) * head_mask.to(logits.device)
     ).unsqueeze(1)  # [b, T, K]
     bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    return {"bce": (bce * mask).sum(), "count": float(mask.sum())}
+    return {"bce": (bce * mask).sum(), "count": mask.sum()}
 
 
 @dataclass

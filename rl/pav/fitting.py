@@ -47,7 +47,8 @@ def bce_terms(logits: torch.Tensor, batch: LabelBatch, weight: torch.Tensor) -> 
 
     logits: [b, T] verifier outputs, batch: labels/label_mask [b, T], weight: [b] 0/1 ->
     {"bce": scalar tensor (differentiable) = sum of BCE, "count": labelled positions,
-    "correct": positions where `sigmoid(logit) > 0.5` agrees with `label > 0.5`}.
+    "correct": positions where `sigmoid(logit) > 0.5` agrees with `label > 0.5`}; count and
+    correct are scalar tensors on the logits' device (no host read).
     """
     labels = batch.labels.to(logits.device)
     mask = batch.label_mask.to(logits.device) * weight.to(logits.device).unsqueeze(1)  # [b, T]
@@ -55,13 +56,19 @@ def bce_terms(logits: torch.Tensor, batch: LabelBatch, weight: torch.Tensor) -> 
     agree = ((logits.detach() > 0) == (labels > 0.5)).float()  # [b, T]
     return {
         "bce": (bce * mask).sum(),
-        "count": float(mask.sum()),
-        "correct": float((agree * mask).sum()),
+        "count": mask.sum(),
+        "correct": (agree * mask).sum(),
     }
 
 
 TermsFn = Callable[[torch.Tensor, LabelBatch, torch.Tensor, list[int]], dict[str, Any]]
-"""(logits, batch, row weights [b], record indices [b]) -> {"bce": sum, "count": terms}."""
+"""(logits, batch, row weights [b], record indices [b]) -> {"bce": sum, "count": terms}
+(count: a scalar tensor, or a float)."""
+
+
+def _scalar(value: Any, device: Any) -> torch.Tensor:
+    """A term (scalar tensor or number) as a float64 scalar tensor on `device`."""
+    return torch.as_tensor(value, dtype=torch.float64, device=device).detach()
 
 
 def _forward(model: Any, batch: LabelBatch, device: Any) -> torch.Tensor:
@@ -85,6 +92,7 @@ def train_epoch(
     pieces (default `bce_terms`; the selection ensemble of rl/pav/active.py has its own)."""
     engine.train()
     total = torch.zeros(2, dtype=torch.float64)  # (BCE sum, positions) on this rank
+    # sums stay on the device: the only host read is the epoch's mean at the end
     for index, real in plan_micro_batches(order, dist.world_size, dist.rank, micro_batch_size):
         batch = collate([records[i] for i in index], pad_id)
         weight = torch.tensor(real, dtype=torch.float32)
@@ -93,14 +101,13 @@ def train_epoch(
             terms = bce_terms(logits, batch, weight)
         else:
             terms = terms_fn(logits, batch, weight, index)
-        global_count = float(
-            eng.all_reduce_sum(torch.tensor([terms["count"]], dtype=torch.float64))[0]
-        )
+        bce, count = terms["bce"], _scalar(terms["count"], logits.device)
+        global_count = eng.all_reduce_sum(count.reshape(1))[0].to(bce.dtype).clamp(min=1.0)
         # sum form over the global micro-batch, scaled to cancel DeepSpeed's rank averaging
-        loss = terms["bce"] / max(global_count, 1.0) * engine_loss_scale(dist.world_size, 1)
+        loss = bce / global_count * engine_loss_scale(dist.world_size, 1)
         engine.backward(loss)
         engine.step()
-        total += torch.tensor([float(terms["bce"].detach()), terms["count"]], dtype=torch.float64)
+        total = total.to(logits.device) + torch.stack([_scalar(bce, logits.device), count])
         if bar is not None:
             bar.update(1)
     total = eng.all_reduce_sum(total)
@@ -122,12 +129,14 @@ def evaluate(
     for index, real in plan_micro_batches(order, dist.world_size, dist.rank, micro_batch_size):
         batch = collate([records[i] for i in index], pad_id)
         weight = torch.tensor(real, dtype=torch.float32)
-        terms = bce_terms(_forward(engine, batch, engine.device), batch, weight)
-        total += torch.tensor([float(terms["bce"]), terms["correct"], terms["count"]])
+        logits = _forward(engine, batch, engine.device)
+        terms = bce_terms(logits, batch, weight)
+        parts = [_scalar(terms[k], logits.device) for k in ("bce", "correct", "count")]
+        total = total.to(logits.device) + torch.stack(parts)
     engine.train()
-    total = eng.all_reduce_sum(total)
-    n = float(total[2].clamp(min=1.0))
-    return {"bce": float(total[0]) / n, "acc": float(total[1]) / n}
+    bce, correct, count = eng.all_reduce_sum(total).tolist()  # the one host read
+    n = max(count, 1.0)
+    return {"bce": bce / n, "acc": correct / n}
 
 
 def make_value_engine(cfg: Any, dist: eng.DistInfo, model: torch.nn.Module) -> Any:

@@ -40,7 +40,7 @@ from rl.config import Config, to_dict
 from rl.core.errors import ConfigError, DataError
 from rl.data.prompts import PromptRow, PromptSampler, seeded
 from rl.engine import deepspeed_engine as eng
-from rl.engine.models import run_dtype
+from rl.engine.models import enable_gradient_checkpointing, run_dtype
 from rl.pav.active import (
     SELECT_RULES,
     UNCERTAINTY_KINDS,
@@ -188,7 +188,9 @@ def open_rollout(
         from deepspeed.accelerator import get_accelerator
 
         policy.to(get_accelerator().device_name(dist.local_rank))
-    seed_everything(cfg.seed * 1000 + dist.rank)  # after the engine: vLLM reseeds global RNGs
+    # after the engine: vLLM reseeds global RNGs (a tensor-parallel engine's requests carry
+    # their own seeds, the same on each of its ranks)
+    seed_everything(cfg.seed * 1000 + dist.rank)
     return rollout
 
 
@@ -441,7 +443,10 @@ def train_verifier(
     from rl.engine.value_model import value_model_from_policy
 
     pav = cfg.pav
-    engine = make_value_engine(cfg, dist, value_model_from_policy(init_path, run_dtype(cfg)))
+    model = value_model_from_policy(init_path, run_dtype(cfg))
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    engine = make_value_engine(cfg, dist, model)
     steps = len(
         plan_micro_batches(list(range(len(train))), dist.world_size, 0, pav.micro_batch_size)
     )
@@ -553,6 +558,8 @@ def run(cfg: Config, dist: eng.DistInfo) -> dict[str, Any]:
     )
     data_s = time.perf_counter() - start
     del policy
+    if rollout is not None:  # done generating: a sleep-mode vLLM engine frees its memory
+        rollout.prepare_for_update()
     if not train:
         raise DataError(f"pav: no labelled training solutions in {out}")
     start = time.perf_counter()

@@ -93,9 +93,9 @@ def batch_steps(
     """(step_end [B, Tr] float 0/1, step_id [B, Tr] int64, -1 off the response)."""
     lengths = batch.response_mask.sum(dim=1).long().tolist()  # [B]
     ids = batch.response_ids
+    rows = ids.tolist()  # one host read for the batch, not one per row
     spans = [
-        response_step_spans(tokenizer, ids[row, :n].tolist(), delimiter)
-        for row, n in enumerate(lengths)
+        response_step_spans(tokenizer, rows[row][:n], delimiter) for row, n in enumerate(lengths)
     ]
     return batch_step_tensors(spans, ids.shape[1])
 
@@ -114,4 +114,5 @@ def head_batch(tokenizer: Any, batch: RolloutBatch, delimiter: str = "\n") -> He
         group_size=batch.group_size,
         prompts=batch.prompts,
         columns=batch.columns,
+        column_spans=batch.column_spans,
     )

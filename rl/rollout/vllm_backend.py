@@ -8,14 +8,18 @@ weights into the engine in one `reload_weights` call (one parameter gathered at 
 under ZeRO-3), then resets the prefix cache. Sampled-token log-probs come back with each
 rollout ("processed" log-probs, i.e. after temperature / top-p, as the trainer computes).
 
-Sleep mode (GPUs): during the update the engine sleeps at level 2 (weights and KV cache
-freed); `sync_weights` frees the trainer's cached blocks, wakes the weights' memory only,
-loads the new weights, then wakes the KV cache, so the two never peak together.
+Sleep mode (GPUs): from the end of rollout collection (from the log-prob phase when a
+reward head generates with the engine) until the weight sync the engine sleeps at level 2
+(weights and KV cache freed); `sync_weights` frees the trainer's cached blocks, wakes the
+weights' memory only, loads the new weights, then wakes the KV cache only, so the two never
+peak together.
 
 Tensor parallelism: the ranks `g*tp .. g*tp+tp-1` form one engine, which must be given the
 same prompts with the same seed on each of its ranks: each rank's prompts are gathered
 over the group, generated together, and each rank keeps its own slice (as TRL's colocate
-mode does).
+mode does). The trainer reseeds every rank's global RNGs differently after the engine is
+built, so each request carries its own seed (`SamplingParams(seed=...)`), drawn from a
+generator seeded with the engine's seed: the same on every rank of the group.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ import torch.distributed as dist
 
 from rl.core.errors import ConfigError
 from rl.rollout.backend import Generated, RolloutBackend, SamplingSettings, left_pad
+
+WEIGHTS, KV_CACHE = "weights", "kv_cache"
+"""vLLM's sleep-mode memory tags (`LLM.wake_up(tags=[...])`)."""
 
 
 def vllm_install_hint() -> str:
@@ -124,6 +131,11 @@ class VLLMRollout(RolloutBackend):
         if sleep_mode and not self.sleep_mode:
             log(f"rollout.vllm_sleep_mode: not supported on {current_platform.device_type}; off")
         self.tp_group = tensor_parallel_group(tensor_parallel_size)
+        self.request_seeds = (
+            torch.Generator().manual_seed(seed) if tensor_parallel_size > 1 else None
+        )
+        """Per-request sampling seeds, the same sequence on every rank of the engine (None
+        for one rank per engine: its sampling then follows the engine's own RNG)."""
         extra = {} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}
         try:
             self.llm = vllm.LLM(
@@ -145,9 +157,11 @@ class VLLMRollout(RolloutBackend):
             raise RuntimeError(
                 f"vLLM engine failed to start for {model_path}: {type(err).__name__}: {err}"
             ) from err
-        self.asleep = False
+        self.sleeping: set[str] = set()
+        """The engine's memory that sleeps: `weights` and `kv_cache` (empty: awake)."""
 
-    def sampling_params(self, sampling: SamplingSettings) -> Any:
+    def sampling_params(self, sampling: SamplingSettings, seed: int | None = None) -> Any:
+        """vLLM's settings for one request (`seed`: its own sampling seed, else none)."""
         from vllm import SamplingParams
 
         return SamplingParams(
@@ -160,7 +174,15 @@ class VLLMRollout(RolloutBackend):
             logprobs=0,  # the sampled token's log-prob at every position
             stop_token_ids=self.eos_ids,
             skip_special_tokens=True,
+            seed=seed,
         )
+
+    def request_params(self, sampling: SamplingSettings, n: int) -> Any:
+        """The settings of the `n` requests of one `generate` call: one shared object, or
+        with tensor parallelism one per request with its own seed."""
+        if self.request_seeds is None:
+            return self.sampling_params(sampling)
+        return [self.sampling_params(sampling, s) for s in draw_seeds(self.request_seeds, n)]
 
     @torch.no_grad()
     def generate_tokens(
@@ -173,7 +195,7 @@ class VLLMRollout(RolloutBackend):
         group_prompts, mine = gather_group_prompts(prompt_ids, self.tp_group)
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in group_prompts],
-            self.sampling_params(sampling),
+            self.request_params(sampling, len(group_prompts)),
             use_tqdm=False,
         )
         samples = [out.outputs[0] for out in outputs[mine]]  # [N] in prompt order
@@ -194,28 +216,39 @@ class VLLMRollout(RolloutBackend):
     def sync_weights(self, engine: Any) -> None:
         """Stream the policy's weights into the engine; every rank calls this together.
         Asleep, the weights' memory is woken first and the KV cache only after the load."""
-        if self.asleep:
+        if WEIGHTS in self.sleeping:
             _free_cached_memory()  # the trainer's cached blocks, before vLLM allocates
-            self.llm.wake_up(tags=["weights"])
+            self.llm.wake_up(tags=[WEIGHTS])
+            self.sleeping.discard(WEIGHTS)
         self.llm.collective_rpc(_reload, args=(policy_weights(engine),))
         self._wake()
         self.llm.reset_prefix_cache()
 
     def prepare_for_update(self) -> None:
-        if self.sleep_mode and not self.asleep:
+        """Sleep until the next `sync_weights` (a no-op when asleep or without sleep mode)."""
+        if self.sleep_mode and not self.sleeping:
             self.llm.sleep(level=2)  # frees weights and KV cache; weights re-synced after
-            self.asleep = True
+            self.sleeping = {WEIGHTS, KV_CACHE}
 
     def close(self) -> None:
         # vLLM's shutdown also destroys the default process group, so this runs last
         self.llm.llm_engine.engine_core.shutdown()
 
     def _wake(self) -> None:
-        """Wake whatever still sleeps (all of it, or the KV cache after `sync_weights`)."""
-        if self.asleep:
-            _free_cached_memory()
-            self.llm.wake_up()
-            self.asleep = False
+        """Wake the KV cache, which still sleeps after `sync_weights` woke and reloaded the
+        weights (waking the weights again would re-map their memory)."""
+        if not self.sleeping:
+            return
+        if WEIGHTS in self.sleeping:  # level 2 discarded them: only a sync brings them back
+            raise RuntimeError("vLLM engine: generate after sleep needs sync_weights first")
+        _free_cached_memory()
+        self.llm.wake_up(tags=[KV_CACHE])
+        self.sleeping.clear()
+
+
+def draw_seeds(generator: torch.Generator, n: int) -> list[int]:
+    """`n` request seeds in [0, 2**62) from `generator` (CPU)."""
+    return torch.randint(0, 2**62, (n,), generator=generator).tolist()
 
 
 def _free_cached_memory() -> None:

@@ -32,6 +32,7 @@ from rl.core.errors import ConfigError
 from rl.core.types import position_ids_from_mask
 from rl.engine import deepspeed_engine as eng
 from rl.engine.forward import TokenBatch
+from rl.engine.models import enable_gradient_checkpointing
 from rl.engine.value_model import load_value_model, save_value_model, value_model_from_policy
 
 CRITIC_DIR = "critic"
@@ -84,6 +85,7 @@ class Critic:
         betas: tuple[float, float],
         value_clip: float,
         micro_batch_size: int,
+        gradient_checkpointing: bool = False,
     ) -> None:
         if not value_clip >= 0:
             raise ConfigError(f"critic.value_clip must be >= 0 (.inf for none), got {value_clip}")
@@ -94,6 +96,8 @@ class Critic:
             model.train()
         else:
             model = value_model_from_policy(policy_path, dtype)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.value_clip = float(value_clip)
         self.micro_batch_size = micro_batch_size
         self.engine = eng.create_policy_engine(

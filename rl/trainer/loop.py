@@ -1,7 +1,8 @@
 """The training loop. One step reads top to bottom, one phase per line of `train_step`:
 
     collect   every rank samples `rollout.group_size` responses for its share of the step's
-              `rollout.prompts_per_step` prompts;
+              `rollout.prompts_per_step` prompts (then a sleep-mode vLLM engine sleeps until
+              the sync, or from `logprobs` on when a reward head generates with it);
     score     the reward pipeline: outcome reward functions, then the process reward heads
               (which may also learn online from the outcomes) -> `Scored`;
     logprobs  the trainer's old-policy (and reference) log-probs of the sampled tokens;
@@ -39,7 +40,7 @@ from rl.algos.offpolicy import logprob_mismatch_sums, tis_weights
 from rl.config import Config, to_dict
 from rl.core.batching import BatchPlan, micro_batches, plan_batches
 from rl.core.errors import ConfigError
-from rl.core.types import Credit, LogProbs, RolloutBatch, Scored
+from rl.core.types import Credit, LogProbs, RolloutBatch, Scored, column_spans
 from rl.data.prompts import PromptSampler, batch_columns, shard
 from rl.engine import checkpoint as ckpt
 from rl.engine import deepspeed_engine as eng
@@ -150,7 +151,8 @@ class Trainer:
         """Why the last update's optimizer steps were skipped, if they were."""
         self.checkpoint_root = self.output_dir / "checkpoints"
         self.metrics: MetricsLogger | None = None
-        # each rank samples differently; reseeded after model building consumed RNG
+        # each rank samples differently; reseeded after model building consumed RNG (the
+        # ranks of one tensor-parallel vLLM engine send per-request seeds: vllm_backend.py)
         seed_everything(cfg.seed * 1000 + dist.rank)
 
     # ------------------------------------------------------------------ setup
@@ -204,6 +206,7 @@ class Trainer:
                 betas=cfg.optim.betas,
                 value_clip=cfg.critic.value_clip,
                 micro_batch_size=self.plan.micro_batch_size,
+                gradient_checkpointing=cfg.model.gradient_checkpointing,
             )
 
     def _head_context(self, model_path: str, ds_config: dict[str, Any]) -> HeadContext:
@@ -222,6 +225,7 @@ class Trainer:
             sampling=self.sampling(),
             dtype=run_dtype(self.cfg),
             offload_references=self.cfg.model.offload_references,
+            gradient_checkpointing=self.cfg.model.gradient_checkpointing,
         )
 
     @property
@@ -251,6 +255,7 @@ class Trainer:
         )
         if self.cfg.rollout.mask_truncated and batch.truncated is not None:
             batch.response_mask = batch.response_mask * (~batch.truncated).unsqueeze(1)
+        batch.column_spans = column_spans(batch.attention_mask)  # the forwards' trimming
         return batch.to(self.device)  # the one place rollouts move to the engine's device
 
     @torch.no_grad()
@@ -347,18 +352,27 @@ class Trainer:
         size = self.cfg.trainer.forward_micro_batch_size or self.plan.micro_batch_size
         return self.diagnostics.row(batch, scored, credit, self.engine, size)
 
-    def train_step(self) -> dict[str, Any]:
-        watchdog.set_step(self.state.step + 1)
-        meter = PhaseMeter()
-        start = time.perf_counter()
+    def collect_and_score(self, meter: PhaseMeter) -> tuple[RolloutBatch, Scored]:
+        """The rollout and reward phases. A sleep-mode vLLM engine goes to sleep as soon as
+        the rollouts are collected, so reward heads (an implicit PRM's update, a verifier's
+        forward passes) do not run next to its memory; unless a head generates with it."""
         with meter.phase("rollout"):
             batch = self.collect()
+            if not self.rewards.uses_rollout:
+                self.rollout.prepare_for_update()
         with meter.phase("reward"):
             self.rewards.at(f"step {self.state.step + 1}, rank {self.dist.rank}")
             scored = self.rewards.score(batch)
             drop_rows(batch, scored.keep)  # rows a head filtered out leave the update
+        return batch, scored
+
+    def train_step(self) -> dict[str, Any]:
+        watchdog.set_step(self.state.step + 1)
+        meter = PhaseMeter()
+        start = time.perf_counter()
+        batch, scored = self.collect_and_score(meter)
         with meter.phase("logprobs"):
-            self.rollout.prepare_for_update()
+            self.rollout.prepare_for_update()  # no-op when asleep since the rollout phase
             logprobs = self.compute_logprobs(batch)
         with meter.phase("credit"):
             credit = self.credit.assign(batch, scored, logprobs)

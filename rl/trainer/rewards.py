@@ -67,6 +67,11 @@ class RewardPipeline:
         for head, _ in self.heads:
             head.setup(ctx)
 
+    @property
+    def uses_rollout(self) -> bool:
+        """Whether a head generates with the trainer's rollout backend while scoring."""
+        return any(head.uses_rollout for head, _ in self.heads)
+
     def at(self, where: str) -> None:
         """Name the place of the next calls in error messages (e.g. `step 3, rank 1`)."""
         self.policy = dataclasses.replace(self.policy, where=where)
