@@ -23,6 +23,9 @@ same number of generated samples, and is evaluated on the held-out `eval` split 
     prm_prob       the same PRM, the plain probability per step (expected to be gamed)
     prm_shuffled   prm with a PRM trained on shuffled step labels (`--prm-control DIR`):
                    the negative control, expected within noise of outcome-only
+    prm_refresh    prm whose PRM is refreshed on-policy: every step the `exact` teacher
+                   labels every response (cut after its first wrong step) and the PRM takes
+                   one pass over them (the head's `refresh_*` options; labels counted)
 
 The task is harder than the quickstart's (which reaches 100%): `TASK_OVERRIDES`. The start
 model is built per task config and cached, so all methods share it.
@@ -148,12 +151,14 @@ EVAL_COLUMNS: tuple[str, ...] = (
     "step_s",
     "extra_samples",
     "clean_frac",
+    "teacher_labels",
 )
 """evals.csv: method name; training seed; training step of the eval; samples generated for
 training so far (prompts x group size x step); greedy accuracy on the held-out eval split;
 the run's mean training-step time in seconds (steps 2..N: step 1 includes one-off warm-up);
 the method's own extra samples so far (the MC oracle's continuations, else 0); the share
-of eval answers with every step right (empty when the run did not log it)."""
+of eval answers with every step right (empty when the run did not log it); the teacher
+step labels its heads bought during training so far (a refreshed PRM's, else 0)."""
 
 TUNE_SEED = 1000
 """Seed of the tuning runs (different from the full runs' seeds 0, 1, 2...)."""
@@ -255,16 +260,31 @@ PRM_POLICY_LR = 4e-4
 2-core CPU): the value outcome-only and gold_steps both chose in the 8-step regimes."""
 
 
+REFRESH_LR = Tunable("refresh_lr", 1e-4, (3e-5, 1e-4, 3e-4))
+"""The refreshed PRM's learning rate (it was trained at 3e-4 for 10 epochs)."""
+PRM_REFRESH_HEAD = PRM_HEAD.replace(
+    "$threshold}", "$threshold, refresh_every: 1, refresh_lr: $refresh_lr}"
+)
+
+
 def prm_method(
-    name: str, label: str, shaping: str, credit: str, needs: str = "prm", paper: str = "-"
+    name: str,
+    label: str,
+    shaping: str,
+    credit: str,
+    needs: str = "prm",
+    paper: str = "-",
+    refresh: bool = False,
 ) -> Method:
     """GRPO + a learned PRM's step rewards shaped by `shaping` under `credit`; the first-error
-    threshold is the PRM's own (`--prm-threshold`, chosen on the PRM's validation labels)."""
+    threshold is the PRM's own (`--prm-threshold`, chosen on the PRM's validation labels).
+    With `refresh`, the PRM is refreshed on-policy every step (its lr tuned too)."""
+    head = PRM_REFRESH_HEAD if refresh else PRM_HEAD
     return Method(
         name,
         label,
-        (PRM_HEAD, *PRM_CREDIT[credit], "optim.lr=$lr"),
-        tunables=(PRM_ALPHA,),
+        (head, *PRM_CREDIT[credit], "optim.lr=$lr"),
+        tunables=(PRM_ALPHA, REFRESH_LR) if refresh else (PRM_ALPHA,),
         fixed={"shaping": shaping, "lr": PRM_POLICY_LR},
         needs_prm=needs,
         paper=paper,
@@ -365,6 +385,14 @@ METHODS: tuple[Method, ...] = (
         needs="prm_control",
         paper="- (no step truth: expected within noise of outcome-only)",
     ),
+    prm_method(
+        "prm_refresh",
+        "GRPO + learned PRM refreshed on-policy, first error",
+        "first_error",
+        "pav",
+        paper="- (prm plus the exact teacher's labels on every step's responses)",
+        refresh=True,
+    ),
 )
 BASELINE = "outcome"
 
@@ -457,7 +485,14 @@ class EvalPoint:
     (the MC oracle's continuations: `EXTRA_SAMPLES_KEY`), 0 for the others."""
     clean: float | None = None
     """Share of eval answers whose every step is right (`eval/clean_frac`), when logged."""
+    teacher_labels: float = 0.0
+    """Teacher step labels the method's heads bought during training up to this point
+    (`TEACHER_LABELS_KEY`: a refreshed PRM's), 0 for the others."""
 
+
+TEACHER_LABELS_KEY = "/teacher_labels"
+"""Suffix of a head metric counting, cumulatively, the teacher labels it bought (`prm` with
+`refresh_every`)."""
 
 EXTRA_SAMPLES_KEY = "/mc_rollouts_per_response"
 """Suffix of a head metric counting its own rollouts per training response (pav_mc_oracle)."""
@@ -523,15 +558,37 @@ def extra_samples_by_step(rows: list[dict[str, Any]]) -> dict[int, float]:
     return out
 
 
+def labels_by_step(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """Cumulative teacher labels (`TEACHER_LABELS_KEY` metrics, summed over heads) after each
+    logged step (0 at step 0)."""
+    out = {0: 0.0}
+    for row in step_rows(rows):
+        out[int(row["step"])] = sum(
+            float(v) for k, v in row.items() if k.endswith(TEACHER_LABELS_KEY)
+        )
+    return out
+
+
 def run_points(method: str, seed: int, rows: list[dict[str, Any]]) -> list[EvalPoint]:
     """The eval points of one run's metrics rows."""
     step_s = mean_step_time(rows)
     extra = extra_samples_by_step(rows)
+    labels = labels_by_step(rows)
     clean = {
         int(r["step"]): r["eval/clean_frac"] for r in rows if r.get("eval/clean_frac") is not None
     }
     return [
-        EvalPoint(method, seed, st, sa, acc, step_s, extra.get(st, 0.0), clean.get(st))
+        EvalPoint(
+            method,
+            seed,
+            st,
+            sa,
+            acc,
+            step_s,
+            extra.get(st, 0.0),
+            clean.get(st),
+            labels.get(st, 0.0),
+        )
         for st, sa, acc in eval_rows(rows)
     ]
 
@@ -653,6 +710,10 @@ class SummaryRow:
     """The gain with the extra samples counted (None when there are none or no target)."""
     extra_samples_final: float = 0.0
     """Mean over seeds of the method's extra samples at its last eval point."""
+    teacher_labels_to_target: float = 0.0
+    """Mean over seeds of the teacher labels its heads bought when it reached the target."""
+    teacher_labels_final: float = 0.0
+    """Mean over seeds of the teacher labels its heads bought by its last eval point."""
     diagnostics: dict[str, float] = field(default_factory=dict)
     """`DIAGNOSTIC_KEYS` means over seeds, and `eval/clean_frac` at the end when logged."""
 
@@ -710,6 +771,13 @@ def summarize(
         extra_final = statistics.fmean(
             [p.extra_samples for p in mine if p.samples == curve.samples[-1]]
         )
+        last = [p for p in mine if p.samples == curve.samples[-1]]
+        labels_final = statistics.fmean([p.teacher_labels for p in last])
+        labels_reach = (
+            statistics.fmean([p.teacher_labels for p in mine if p.samples == reach])
+            if reach is not None
+            else 0.0
+        )
         gain, bound = efficiency_gain(base_samples, reach), False
         gain_extra = efficiency_gain(base_samples, reach + extra) if extra and reach else None
         if base_curve is not None and target is not None and base_samples is None:
@@ -744,6 +812,8 @@ def summarize(
                 extra_samples_to_target=extra,
                 gain_with_extra=gain_extra,
                 extra_samples_final=extra_final,
+                teacher_labels_to_target=labels_reach,
+                teacher_labels_final=labels_final,
                 diagnostics=diag,
             )
         )
@@ -859,6 +929,21 @@ def render_summary(
                 "",
             ]
     lines.append(render_table(target, rows))
+    labelled = [r for r in rows if r.teacher_labels_final]
+    if labelled:
+        lines += [
+            "Teacher step labels bought during training (besides any PRM's own training "
+            "labels; mean over seeds): "
+            + "; ".join(
+                f"{r.label}: {r.teacher_labels_to_target:,.0f} by the target, "
+                f"{r.teacher_labels_final:,.0f} in all"
+                if r.samples_to_target is not None
+                else f"{r.label}: {r.teacher_labels_final:,.0f} in all"
+                for r in labelled
+            )
+            + ".",
+            "",
+        ]
     if meta.get("verifier"):
         lines += [f"PAV verifier: {meta['verifier']}", ""]
     if not_run:
@@ -911,6 +996,7 @@ def write_evals_csv(points: list[EvalPoint], path: Path) -> None:
                     f"{p.step_s:.4f}",
                     f"{p.extra_samples:.0f}",
                     "" if p.clean is None else f"{p.clean:.6f}",
+                    f"{p.teacher_labels:.0f}",
                 ]
             )
 

@@ -19,6 +19,11 @@ response it:
    and returns `keep: [B]`: rows whose PRM verdict disagrees with the outcome are dropped from
    the policy update (PROF; the trainer zeroes their response mask).
 
+With `refresh_every: N > 0` the PRM is not frozen: every N RL steps the head labels the
+policy's current responses with a teacher (`refresh_labeler`) and trains the PRM on them
+(`rl.prm.refresh`); the labels bought are counted in its metrics (`head/prm/teacher_labels`,
+cumulative) and checkpoints, and the refreshed PRM is written at the end of the run.
+
 Credit (`algo.credit: auto`) follows the shaping (`SHAPING_CREDIT`): `min` -> `min_form`,
 `delta` -> `sum`, `prob` / `clip` / `first_error` -> `pav`.
 
@@ -29,8 +34,9 @@ in the same number of micro-batches (the trainer's batches are equal across rank
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +101,18 @@ class PRMHeadOptions:
     """Convention override: text between the rendered prompt and the first step."""
     step_separator: str | None = None
     """Convention override: text before every step after the first."""
+    refresh_every: int = 0
+    """RL steps between on-policy refreshes of the PRM (0: frozen; `rl.prm.refresh`)."""
+    refresh_labeler: str = "exact"
+    """The teacher: a registered labeler without rollouts, or `package.module:function`."""
+    refresh_rows: int = 0
+    """Responses each rank labels per refresh, at random (0: every response it scored)."""
+    refresh_lr: float = 1e-4
+    """The PRM's learning rate in refreshes."""
+    refresh_epochs: int = 1
+    """Passes over each refresh's labelled solutions."""
+    refresh_after_first_error: str = "drop"
+    """`drop`: label each solution only up to its first wrong step; `keep`: every step."""
 
 
 @REWARD_HEADS.register("prm")
@@ -116,10 +134,17 @@ class PRMHead(RewardHead):
         agreement_filter: bool = False,
         agreement_reduce: str = "mean",
         micro_batch_size: int | None = None,
+        refresh_every: int = 0,
+        refresh_labeler: str = "exact",
+        refresh_rows: int = 0,
+        refresh_lr: float = 1e-4,
+        refresh_epochs: int = 1,
+        refresh_after_first_error: str = "drop",
         **convention: str | None,
     ) -> None:
         """Every option is checked here, before any model work."""
         from rl.prm.convention import load_convention
+        from rl.prm.refresh import RefreshOptions, RefreshState
 
         shaping_fn(shaping)  # a one-line ConfigError naming the valid shapings
         check_reduction(agreement_reduce)
@@ -132,6 +157,16 @@ class PRMHead(RewardHead):
         unknown = sorted(set(convention) - set(CONVENTION_KEYS))
         if unknown:
             raise ConfigError(f"prm head: unknown option {unknown[0]!r}")
+        self.refresh = RefreshOptions(
+            refresh_every,
+            refresh_labeler,
+            refresh_rows,
+            refresh_lr,
+            refresh_epochs,
+            refresh_after_first_error,
+        )
+        self.refresh.check()
+        self.refresh_state = RefreshState()
         self.overrides = {k: v for k, v in convention.items() if v is not None}
         self.path = _checked_path(path)
         self.convention = load_convention(self.path, self.overrides)  # JSON only, no weights
@@ -142,6 +177,14 @@ class PRMHead(RewardHead):
         self.micro_batch_size = micro_batch_size
         self.default_credit = SHAPING_CREDIT[shaping]  # type: ignore[misc]
         self.model: Any = None
+        """The PRM module that scores (under ZeRO-3, the engine's partitioned module)."""
+        self.engine: Any = None
+        """The engine that trains it in refreshes (None when frozen)."""
+        self.labeler: Any = None
+        self.dist: Any = None
+        self.seed = 0
+        self._scored: tuple[Tensor, Tensor, Tensor] | None = None
+        """(response_ids, p, step_mask [B, H]) of the last scored batch (the refresh's F1)."""
         self.prm_tokenizer: Any = None
         self.policy_tokenizer: Any = None
         self.verifier: Any = None
@@ -149,8 +192,9 @@ class PRMHead(RewardHead):
         self.prompt_column = "prompt"
 
     def setup(self, ctx: HeadContext) -> None:
-        """Load the PRM on every rank (a ZeRO-3 inference engine under ZeRO-3, else a frozen
-        copy on this rank's device) and keep what re-rendering needs from the run."""
+        """Load the PRM on every rank (frozen: a ZeRO-3 inference engine under ZeRO-3, else a
+        copy on this rank's device; with refreshes: a training engine) and keep what
+        re-rendering needs from the run."""
         from rl.engine.deepspeed_engine import create_reference
         from rl.prm.model import load_prm
 
@@ -160,10 +204,41 @@ class PRMHead(RewardHead):
         if ctx.cfg is not None:
             self.delimiter = ctx.cfg.reward.step_delimiter
             self.prompt_column = ctx.cfg.data.prompt_column
+            self.seed = ctx.cfg.seed
         self.verifier = ctx.verifier
         self.micro_batch_size = self.micro_batch_size or ctx.micro_batch_size
         model, self.prm_tokenizer = load_prm(self.path, ctx.dtype, self.overrides)
-        self.model = create_reference(model, ctx.ds_config, offload=ctx.offload_references)
+        if self.refresh.enabled:
+            self._setup_refresh(ctx, model)
+        else:
+            self.model = create_reference(model, ctx.ds_config, offload=ctx.offload_references)
+
+    def _setup_refresh(self, ctx: HeadContext, model: Any) -> None:
+        """A training engine for the PRM (DeepSpeed with the run's config in the launcher, a
+        plain AdamW `TorchEngine` for library calls without one) and the teacher."""
+        from rl.engine import deepspeed_engine as eng
+        from rl.engine.models import enable_gradient_checkpointing
+        from rl.prm.fitting import TorchEngine
+        from rl.prm.labelers import make_labeler
+
+        self.labeler = make_labeler(self.refresh.labeler, labeler_options(ctx.cfg))
+        self.dist = ctx.dist or eng.DistInfo(rank=0, world_size=1, local_rank=0)
+        if ctx.gradient_checkpointing:
+            enable_gradient_checkpointing(model.lm)
+        mbs = int(self.micro_batch_size or 1)
+        if not ctx.ds_config:
+            self.engine = TorchEngine(model, self.refresh.lr)
+            self.model = model.eval()
+            return
+        ds = dict(ctx.ds_config)
+        ds["train_micro_batch_size_per_gpu"] = mbs
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_batch_size"] = mbs * self.dist.world_size
+        self.engine = eng.create_policy_engine(
+            model, ds, lr=self.refresh.lr, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0
+        )
+        self.engine.eval()
+        self.model = self.engine.module
 
     # ------------------------------------------------------------------ reading the PRM
     def step_texts(self, batch: HeadBatch) -> tuple[list[str], list[list[str]]]:
@@ -192,6 +267,7 @@ class PRMHead(RewardHead):
 
     def score(self, batch: HeadBatch) -> HeadOutput:
         p, step_mask = self.step_probs(batch)  # [B, H] each
+        self._scored = (batch.response_ids, p, step_mask) if self.refresh.enabled else None
         shaped = shaping_fn(self.shaping)(p, step_mask, self.params)  # [B, H]
         token_rewards = steps_to_tokens(shaped, batch.step_end.to(shaped.device).float())
         keep = self._keep(batch, p, step_mask)  # [B] or None
@@ -212,6 +288,111 @@ class PRMHead(RewardHead):
             outcome.float().cpu(), p, step_mask, self.params.threshold, self.agreement_reduce
         )
 
+    # ------------------------------------------------------------------ on-policy refresh
+    def update(self, batch: HeadBatch, outcome: Tensor) -> dict[str, float]:
+        """Every `refresh_every` calls: label this rank's share of the batch with the teacher,
+        gather every rank's labelled solutions and train the PRM on them (collective).
+        Metrics: cumulative teacher labels and, on refresh steps, the PRM's first-error F1
+        and first-error recall on the fresh labels (before it learns from them) and the
+        refresh's training loss. Frozen heads return {}."""
+        from rl.prm.data import total_cost
+        from rl.prm.refresh import (
+            gather_examples,
+            label,
+            on_policy_scores,
+            pick_rows,
+            solutions_of,
+            train_on,
+        )
+
+        if not self.refresh.enabled:
+            return {}
+        state = self.refresh_state
+        state.calls += 1
+        metrics = {"teacher_labels": float(state.teacher_labels)}
+        if state.calls % self.refresh.every:
+            return metrics
+        problems, steps = self.step_texts(batch)
+        seed = self.seed * 1_000_003 + state.calls * 101 + self.dist.rank
+        rows = pick_rows(range(batch.batch_size), self.refresh.rows, seed)
+        answers = batch.columns.get("answer")
+        solutions = solutions_of(problems, steps, answers, outcome.tolist(), rows)
+        mine = label(self.labeler, solutions, self.refresh.after_first_error)
+        probs = self._probs_of(batch, [int(ex.extra["row"]) for ex in mine])
+        pairs = gather_examples(list(zip(mine, probs, strict=True)))  # every rank's
+        examples = [ex for ex, _ in pairs]
+        before = on_policy_scores([p for _, p in pairs], examples, self.params.threshold)
+        loss = train_on(
+            self.engine,
+            self.model,
+            self.prm_tokenizer,
+            examples,
+            self.dist,
+            int(self.micro_batch_size or 1),
+            self.refresh.epochs,
+            seed,
+        )
+        state.refreshes += 1
+        state.teacher_labels += total_cost(examples)["teacher_labels"]
+        state.solutions += len(examples)
+        metrics["teacher_labels"] = float(state.teacher_labels)
+        metrics["refresh_loss"] = loss
+        # the same on every rank (from every rank's labels); NaN (no case) is left out
+        for key, value in before.items():
+            if math.isfinite(value):
+                metrics[f"refresh_{key}"] = value
+        return metrics
+
+    def _probs_of(self, batch: HeadBatch, rows: Sequence[int]) -> list[list[float]]:
+        """P(good) of the steps of batch `rows` as `score` computed them (scored again when
+        the batch is not the one scored last)."""
+        if self._scored is not None and self._scored[0] is batch.response_ids:
+            p, mask = self._scored[1], self._scored[2]
+        else:
+            p, mask = self.step_probs(batch)
+        counts = mask.sum(dim=1).long().tolist()
+        return [p[b, : counts[b]].tolist() for b in rows]
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self.refresh_state)
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        from rl.prm.refresh import RefreshState
+
+        self.refresh_state = RefreshState(**d)
+
+    def _sharded(self) -> bool:
+        """Whether the refreshed PRM lives in a DeepSpeed engine (checkpointed with it)."""
+        return self.refresh.enabled and hasattr(self.engine, "save_checkpoint")
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """The refresh counters, and with refreshes the PRM's weights and optimizer (sharded
+        as its engine keeps them); collective."""
+        if self._sharded():
+            self.engine.save_checkpoint(
+                str(directory.parent), tag=directory.name, save_latest=False
+            )
+        super().save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        if self._sharded():
+            loaded, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
+            if loaded is None:
+                raise ConfigError(f"prm head: no refreshed PRM checkpoint in {directory}")
+        super().load_checkpoint(directory)
+
+    def save_pretrained(self, directory: Path) -> None:
+        """With refreshes, the refreshed PRM in its convention (`save_prm`; collective, rank
+        0 writes), loadable by another run's `prm` head."""
+        from rl.prm.fitting import full_state
+        from rl.prm.model import save_prm
+
+        if not self.refresh.enabled:
+            return
+        state = full_state(self.engine)
+        if self.dist.is_main:
+            save_prm(self.model, self.prm_tokenizer, directory, state)
+
     def step_values(self, batch: HeadBatch) -> Tensor:
         """p_h on every token of step h, 0 off the response: [B, Tr]."""
         p, _ = self.step_probs(batch)  # [B, H]
@@ -225,6 +406,18 @@ class PRMHead(RewardHead):
 # --------------------------------------------------------------------------------------------
 # Helpers (no model)
 # --------------------------------------------------------------------------------------------
+
+
+def labeler_options(cfg: Any) -> Any:
+    """The refresh teacher's `LabelerOptions`: the built-in task's modulus for `exact` when
+    the run trains on it (the labeler's own default otherwise)."""
+    from rl.prm.labelers import LabelerOptions
+
+    if cfg is None or not str(cfg.data.train).startswith("builtin:arith"):
+        return LabelerOptions()
+    from rl.tasks.arith import ArithConfig
+
+    return LabelerOptions(modulus=ArithConfig(**dict(cfg.data.task)).modulus)
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:

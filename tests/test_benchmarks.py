@@ -258,6 +258,30 @@ def test_metrics_readers() -> None:
     assert not metrics_complete(rows[:-1], 4)
 
 
+def test_teacher_labels_are_read_and_summarised() -> None:
+    """A refreshed PRM's cumulative `head/prm/teacher_labels` becomes each eval point's
+    label count (0 at step 0 and for runs without it); the summary takes the mean over
+    seeds at the target (0.25 + 0.75 / 2 = 0.625, first reached at 128 samples, where the
+    seeds bought 40 and 80 labels) and at the end."""
+    rows = synthetic_metrics()
+    for row in rows[1:]:
+        row["head/prm/teacher_labels"] = 10.0 * row["step"] + (1 if row is rows[3] else 0)
+    assert se.labels_by_step(rows) == {0: 0.0, 1: 10.0, 2: 20.0, 3: 30.0, 4: 40.0}
+    pts = se.run_points("prm_refresh", 3, rows)
+    assert [p.teacher_labels for p in pts] == [0.0, 20.0, 40.0]
+    assert [p.teacher_labels for p in se.run_points("outcome", 3, synthetic_metrics())] == [0] * 3
+    replace = dataclasses.replace
+    twice = pts + [replace(p, seed=4, teacher_labels=2 * p.teacher_labels) for p in pts]
+    base = [replace(p, method="outcome", teacher_labels=0.0) for p in twice]
+    target, out = se.summarize(base + twice, method_rows(["outcome", "prm_refresh"]))
+    refreshed = next(r for r in out if r.method == "prm_refresh")
+    assert target == pytest.approx(0.625)
+    assert refreshed.samples_to_target == 128
+    assert refreshed.teacher_labels_to_target == pytest.approx(60.0)
+    assert refreshed.teacher_labels_final == pytest.approx(60.0)
+    assert next(r for r in out if r.method == "outcome").teacher_labels_final == 0.0
+
+
 def test_evals_csv(tmp_path: Path) -> None:
     se.write_evals_csv(list(SYNTHETIC), tmp_path / "evals.csv")
     with open(tmp_path / "evals.csv") as f:
@@ -273,6 +297,7 @@ def test_evals_csv(tmp_path: Path) -> None:
         "step_s": "2.0000",
         "extra_samples": "0",
         "clean_frac": "",
+        "teacher_labels": "0",
     }
 
 

@@ -14,8 +14,16 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.launcher import FAST_OVERRIDES, check_ok, launch, read_metrics
+from tests.launcher import (
+    FAST_OVERRIDES,
+    assert_resumed_matches,
+    assert_same_weights,
+    check_ok,
+    launch,
+    read_metrics,
+)
 from tests.models import build_prm, chat_tokenizer
 
 pytestmark = pytest.mark.e2e
@@ -48,3 +56,44 @@ def test_prm_head_zero3_two_ranks(tmp_path: Path, model_cache: Path) -> None:
         # algo.credit: auto -> min_form; its step credit is a share of the advantage
         assert math.isfinite(row["diag/step_credit_share"])
         assert row["diag/step_credit_share"] > 0.0, row
+
+
+def test_prm_refresh_two_ranks_resumes(tmp_path: Path, model_cache: Path) -> None:
+    """On-policy refresh on ZeRO-2: every step both ranks' responses get the `exact`
+    teacher's labels, the PRM trains on all of them and the labels bought are counted; a run
+    killed after step 3 and resumed gives the uninterrupted run's metrics and final PRM (the
+    refreshed weights, optimizer and label count are in the checkpoint)."""
+    from rl.prm.model import load_prm
+
+    prm = build_prm(tmp_path / "prm", chat_tokenizer(), step_tag="<step>")
+    kwargs = (
+        f"{{path: '{prm}', shaping: first_error, refresh_every: 1, refresh_lr: 1.0e-3, "
+        "refresh_rows: 6}"
+    )
+    common = [
+        *FAST_OVERRIDES,
+        f"model.cache_dir={model_cache}",
+        f"reward.heads=[{{head: prm, kwargs: {kwargs}}}]",
+        "deepspeed.zero_stage=2",
+        "trainer.max_steps=4",
+        "trainer.save_every=2",
+    ]
+    full = tmp_path / "full"
+    check_ok(launch([*common, f"output_dir={full}"]))
+    rows = read_metrics(full)
+    labels = [row["head/prm/teacher_labels"] for row in rows[1:]]
+    assert labels[0] > 0 and all(b > a for a, b in zip(labels, labels[1:], strict=False)), labels
+    assert all(math.isfinite(row["head/prm/refresh_loss"]) for row in rows[1:])
+    final = full / "final_heads" / "prm"
+    model, _ = load_prm(final)  # the refreshed PRM, in its convention
+    start, _ = load_prm(prm)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(start.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+    killed = tmp_path / "killed"
+    proc = launch([*common, f"output_dir={killed}"], env={"DENSE_RL_KILL_AFTER_STEP": "3"})
+    assert proc.returncode != 0
+    check_ok(launch([*common, f"output_dir={killed}", "trainer.resume=auto"]))
+    assert_resumed_matches(full, killed, {"head/prm/teacher_labels", "head/prm/refresh_loss"})
+    assert_same_weights(final, killed / "final_heads" / "prm")

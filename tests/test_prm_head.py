@@ -7,6 +7,7 @@ on the policy's step-h end token and equal `step_probabilities` on the re-render
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -385,6 +386,13 @@ def test_raw_problems_from_messages() -> None:
         ({"prompt_format": "markdown"}, ["'markdown'"]),
         ({"good_token": "x", "bad_token": "x"}, ["'x'"]),
         ({"shapeing": "min"}, ["shapeing"]),
+        ({"refresh_every": -1}, ["refresh_every", "-1"]),
+        ({"refresh_every": 1, "refresh_labeler": "judge"}, ["'judge'"]),
+        ({"refresh_every": 1, "refresh_labeler": "mc_hard"}, ["'mc_hard'", "exact"]),
+        ({"refresh_every": 1, "refresh_lr": 0.0}, ["refresh_lr"]),
+        ({"refresh_every": 1, "refresh_epochs": 0}, ["refresh_epochs"]),
+        ({"refresh_every": 1, "refresh_rows": -2}, ["refresh_rows"]),
+        ({"refresh_every": 1, "refresh_after_first_error": "cut"}, ["'cut'", "drop"]),
     ],
 )
 def test_bad_options_fail_before_any_model_work(
@@ -416,3 +424,121 @@ def test_multi_token_step_tag_is_a_one_line_error(chat_prm: Path, policy_tok: An
     with pytest.raises(ConfigError) as err:
         make_head(chat_prm, policy_tok, step_tag="<no-such-tag>")
     assert "'<no-such-tag>'" in str(err.value) and "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------
+# On-policy refresh (rl.prm.refresh): a teacher's labels on the scored batch train the PRM
+# --------------------------------------------------------------------------------------------
+
+
+def second_step_wrong(prompt: str, steps: list[str], answer: str | None) -> list[bool]:
+    """A test teacher: the first step right, every later one wrong."""
+    del prompt, answer
+    return [h == 0 for h in range(len(steps))]
+
+
+TEACHER = "tests.test_prm_head:second_step_wrong"
+
+
+def lm_weights(head: Any) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in head.model.parameters()]
+
+
+def test_refresh_trains_the_prm_towards_the_teachers_labels(
+    chat_prm: Path, policy_tok: Any
+) -> None:
+    """After one refresh the steps the teacher called wrong score lower and the right ones
+    higher; the labels bought (cut after the first wrong step) are counted; the refresh's
+    F1 is the PRM's, before it learned, on the fresh labels."""
+    from rl.prm.labelers import make_labeler
+    from rl.prm.refresh import label, on_policy_scores, solutions_of
+
+    batch = policy_batch(policy_tok)
+    head = make_head(
+        chat_prm,
+        policy_tok,
+        shaping="prob",
+        refresh_every=1,
+        refresh_labeler=TEACHER,
+        refresh_lr=3e-3,
+        refresh_epochs=4,
+    )
+    checked_score(head, batch)
+    before, _ = head.step_probs(batch)
+    outcome = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    problems, steps = head.step_texts(batch)
+    examples = label(
+        make_labeler(TEACHER), solutions_of(problems, steps, None, [1, 1, 0, 0], range(4)), "drop"
+    )
+    want = on_policy_scores(
+        [before[int(ex.extra["row"])].tolist() for ex in examples], examples, 0.5
+    )
+    metrics = head.update(batch, outcome)
+    # rows 0, 1, 2 have steps (3, 1, 2): labels [T, F], [T], [T, F] once cut -> 5 bought
+    assert metrics["teacher_labels"] == 5.0
+    assert metrics["refresh_f1"] == pytest.approx(want["f1"])
+    assert metrics["refresh_error_recall"] == pytest.approx(want["error_recall"])
+    assert metrics["refresh_loss"] > 0
+    after, _ = head.step_probs(batch)
+    for b, h in ((0, 0), (1, 0), (2, 0)):
+        assert after[b, h] > before[b, h], (b, h)
+    for b, h in ((0, 1), (2, 1)):
+        assert after[b, h] < before[b, h], (b, h)
+    assert head.state_dict() == {"calls": 1, "refreshes": 1, "teacher_labels": 5, "solutions": 3}
+
+
+def test_refresh_every_two_steps_and_frozen_heads(chat_prm: Path, policy_tok: Any) -> None:
+    batch = policy_batch(policy_tok)
+    outcome = torch.zeros(4)
+    head = make_head(chat_prm, policy_tok, refresh_every=2, refresh_labeler=TEACHER)
+    start = lm_weights(head)
+    checked_score(head, batch)
+    assert head.update(batch, outcome) == {"teacher_labels": 0.0}  # step 1: not due
+    assert all(torch.equal(a, b) for a, b in zip(start, lm_weights(head), strict=True))
+    checked_score(head, batch)
+    assert head.update(batch, outcome)["teacher_labels"] == 5.0  # step 2: refreshed
+    assert not all(torch.equal(a, b) for a, b in zip(start, lm_weights(head), strict=True))
+    restored = make_head(chat_prm, policy_tok, refresh_every=2, refresh_labeler=TEACHER)
+    restored.load_state_dict(head.state_dict())
+    assert restored.refresh_state == head.refresh_state
+
+    frozen = make_head(chat_prm, policy_tok)
+    checked_score(frozen, batch)
+    assert frozen.update(batch, outcome) == {}
+    assert frozen.engine is None
+
+
+def test_refresh_rows_labels_a_random_share(chat_prm: Path, policy_tok: Any) -> None:
+    from rl.prm.refresh import pick_rows
+
+    assert pick_rows(range(4), 0, 0) == [0, 1, 2, 3]
+    assert pick_rows(range(4), 9, 0) == [0, 1, 2, 3]
+    two = pick_rows(range(4), 2, 7)
+    assert len(two) == 2 and two == sorted(two) and set(two) <= {0, 1, 2, 3}
+    assert pick_rows(range(4), 2, 7) == two  # seeded
+    batch = policy_batch(policy_tok)
+    head = make_head(chat_prm, policy_tok, refresh_every=1, refresh_labeler=TEACHER, refresh_rows=1)
+    checked_score(head, batch)
+    head.update(batch, torch.zeros(4))
+    assert head.refresh_state.solutions <= 1  # one row (none when it drew the stepless row)
+
+
+def test_on_policy_scores_by_hand() -> None:
+    """First errors predicted at 0.5: row 0 at step 1 (right), row 1 none (right), row 2
+    none (wrong: its step 1 is the first error). ProcessBench: accuracy 1/2 on erroneous
+    rows, 1/1 on correct ones, F1 = 2 * 0.5 * 1 / 1.5; recall of first errors 1/2."""
+    from rl.prm.data import StepExample
+    from rl.prm.refresh import on_policy_scores
+
+    examples = [
+        StepExample("a", ["x", "y"], [True, False]),
+        StepExample("b", ["x"], [True]),
+        StepExample("c", ["x", "y"], [True, False]),
+    ]
+    got = on_policy_scores([[0.9, 0.2, 0.1], [0.8], [0.7, 0.6]], examples, 0.5)
+    assert got["f1"] == pytest.approx(2 / 3)
+    assert got["error_recall"] == pytest.approx(0.5)
+    empty = on_policy_scores([], [], 0.5)
+    assert math.isnan(empty["f1"]) and math.isnan(empty["error_recall"])
+    all_right = on_policy_scores([[0.9]], examples[1:2], 0.5)  # no wrong solution
+    assert math.isnan(all_right["f1"]) and math.isnan(all_right["error_recall"])

@@ -324,6 +324,16 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank (picklable objects; `[value]`
+    without a group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, value)
+    return parts
+
+
 def world_size() -> int:
     """Ranks in the process group (1 without one)."""
     return dist.get_world_size() if dist.is_initialized() else 1
