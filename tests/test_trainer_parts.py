@@ -133,6 +133,38 @@ def test_old_logprobs_engine_puts_the_engines_logprobs_in_the_ratio(engine_old: 
     assert float(stats["ratio"]) == pytest.approx(float(want), rel=1e-5)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_policy_trains_in_training_mode_with_gradient_checkpointing(checkpointing: bool) -> None:
+    """The policy's forward and backward run in training mode, so `model.gradient_
+    checkpointing` takes effect (each decoder layer runs again in the backward pass), and the
+    policy is back in eval mode after the micro-step (generation keeps its KV cache)."""
+    from rl.engine.models import enable_gradient_checkpointing
+    from rl.trainer.learners import GlobalCounts, PolicyLearner
+    from tests.models import tiny_llama
+
+    batch = _batch()
+    model = tiny_llama(vocab_size=17).eval()
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    layer = model.model.layers[0]
+    calls: list[bool] = []
+    # a pre-hook: the recomputation stops early, before the layer's forward returns
+    layer.register_forward_pre_hook(lambda mod, args: calls.append(mod.training))
+    engine = _FakeEngine(model).eval()
+    learner = PolicyLearner(engine, load_config(None, []).algo, 1.0, engine_old=False)
+    tokens = float(batch.response_mask.sum())
+    learner.micro_step(
+        batch,
+        torch.arange(4),
+        LogProbs(None, None, None),
+        Credit(torch.ones(4, 3) * batch.response_mask),
+        GlobalCounts(tokens, 4.0, 1.0),
+    )
+    assert calls and all(calls)  # every forward of the layer in training mode
+    assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
+    assert not model.training and not layer.training
+
+
 # ---------------------------------------------------------------- credit schemes
 
 

@@ -90,6 +90,19 @@ class PolicyLearner(Learner):
         self, micro: RolloutBatch, index: torch.Tensor, logprobs: LogProbs, credit: Credit,
         counts: GlobalCounts,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
+        # training mode for the forward and backward only: Hugging Face models recompute
+        # activations (`model.gradient_checkpointing`) only in training mode, and generate
+        # without a KV cache in it, so the policy goes back to eval mode after the step
+        self.engine.train()
+        try:
+            return self._micro_step(micro, index, logprobs, credit, counts)
+        finally:
+            self.engine.eval()
+
+    def _micro_step(
+        self, micro: RolloutBatch, index: torch.Tensor, logprobs: LogProbs, credit: Credit,
+        counts: GlobalCounts,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
         algo = self.algo
         old = logprobs.behaviour if self.engine_old else logprobs.old
         logp, entropy = response_logprobs_and_entropy(
