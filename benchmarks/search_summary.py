@@ -55,7 +55,7 @@ def plot(runs: dict[str, list[dict[str, str]]], out: Path) -> None:
     policies = list(dict.fromkeys(name.split("_")[0] for name in runs))
     fig, axes = plt.subplots(1, len(policies), figsize=(6 * len(policies), 4.5), sharey=True)
     axes = [axes] if len(policies) == 1 else list(axes)
-    colours = {"best_of_n": "C0", "majority": "C2", "beam": "C3"}
+    colours = {"best_of_n": "C0", "best_of_n_min": "C1", "majority": "C2", "beam": "C3"}
     for ax, policy in zip(axes, policies, strict=True):
         for name, rows in runs.items():
             if name.split("_")[0] != policy:

@@ -1,9 +1,10 @@
-"""Test-time search with a process verifier: accuracy against compute for best-of-N, majority
-vote and PAV's step-level beam search (rl/eval/search.py).
+"""Test-time search with a process verifier: accuracy against compute for best-of-N (by the
+value after the last step, and by the lowest step value), majority vote and PAV's step-level
+beam search (rl/eval/search.py).
 
     python launch/search.py --config configs/quickstart.yaml --head pav \\
         --head-kwargs '{path: runs/pav/verifier}' [--policy PATH] [--budgets 4,8,16] \\
-        [--strategies best_of_n,majority,beam] [--beam-width W] [--alpha 0.5] \\
+        [--strategies best_of_n,best_of_n_min,majority,beam] [--beam-width W] [--alpha 0.5] \\
         [--prover-k 4] [--n 128] [--split eval] [--scorer-cache on|off] [--out DIR] \\
         [--quick] [key=value ...]
 
@@ -41,6 +42,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rl.cli import config_parser, guarded, set_process_defaults  # noqa: E402  (no torch)
 
+DEFAULT_STRATEGIES = "best_of_n,best_of_n_min,majority,beam"
+
 CSV_COLUMNS: tuple[str, ...] = (
     "strategy",
     "budget",
@@ -60,7 +63,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--head-kwargs", default=None, help="YAML mapping of head kwargs")
     parser.add_argument("--policy", default=None, help="checkpoint to search with")
     parser.add_argument("--budgets", default="4,8,16", help="comma-separated budgets")
-    parser.add_argument("--strategies", default=",".join(("best_of_n", "majority", "beam")))
+    # rl.eval.search.STRATEGIES (not imported here: it loads torch)
+    parser.add_argument("--strategies", default=DEFAULT_STRATEGIES)
     parser.add_argument("--beam-width", type=int, default=None, help="W (default: see above)")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of A^mu in the score")
     parser.add_argument("--prover-k", type=int, default=4, help="K of the Best-of-K prover")
@@ -203,7 +207,7 @@ def search_budget(
     from rl.eval import search
 
     outcomes: dict[str, tuple[Any, int, int]] = {}
-    if {"best_of_n", "majority"} & set(strategies):
+    if set(search.WHOLE_SOLUTION_STRATEGIES) & set(strategies):
         both = search.best_of_n_and_majority(s.problems, s.sampler, s.scorer, budget)
         outcomes.update({name: (out, 0, budget) for name, out in both.items()})
     if "beam" in strategies:

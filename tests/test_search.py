@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -123,6 +124,7 @@ def test_best_of_n_and_majority_pick_different_samples() -> None:
     sampler = ScriptedSampler([wrong, clean, wrong, lucky, wrong])
     out = search.best_of_n_and_majority([PROBLEM], sampler, exact(), 5)
     assert out["best_of_n"].completions == [clean]  # the only sample whose last step is right
+    assert out["best_of_n_min"].completions == [clean]  # the only one with every step right
     assert out["majority"].completions == [wrong]  # answer 4 three times
     assert out["majority"].compute.verifier_tokens == 0
     assert out["majority"].compute.generated_tokens == out["best_of_n"].compute.generated_tokens
@@ -139,3 +141,31 @@ def test_search_benchmark_helpers_by_hand() -> None:
     # p = 0.5, n = 100: centre 0.5, half-width 1.96 * sqrt(0.0025 + 1.96^2 / 40000) / 1.038416
     lo, hi = wilson(0.5, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+
+
+def test_best_of_n_min_ranks_by_the_lowest_step_value() -> None:
+    """A verifier whose value after the last step is high for a solution with a low step in
+    the middle: best-of-N (last value) picks it, best-of-N by the minimum does not."""
+
+    class Fixed:
+        compute = search.Compute()
+
+        def values(self, problems: Any, responses: Any, keep: bool = True) -> list[list[float]]:
+            self.compute.verifier_tokens += 1
+            return [[0.9, 0.1, 0.95], [0.7, 0.6, 0.8]]
+
+        def retain(self, problems: Any, responses: Any) -> None:
+            pass
+
+    first, second = "1+1=2\n2+2=4\nAnswer: 4", "1+1=2\n2+2=5\nAnswer: 5"
+    sampler = ScriptedSampler([first, second])
+    out = search.best_of_n_and_majority([PROBLEM], sampler, Fixed(), 2)  # type: ignore[arg-type]
+    assert out["best_of_n"].completions == [first]  # last values 0.95 > 0.8
+    assert out["best_of_n_min"].completions == [second]  # minima 0.6 > 0.1
+    assert out["best_of_n_min"].compute == out["best_of_n"].compute  # the same samples, read once
+
+
+def test_launcher_default_strategies_are_all_strategies() -> None:
+    from launch.search import DEFAULT_STRATEGIES
+
+    assert DEFAULT_STRATEGIES.split(",") == list(search.STRATEGIES)

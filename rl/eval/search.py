@@ -9,7 +9,11 @@ policy's value after it plus `alpha` times the Best-of-K prover's advantage of t
 and keep the best `W` (finished beams stay in the pool with their last score). The
 baselines spend the same kind of compute on whole solutions: best-of-N keeps the sample
 whose value after its last step is highest (the verifier read at the last token: an
-outcome verifier), majority vote keeps the most common final answer (no verifier).
+outcome verifier), best-of-N by the minimum keeps the sample whose lowest step value is
+highest (how step verifiers rank whole solutions: Math-Shepherd's and PURE's min; a PRM
+trained only up to each solution's first error has never seen the steps after it, so its
+value after the last step of a wrong solution means little), majority vote keeps the most
+common final answer (no verifier).
 
 `Q^pi` after each step comes from a `Scorer`: any reward head's `step_values` read at step
 ends (`HeadScorer`; a PAV verifier gives its `Q^pi`, a `prm` head its step P(good)), the
@@ -43,7 +47,9 @@ from rl.rollout.backend import left_pad
 from rl.rollout.steps import response_step_spans
 from rl.tasks import arith
 
-STRATEGIES: tuple[str, ...] = ("best_of_n", "majority", "beam")
+STRATEGIES: tuple[str, ...] = ("best_of_n", "best_of_n_min", "majority", "beam")
+WHOLE_SOLUTION_STRATEGIES: tuple[str, ...] = ("best_of_n", "best_of_n_min", "majority")
+"""The strategies `best_of_n_and_majority` answers from the same samples."""
 
 
 @dataclass(frozen=True)
@@ -404,8 +410,9 @@ def whole_solutions(problems: Sequence[Problem], sampler: Sampler, n: int) -> li
 def best_of_n_and_majority(
     problems: Sequence[Problem], sampler: Sampler, scorer: Scorer, n: int
 ) -> dict[str, Outcome]:
-    """Best-of-N (highest value after the last step) and majority vote on the same `n`
-    samples per problem (majority vote does not use the verifier)."""
+    """Best-of-N (highest value after the last step), best-of-N by the minimum (highest
+    lowest step value) and majority vote on the same `n` samples per problem (majority vote
+    does not use the verifier)."""
     sampler.compute = Compute()
     samples = whole_solutions(problems, sampler, n)
     generated = sampler.compute.generated_tokens
@@ -416,13 +423,15 @@ def best_of_n_and_majority(
     values = scorer.values(flat_problems, [s for group in samples for s in group], keep=False)
     scorer.retain([], [])
     read = scorer.compute.verifier_tokens - before
-    best, vote = [], []
+    best, lowest, vote = [], [], []
     for i, group in enumerate(texts):
-        last = [v[-1] if v else 0.0 for v in values[i * n : (i + 1) * n]]
-        best.append(group[best_index(last)])
+        mine = values[i * n : (i + 1) * n]
+        best.append(group[best_index([v[-1] if v else 0.0 for v in mine])])
+        lowest.append(group[best_index([min(v) if v else 0.0 for v in mine])])
         vote.append(group[majority_index([final_answer(t) for t in group])])
     return {
         "best_of_n": Outcome(best, Compute(generated, read)),
+        "best_of_n_min": Outcome(lowest, Compute(generated, read)),
         "majority": Outcome(vote, Compute(generated, 0)),
     }
 
