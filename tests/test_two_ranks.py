@@ -1,7 +1,8 @@
 """Collective helpers on two gloo ranks of this machine: the shared-directory check (once
 seeing the same directory, once each its own, as two nodes without a shared filesystem
-would), the broadcast that makes every rank resume from rank 0's choice, and the tensor-
-parallel prompt gathering of the vLLM backend."""
+would), the broadcast that makes every rank resume from rank 0's choice, rank 0's decision
+about an earlier run in `output_dir`, and the tensor-parallel prompt gathering of the vLLM
+backend."""
 
 from __future__ import annotations
 
@@ -78,3 +79,53 @@ def test_tensor_parallel_prompts_and_broadcast(tmp_path: Path) -> None:
         assert own_slice  # each rank gets its own prompts' outputs back
         assert chosen == "checkpoint of rank 0"
         assert "vllm_tensor_parallel_size=3 does not divide the 2 ranks" in too_big
+
+
+def _overwrite_rank(
+    rank: int, init_file: str, dirs: list[str], overwrite: bool, errors: dict[int, str]
+) -> None:
+    from datetime import timedelta
+
+    from rl.trainer.run_dir import prepare_output_dir
+
+    # a short timeout: ranks that disagree would otherwise wait for each other for 30 min
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=20),
+    )
+    try:
+        prepare_output_dir(Path(dirs[rank]), "none", overwrite, DistInfo(rank, 2, rank))
+        errors[rank] = ""
+    except ConfigError as err:
+        errors[rank] = str(err)
+    except RuntimeError as err:  # a collective that timed out
+        errors[rank] = f"hung: {type(err).__name__}"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_rank_zero_decides_about_an_earlier_run(tmp_path: Path, overwrite: bool) -> None:
+    """Rank 1 sees the run directory without the earlier run (as when it lists it after rank
+    0 began deleting it): every rank follows rank 0's view, so without `overwrite` both stop
+    with the same message, and with it rank 0 deletes its directory and both go on."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    earlier = tmp_path / "run"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints" / "step_00000002").write_text("")
+    (earlier / "metrics.jsonl").write_text("{}\n")
+    empty = tmp_path / "seen_by_rank_1"
+    empty.mkdir()
+    errors = mp.Manager().dict()
+    args = (str(tmp_path / "init"), [str(earlier), str(empty)], overwrite, errors)
+    mp.spawn(_overwrite_rank, args=args, nprocs=2, join=True)
+    if overwrite:
+        assert dict(errors) == {0: "", 1: ""}
+        assert not earlier.exists()
+    else:
+        for message in errors.values():
+            assert "already holds a run (metrics.jsonl, checkpoints)" in message, message
+        assert (earlier / "metrics.jsonl").exists()

@@ -112,8 +112,8 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist
         self.output_dir = Path(cfg.output_dir)
+        check_shared_dir(self.output_dir, dist)  # first: rank 0 then decides for every rank
         prepare_output_dir(self.output_dir, cfg.trainer.resume, cfg.trainer.overwrite, dist)
-        check_shared_dir(self.output_dir, dist)
         self.plan = batch_plan(cfg, dist.world_size)
         self.device = eng.accelerator_device()
         """Where batches, log-probs and credit live (the engines' device)."""

@@ -28,15 +28,20 @@ def earlier_run_files(output_dir: Path) -> list[str]:
 
 def prepare_output_dir(output_dir: Path, resume: str, overwrite: bool, dist: eng.DistInfo) -> None:
     """Refuse (or, with `overwrite`, clear) an `output_dir` holding an earlier run when this
-    run starts fresh (`resume=none`). Collective: rank 0 clears, every rank waits."""
+    run starts fresh (`resume=none`). Collective: rank 0 looks and decides for every rank
+    (another rank listing the directory while rank 0 deletes it could see half of it, and
+    ranks that disagree would leave one raising and the others waiting); every rank has
+    passed the decision before rank 0 deletes, and waits until it has."""
     if resume != "none":
         return
-    found = earlier_run_files(output_dir)
+    found = eng.broadcast_object(earlier_run_files(output_dir) if dist.is_main else None)
     if found and not overwrite:
         raise ConfigError(
             f"output_dir {output_dir} already holds a run ({', '.join(found)}); continue it with "
             "trainer.resume=auto, or start over with trainer.overwrite=true (deletes it)"
         )
-    if found and dist.is_main:
-        shutil.rmtree(output_dir)
+    if found:
+        eng.barrier()
+        if dist.is_main:
+            shutil.rmtree(output_dir)
     eng.barrier()
