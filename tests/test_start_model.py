@@ -198,3 +198,29 @@ def test_a_waiting_build_names_the_lock_and_its_holder(
     assert path == final and (final / "build_info.json").exists()
     assert lines and all(str(lock_path) in line for line in lines), lines
     assert "held by pid 4242" in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    ("rank", "local_rank", "builds"), [(0, 0, True), (1, 1, False), (8, 0, False)]
+)
+def test_only_global_rank_zero_builds_the_start_model(
+    monkeypatch: pytest.MonkeyPatch, rank: int, local_rank: int, builds: bool
+) -> None:
+    """Several nodes: local rank 0 of node 2 (global rank 8) waits for rank 0's build rather
+    than building beside it (the build lock is an flock, which network filesystems may not
+    honour)."""
+    from rl.config import load_config
+    from rl.engine import models
+    from rl.engine.deepspeed_engine import DistInfo
+
+    calls: list[str] = []
+    monkeypatch.setattr(
+        sm, "ensure_start_model", lambda *a, **k: calls.append("build") or Path("m")
+    )
+    monkeypatch.setattr(
+        sm, "wait_for_start_model", lambda *a, **k: calls.append("wait") or Path("m")
+    )
+    monkeypatch.setattr(sm, "describe", lambda path: ("start model m", True))
+    cfg = load_config(None, [])
+    models.builtin_start_model(cfg, DistInfo(rank, 16, local_rank))
+    assert calls == (["build"] if builds else ["wait"])

@@ -45,16 +45,18 @@ def tiny_model_config(cfg: Config) -> Any:
 
 def builtin_start_model(cfg: Config, dist: DistInfo, name: str = BUILTIN_TINY) -> Path:
     """Path of the SFT start model `name` (one of BUILTIN_MODELS): the shipped copy of its
-    recipe, or a cached build; local rank 0 builds it, the others poll for it (not a
-    barrier: a first build can outlast the process group's timeout). Rank 0 prints which
-    copy it is and whether its weights digest is the recorded one."""
+    recipe, or a cached build; global rank 0 builds it, the others poll for it (not a
+    barrier: a first build can outlast the process group's timeout). One builder for the
+    whole job, not one per node: the build lock is an `flock`, which network filesystems
+    may not honour, so `model.cache_dir` must be a directory every node sees. Rank 0
+    prints which copy it is and whether its weights digest is the recorded one."""
     from rl.engine.start_model import describe, ensure_start_model, wait_for_start_model
 
     tiny = tiny_model_config(cfg)
     cache = Path(cfg.model.cache_dir)
     kind = name.removeprefix("builtin:")
     source = cfg.model.builtin_source
-    if dist.local_rank == 0:
+    if dist.rank == 0:
         path = ensure_start_model(cache, tiny, show_progress=dist.is_main, kind=kind, source=source)
     else:
         path = wait_for_start_model(cache, tiny, kind, source=source)

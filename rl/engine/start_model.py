@@ -310,8 +310,8 @@ def wait_for_start_model(
             last = time.monotonic()
             lock = final.parent / f"{final.name}.lock"
             report(
-                f"waiting {last - start:.0f} s for {final} (built by local rank 0; lock "
-                f"{lock}: {lock_holder(lock)})"
+                f"waiting {last - start:.0f} s for {final} (built by rank 0; on several "
+                f"nodes model.cache_dir must be shared; lock {lock}: {lock_holder(lock)})"
             )
     return final
 
