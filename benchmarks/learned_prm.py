@@ -25,9 +25,12 @@ recorded with each row: choose them on the validation numbers (`val_f1` in each 
 on the test set.
 
 `summary` writes `<results>/summary.json` (`label_curve` rows: `selection`, `budget_frac`,
-`teacher_labels`, `seed`, `f1`, `auc`, plus the setup) and `label_curve.md`: the mean and
-spread over seeds per budget, and the ActPRM fraction (the smallest budget at which active
-selection matches uniform selection's full-pool F1, as a share of the pool's labels).
+`teacher_labels`, `seed`, `f1`, `auc`, plus the setup; `rl` rows from each
+`<setup>/rl/summary.json` of benchmarks/sample_efficiency.py; `search` rows from each
+`<setup>/search/<policy>_<scorer>/search.csv` of launch/search.py) and `label_curve.md`:
+the mean and spread over seeds per budget, and the ActPRM fraction (the smallest budget at
+which active selection matches uniform selection's full-pool F1, as a share of the pool's
+labels).
 """
 
 from __future__ import annotations
@@ -338,9 +341,43 @@ def rl_rows(results: Path) -> list[dict[str, Any]]:
                     "samples_to_target": row["samples_to_target"],
                     "ratio_vs_outcome": row["gain"],
                     "prm_labels": labels.get(given.get(flag, "")) if uses_prm else None,
+                    # labels bought during RL (an on-policy refreshed PRM's), 0 for the others
+                    "rl_labels_to_target": row.get("teacher_labels_to_target", 0.0),
+                    "rl_labels_final": row.get("teacher_labels_final", 0.0),
                     "target": report["target"],
                 }
             )
+    return rows
+
+
+SEARCH_RUNS = "search"
+"""`<results>/<setup>/search/<policy>_<scorer>/search.csv`: launch/search.py's tables."""
+
+
+def search_rows(results: Path) -> list[dict[str, Any]]:
+    """summary.json's `search` rows from every launch/search.py table under
+    `<results>/<setup>/search/<policy>_<scorer>/`: one per strategy and budget, with the
+    policy tokens generated per problem as `budget_tokens`."""
+    import csv
+
+    rows: list[dict[str, Any]] = []
+    for file in sorted(results.glob(f"*/{SEARCH_RUNS}/*/search.csv")):
+        policy, _, scorer = file.parent.name.partition("_")
+        with open(file, newline="") as f:
+            for r in csv.DictReader(f):
+                rows.append(
+                    {
+                        "regime": file.parent.parent.parent.name,
+                        "policy": policy,
+                        "scorer": "none" if r["strategy"] == "majority" else scorer,
+                        "strategy": r["strategy"],
+                        "budget": int(r["budget"]),
+                        "budget_tokens": float(r["generated_tokens_per_problem"]),
+                        "verifier_tokens": float(r["verifier_tokens_per_problem"]),
+                        "accuracy": float(r["accuracy"]),
+                        "problems": int(r["problems"]),
+                    }
+                )
     return rows
 
 
@@ -386,10 +423,9 @@ def summary(args: argparse.Namespace) -> None:
             note = "" if fraction != 1.0 else " (only at the full pool, which is uniform's pool)"
             lines += ["", f"PRM settings {settings}; ActPRM fraction: {fraction}{note}", ""]
     out["rl"] = rl_rows(args.results)
+    out["search"] = search_rows(args.results)
     args.results.mkdir(parents=True, exist_ok=True)
-    file = args.results / "summary.json"
-    kept = json.loads(file.read_text()) if file.is_file() else {}  # the search part
-    file.write_text(json.dumps(kept | out, indent=2) + "\n")
+    (args.results / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
     (args.results / "label_curve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -904,3 +904,41 @@ def test_tune_grid_parses_numbers_and_names_a_bad_item() -> None:
     }
     with pytest.raises(ValueError, match="--tune-grid 'alpha'"):
         se.parse_grid(["alpha"])
+
+
+def test_learned_prm_search_rows_read_search_tables(tmp_path: Path) -> None:
+    """summary.json's `search` rows: one per line of each `<setup>/search/<policy>_<scorer>/
+    search.csv`, majority vote with no scorer, tokens and accuracy as written."""
+    run = tmp_path / "s8m11" / "search" / "sft_prm"
+    run.mkdir(parents=True)
+    (run / "search.csv").write_text(
+        "strategy,budget,beam_width,expansions,accuracy,generated_tokens_per_problem,"
+        "verifier_tokens_per_problem,problems,scorer_cache\n"
+        "best_of_n_min,4,0,4,0.5,240.5,180.0,128,on\n"
+        "majority,4,0,4,0.25,240.5,0.0,128,on\n"
+    )
+    rows = lp.search_rows(tmp_path)
+    assert rows == [
+        {
+            "regime": "s8m11",
+            "policy": "sft",
+            "scorer": "prm",
+            "strategy": "best_of_n_min",
+            "budget": 4,
+            "budget_tokens": 240.5,
+            "verifier_tokens": 180.0,
+            "accuracy": 0.5,
+            "problems": 128,
+        },
+        {
+            "regime": "s8m11",
+            "policy": "sft",
+            "scorer": "none",
+            "strategy": "majority",
+            "budget": 4,
+            "budget_tokens": 240.5,
+            "verifier_tokens": 0.0,
+            "accuracy": 0.25,
+            "problems": 128,
+        },
+    ]
