@@ -26,6 +26,7 @@ same number of generated samples, and is evaluated on the held-out `eval` split 
     prm_refresh    prm whose PRM is refreshed on-policy: every step the `exact` teacher
                    labels every response (cut after its first wrong step) and the PRM takes
                    one pass over them (the head's `refresh_*` options; labels counted)
+    prm_refresh_lite  the same with 8 responses per rank labelled per step
 
 The task is harder than the quickstart's (which reaches 100%): `TASK_OVERRIDES`. The start
 model is built per task config and cached, so all methods share it.
@@ -275,11 +276,15 @@ def prm_method(
     needs: str = "prm",
     paper: str = "-",
     refresh: bool = False,
+    refresh_rows: int = 0,
 ) -> Method:
     """GRPO + a learned PRM's step rewards shaped by `shaping` under `credit`; the first-error
     threshold is the PRM's own (`--prm-threshold`, chosen on the PRM's validation labels).
-    With `refresh`, the PRM is refreshed on-policy every step (its lr tuned too)."""
+    With `refresh`, the PRM is refreshed on-policy every step (its lr tuned too), on
+    `refresh_rows` responses per rank (0: all)."""
     head = PRM_REFRESH_HEAD if refresh else PRM_HEAD
+    if refresh_rows:
+        head = head.replace("$refresh_lr}", f"$refresh_lr, refresh_rows: {refresh_rows}}}")
     return Method(
         name,
         label,
@@ -392,6 +397,15 @@ METHODS: tuple[Method, ...] = (
         "pav",
         paper="- (prm plus the exact teacher's labels on every step's responses)",
         refresh=True,
+    ),
+    prm_method(
+        "prm_refresh_lite",
+        "GRPO + learned PRM refreshed on 8 responses per rank and step, first error",
+        "first_error",
+        "pav",
+        paper="- (prm_refresh with the teacher labelling 8 of each rank's responses per step)",
+        refresh=True,
+        refresh_rows=8,
     ),
 )
 BASELINE = "outcome"
