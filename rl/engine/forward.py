@@ -147,46 +147,87 @@ def _response_logits(model: Any, batch: TokenBatch) -> torch.Tensor:
 
 
 class _ChunkLogprobs(torch.autograd.Function):
-    """Sampled-token log-probs and entropy of one chunk, from hidden states and a bias-free
-    output layer `W` (or from logits when `W` is None), with a hand-written backward that
-    recomputes the chunk's logits instead of keeping them: memory ~3 float32 chunk logits.
+    """Sampled-token log-probs and entropy of the response, `chunk` positions at a time, from
+    hidden states and a bias-free output layer `W` (or from logits when `W` is None), with a
+    hand-written backward that recomputes each chunk's logits instead of keeping them:
+    memory ~3 float32 chunk logits.
 
     Backward, with z = logits / T, p = softmax(z), lse = logsumexp(z), H = entropy:
         d log p_y / dz = onehot(y) - p,    dH / dz = -p * (z - lse + H)
     and z = h W^T / T gives dh = dz W / T and dW = dz^T h / T.
+    The matrix products run in the model's dtype (no float32 copy of `W`); dW is summed over
+    the chunks in one float32 buffer and rounded to `W`'s dtype once (summed by autograd,
+    chunk by chunk in bf16, it would lose the small chunks' contributions).
     """
 
     @staticmethod
     def forward(
         ctx: Any, source: torch.Tensor, weight: torch.Tensor | None, ids: torch.Tensor,
-        temperature: float, entropy: bool,
+        temperature: float, entropy: bool, chunk: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        logits = source if weight is None else source @ weight.T  # [b, c, V]
-        logp, ent = logprobs_and_entropy(logits, ids, temperature, entropy)  # [b, c] each
-        ent = ent if ent is not None else logp.new_zeros(0)
-        ctx.save_for_backward(source, weight, ids, logp, ent)
-        ctx.temperature = temperature
-        return logp, ent
+        logps, ents = [], []
+        for start in range(0, ids.shape[1], chunk):
+            cut = slice(start, start + chunk)
+            part = source[:, cut]
+            logits = part if weight is None else part @ weight.T  # [b, c, V]
+            logp, ent = logprobs_and_entropy(logits, ids[:, cut], temperature, entropy)
+            logps.append(logp)
+            ents.append(ent if ent is not None else logp.new_zeros(logp.shape))
+        logp_all, ent_all = torch.cat(logps, dim=1), torch.cat(ents, dim=1)  # [b, Tr] each
+        ctx.save_for_backward(source, weight, ids, logp_all, ent_all)
+        ctx.temperature, ctx.chunk, ctx.entropy = temperature, chunk, entropy
+        return logp_all, (ent_all if entropy else logp_all.new_zeros(0))
 
     @staticmethod
     def backward(
         ctx: Any, grad_logp: torch.Tensor, grad_ent: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         source, weight, ids, logp, ent = ctx.saved_tensors
-        z = _chunk_logits(source, weight, ctx.temperature)  # recomputed, [b, c, V]
-        lse = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logp  # [b, c], log p_y = z_y - lse
-        probs = (z - lse.unsqueeze(-1)).exp()  # [b, c, V]
-        grad_z = -probs * grad_logp.unsqueeze(-1)
-        grad_z.scatter_add_(-1, ids.unsqueeze(-1), grad_logp.unsqueeze(-1))
-        if ent.numel():
-            grad_z -= grad_ent.unsqueeze(-1) * probs * (z - (lse - ent).unsqueeze(-1))
-        grad_z /= ctx.temperature  # d/d logits
-        if weight is None:
-            return grad_z.to(source.dtype), None, None, None, None
-        flat = grad_z.reshape(-1, grad_z.shape[-1])  # [b*c, V]
-        grad_source = (flat @ weight.float()).reshape(source.shape).to(source.dtype)
-        grad_weight = (flat.T @ source.reshape(-1, source.shape[-1]).float()).to(weight.dtype)
-        return grad_source, grad_weight, None, None, None
+        grad_source = torch.empty_like(source)
+        grad_weight = None if weight is None else torch.zeros_like(weight, dtype=torch.float32)
+        for start in range(0, ids.shape[1], ctx.chunk):
+            cut = slice(start, start + ctx.chunk)
+            grad_z = _chunk_grad_logits(
+                source[:, cut],
+                weight,
+                ids[:, cut],
+                logp[:, cut],
+                ent[:, cut] if ctx.entropy else None,
+                grad_logp[:, cut],
+                grad_ent[:, cut] if ctx.entropy else None,
+                ctx.temperature,
+            )  # [b, c, V] float32
+            if weight is None:
+                grad_source[:, cut] = grad_z.to(source.dtype)
+                continue
+            flat = grad_z.reshape(-1, grad_z.shape[-1]).to(weight.dtype)  # [b*c, V]
+            part = source[:, cut]
+            grad_source[:, cut] = (flat @ weight).reshape(part.shape).to(source.dtype)
+            assert grad_weight is not None
+            grad_weight += (flat.T @ part.reshape(-1, part.shape[-1]).to(weight.dtype)).float()
+        out_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        return grad_source, out_weight, None, None, None, None
+
+
+def _chunk_grad_logits(
+    source: torch.Tensor,
+    weight: torch.Tensor | None,
+    ids: torch.Tensor,
+    logp: torch.Tensor,
+    ent: torch.Tensor | None,
+    grad_logp: torch.Tensor,
+    grad_ent: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """d loss / d logits of one chunk (its logits recomputed): [b, c, V] float32."""
+    z = _chunk_logits(source, weight, temperature)  # [b, c, V]
+    lse = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logp  # [b, c], log p_y = z_y - lse
+    probs = (z - lse.unsqueeze(-1)).exp()  # [b, c, V]
+    grad_z = -probs * grad_logp.unsqueeze(-1)
+    grad_z.scatter_add_(-1, ids.unsqueeze(-1), grad_logp.unsqueeze(-1))
+    if ent is not None and grad_ent is not None:
+        grad_z -= grad_ent.unsqueeze(-1) * probs * (z - (lse - ent).unsqueeze(-1))
+    return grad_z / temperature  # d/d logits
 
 
 def _chunk_logits(
@@ -239,16 +280,11 @@ def _logprobs_and_entropy(
         source = _response_hidden(model, hf_model, batch)  # [b, Tr, H]
     else:  # the model's own output layer, logits at response positions only
         source = _response_logits(model, batch)  # [b, Tr, V]
-    logps, ents = [], []
-    for start in range(0, ids.shape[1], chunk_tokens):
-        cut = slice(start, start + chunk_tokens)
-        logp, ent = _ChunkLogprobs.apply(source[:, cut], weight, ids[:, cut], temperature, entropy)
-        logps.append(logp)
-        ents.append(ent)
-    if not logps:  # no response tokens
+    if ids.shape[1] == 0:  # no response tokens
         empty = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
         return empty, (empty.clone() if entropy else None)
-    return torch.cat(logps, dim=1), (torch.cat(ents, dim=1) if entropy else None)
+    logp, ent = _ChunkLogprobs.apply(source, weight, ids, temperature, entropy, chunk_tokens)
+    return logp, (ent if entropy else None)
 
 
 def response_logprobs(model: Any, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
