@@ -40,8 +40,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.pav_labels import clean_flags  # noqa: E402
+from rl.data.prompts import val_prompt_set  # noqa: E402
 from rl.pav.data import DATA_GLOB, META_FILE, SolutionRecord, append_records, read_records  # noqa: E402
-from rl.pav.train import val_prompt_set  # noqa: E402
 
 TARGETS = ("length_clean", "clean")
 

@@ -146,14 +146,7 @@ class PRMHead(RewardHead):
         from rl.prm.convention import load_convention
         from rl.prm.refresh import RefreshOptions, RefreshState
 
-        shaping_fn(shaping)  # a one-line ConfigError naming the valid shapings
-        check_reduction(agreement_reduce)
-        _check_range("eta", eta, 0.0, 1.0)
-        _check_range("threshold", threshold, 0.0, 1.0)
-        if not penalty > 0:
-            raise ConfigError(f"prm head: penalty must be > 0, got {penalty}")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ConfigError(f"prm head: micro_batch_size must be >= 1, got {micro_batch_size}")
+        check_options(shaping, agreement_reduce, eta, threshold, penalty, micro_batch_size)
         unknown = sorted(set(convention) - set(CONVENTION_KEYS))
         if unknown:
             raise ConfigError(f"prm head: unknown option {unknown[0]!r}")
@@ -418,6 +411,25 @@ def labeler_options(cfg: Any) -> Any:
     from rl.tasks.arith import ArithConfig
 
     return LabelerOptions(modulus=ArithConfig(**dict(cfg.data.task)).modulus)
+
+
+def check_options(
+    shaping: str,
+    agreement_reduce: str,
+    eta: float,
+    threshold: float,
+    penalty: float,
+    micro_batch_size: int | None,
+) -> None:
+    """One-line ConfigErrors for the shaping and filter options (`PRMHeadOptions`)."""
+    shaping_fn(shaping)  # names the valid shapings
+    check_reduction(agreement_reduce)
+    _check_range("eta", eta, 0.0, 1.0)
+    _check_range("threshold", threshold, 0.0, 1.0)
+    if not penalty > 0:
+        raise ConfigError(f"prm head: penalty must be > 0, got {penalty}")
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ConfigError(f"prm head: micro_batch_size must be >= 1, got {micro_batch_size}")
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:

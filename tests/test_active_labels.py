@@ -14,7 +14,7 @@ import torch
 
 from rl.config import load_config
 from rl.core.errors import ConfigError, DataError
-from rl.data.prompts import PromptRow
+from rl.data.prompts import PromptRow, val_prompt_set
 from rl.pav.active import (
     SKIPPED_FILE,
     as_candidate,
@@ -29,7 +29,7 @@ from rl.pav.active import (
     uncertainty,
 )
 from rl.pav.data import META_FILE, LabelBatch, SolutionRecord, append_records, read_records
-from rl.pav.train import check_pav_config, split_by_prompt, split_records, val_prompt_set
+from rl.pav.train import check_pav_config, split_by_prompt, split_records
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -24,6 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("rl.config",),  # the typed run config
     # DeepSpeed and models, data, generation; a PRM's convention, module and step-label data
     ("rl.engine", "rl.data", "rl.rollout", "rl.prm.convention", "rl.prm.model", "rl.prm.data"),
+    # a PRM's training passes, step labelers and on-policy refresh (the `prm` head's)
+    ("rl.prm.fitting", "rl.prm.labelers", "rl.prm.refresh"),
     ("rewards",),  # reward functions, verifiers, reward heads
     ("rl.setup",),  # run setup shared by the pipelines
     ("rl.trainer", "rl.pav", "rl.eval"),  # the pipelines

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks import pav_denoised as pd
+from rl.data.prompts import val_prompt_set
 from rl.engine.start_model import build_tokenizer
 from rl.pav.data import META_FILE, SolutionRecord, read_records
-from rl.pav.train import val_prompt_set
 from rl.tasks.arith import ArithConfig, sample_problems, step_lines
 
 

@@ -1,9 +1,12 @@
-"""How a step's rollouts split over ranks (`plan_batches`), and splitting a batch into
-consecutive chunks (micro-batches, forward-only passes). Imports no torch, so the dry-run
+"""How a step's rollouts split over ranks (`plan_batches`), splitting a batch into
+consecutive chunks (micro-batches, forward-only passes), and a training pass's micro-batches
+with the same count on every rank (`plan_micro_batches`). Imports no torch, so the dry-run
 plan (`rl.engine.memory_plan`) uses the same arithmetic as the trainer."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rl.core.errors import ConfigError
@@ -15,6 +18,25 @@ def micro_batches(n: int, size: int) -> list[list[int]]:
     if size < 1:
         raise ValueError(f"chunk size must be at least 1, got {size}")
     return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+
+
+def plan_micro_batches(
+    order: Sequence[int], world: int, rank: int, micro_batch_size: int
+) -> list[tuple[list[int], list[bool]]]:
+    """This rank's micro-batches over `order`: (indices, real) per step, the same number of
+    steps and rows on every rank (ZeRO's collectives need it). The tail is padded with rows
+    from the start of `order` marked `real=False` (they get weight 0)."""
+    if not order:
+        return []
+    per_step = micro_batch_size * world
+    steps = math.ceil(len(order) / per_step)
+    padded = list(order) + [order[i % len(order)] for i in range(steps * per_step - len(order))]
+    real = [i < len(order) for i in range(len(padded))]
+    out = []
+    for s in range(steps):
+        lo = s * per_step + rank * micro_batch_size
+        out.append((padded[lo : lo + micro_batch_size], real[lo : lo + micro_batch_size]))
+    return out
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ line numbers for JSONL files are 1-based (`line 3`), as in an editor.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -299,6 +299,18 @@ def seeded(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+def val_prompt_set(prompts: Iterable[Any], val_fraction: float, seed: int) -> set[Any]:
+    """The held-out prompts (indices or texts): `val_fraction` of the distinct `prompts` in a
+    seeded order (at least one when the fraction is positive and there are two or more
+    prompts, never all of them)."""
+    ordered = sorted(set(prompts))
+    n_val = round(val_fraction * len(ordered))
+    if val_fraction > 0 and len(ordered) >= 2:
+        n_val = min(max(1, n_val), len(ordered) - 1)
+    perm = torch.randperm(len(ordered), generator=seeded(seed)).tolist()
+    return {ordered[i] for i in perm[:n_val]}
 
 
 class PromptSampler:

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rl.core.batching import plan_micro_batches
 from rl.core.errors import ConfigError, DataError
 from rl.data.prompts import PromptRow, seeded
 from rl.engine import deepspeed_engine as eng
@@ -70,7 +71,7 @@ from rl.pav.data import (
     first_difference,
     read_records,
 )
-from rl.pav.fitting import make_value_engine, plan_micro_batches, train_epoch
+from rl.pav.fitting import make_value_engine, train_epoch
 
 SELECT_RULES = ("uncertainty", "random")
 UNCERTAINTY_KINDS = ("max", "epistemic")

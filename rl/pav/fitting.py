@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from rl.algos.losses import engine_loss_scale
+from rl.core.batching import plan_micro_batches
 from rl.engine import deepspeed_engine as eng
 from rl.pav.data import LabelBatch, SolutionRecord, collate
 
@@ -21,25 +22,6 @@ def soft_bce(prediction: float, label: float, eps: float = 1e-12) -> float:
     clipped to [eps, 1 - eps] so that a certain wrong prediction costs a finite amount."""
     p = min(max(prediction, eps), 1.0 - eps)
     return -(label * math.log(p) + (1.0 - label) * math.log(1.0 - p))
-
-
-def plan_micro_batches(
-    order: Sequence[int], world: int, rank: int, micro_batch_size: int
-) -> list[tuple[list[int], list[bool]]]:
-    """This rank's micro-batches over `order`: (indices, real) per step, the same number of
-    steps and rows on every rank (ZeRO's collectives need it). The tail is padded with rows
-    from the start of `order` marked `real=False` (they get weight 0)."""
-    if not order:
-        return []
-    per_step = micro_batch_size * world
-    steps = math.ceil(len(order) / per_step)
-    padded = list(order) + [order[i % len(order)] for i in range(steps * per_step - len(order))]
-    real = [i < len(order) for i in range(len(padded))]
-    out = []
-    for s in range(steps):
-        lo = s * per_step + rank * micro_batch_size
-        out.append((padded[lo : lo + micro_batch_size], real[lo : lo + micro_batch_size]))
-    return out
 
 
 def bce_terms(logits: torch.Tensor, batch: LabelBatch, weight: torch.Tensor) -> dict[str, Any]:

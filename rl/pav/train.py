@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,9 @@ from tqdm import tqdm
 from rewards.base import RewardSpec
 from rewards.build import make_verifier
 from rl.config import Config, to_dict
+from rl.core.batching import plan_micro_batches
 from rl.core.errors import ConfigError, DataError
-from rl.data.prompts import PromptRow, PromptSampler, seeded
+from rl.data.prompts import PromptRow, PromptSampler, seeded, val_prompt_set
 from rl.engine import deepspeed_engine as eng
 from rl.engine.models import enable_gradient_checkpointing, run_dtype
 from rl.pav.active import (
@@ -66,7 +67,6 @@ from rl.pav.data import (
 from rl.pav.fitting import (
     evaluate,
     make_value_engine,
-    plan_micro_batches,
     soft_bce,
     train_epoch,
 )
@@ -351,18 +351,6 @@ def split_by_prompt(
     records = [r for r in records if r.labels]  # a solution without steps has no label
     val_prompts = val_prompt_set({r.prompt_index for r in records}, val_fraction, seed)
     return split_records(records, val_prompts)
-
-
-def val_prompt_set(prompts: Iterable[Any], val_fraction: float, seed: int) -> set[Any]:
-    """The held-out prompts (indices or texts): `val_fraction` of the distinct `prompts` in a
-    seeded order (at least one when the fraction is positive and there are two or more
-    prompts, never all of them)."""
-    ordered = sorted(set(prompts))
-    n_val = round(val_fraction * len(ordered))
-    if val_fraction > 0 and len(ordered) >= 2:
-        n_val = min(max(1, n_val), len(ordered) - 1)
-    perm = torch.randperm(len(ordered), generator=seeded(seed)).tolist()
-    return {ordered[i] for i in perm[:n_val]}
 
 
 def split_records(

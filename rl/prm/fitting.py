@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from rl.algos.first_error import first_error_from_step_values, processbench_scores
 from rl.config import Config, PRMConfig
+from rl.core.batching import plan_micro_batches
 from rl.core.errors import DataError
-from rl.data.prompts import seeded
+from rl.data.prompts import seeded, val_prompt_set
 from rl.engine import deepspeed_engine as eng
-from rl.eval.prm import first_error_from_step_values, processbench_scores
-from rl.pav.fitting import plan_micro_batches
 from rl.prm.convention import PRMConvention, TokenIds, render_ids, token_ids
 from rl.prm.model import PRMModel, collate_solutions, gather_steps
 
@@ -91,10 +91,8 @@ def render_examples(
 
 
 def val_prompts(prompts: Sequence[str], val_fraction: float, seed: int) -> set[str]:
-    """The held-out prompt texts: PAV's rule (`rl.pav.train.val_prompt_set`) on the distinct
-    `prompts`."""
-    from rl.pav.train import val_prompt_set
-
+    """The held-out prompt texts: PAV's rule (`rl.data.prompts.val_prompt_set`) on the
+    distinct `prompts`."""
     return val_prompt_set(prompts, val_fraction, seed)
 
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from rl.algos.first_error import first_error_from_step_values
 from rl.core.errors import ConfigError
 from rl.data.prompts import seeded
 from rl.engine import deepspeed_engine as eng
-from rl.eval.prm import first_error_from_step_values
 from rl.prm.data import StepExample, until_first_error
 from rl.prm.fitting import first_bad, prm_scores, render_examples, train_epoch
 from rl.prm.labelers import ROLLOUT_LABELERS, Labeler, StepSolution, check_labeler_name
