@@ -167,8 +167,9 @@ def test_active_labelling_on_two_ranks_then_restart(tmp_path: Path, model_cache:
 
 
 def test_search_with_the_verifier_and_exact_labels(tmp_path: Path, model_cache: Path) -> None:
-    """launch/search.py --quick: best-of-N, majority vote and beam search with a trained PAV
-    verifier, then with the task's exact labels; a bad beam width is a one-line error."""
+    """launch/search.py --quick: best-of-N (by the last and by the lowest step value), majority
+    vote and beam search with a trained PAV verifier, then with the task's exact labels; a
+    bad beam width is a one-line error."""
     import csv
 
     verifier = tmp_path / "verifier"
@@ -183,7 +184,7 @@ def test_search_with_the_verifier_and_exact_labels(tmp_path: Path, model_cache: 
         with open(out / "search.csv") as f:
             rows = list(csv.DictReader(f))
         assert [(r["strategy"], r["budget"]) for r in rows] == [
-            (s, b) for b in ("2", "4") for s in ("best_of_n", "majority", "beam")
+            (s, b) for b in ("2", "4") for s in ("best_of_n", "best_of_n_min", "majority", "beam")
         ]
         for row in rows:
             assert 0.0 <= float(row["accuracy"]) <= 1.0 and row["problems"] == "8"
