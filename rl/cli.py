@@ -8,6 +8,7 @@ exits 1). Imports nothing heavy at module level, so scripts can call it before t
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 import traceback
@@ -113,9 +114,22 @@ def exit_process(code: int) -> NoReturn:
     an active exception", exit -6) after all its output was written, which the launcher
     reports as a failed run. Code 3 (a run that halted itself: a hung peer, non-finite
     numbers) skips them too: the process group's teardown could wait on a stopped peer.
-    Any other code exits normally."""
+    Any other code runs the atexit handlers; it skips the teardown as well while a process
+    group is still up (a user error raised mid-run leaves it up, and its teardown aborted the
+    same way: exit 250 instead of 2), and otherwise exits normally."""
     sys.stdout.flush()
     sys.stderr.flush()
     if code in (0, 3):
         os._exit(code)
+    if _process_group_up():
+        atexit._run_exitfuncs()  # what a normal exit runs before the teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
+
+
+def _process_group_up() -> bool:
+    """Whether this process still holds a torch.distributed process group."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
