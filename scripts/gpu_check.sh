@@ -3,19 +3,23 @@
 # of them (transformers and vLLM with sleep mode, ZeRO-2 and ZeRO-3, the implicit PRM,
 # PAV, PPO, the bf16 chat model), then a throughput run of a randomly initialised model at
 # real size (Qwen2-1.5B config, bf16, 512-token responses): tokens/s per phase, the weight
-# sync's share of a step, peak GPU memory and MFU. Everything lands in
-# benchmarks/results/gpu/ (summary.md, one log per case, throughput/).
+# sync's share of a step, peak GPU memory and MFU; and PPO killed after step 3 and resumed,
+# against the uninterrupted PPO case. Everything lands in benchmarks/results/gpu/: one log per
+# case, throughput/, and a row per case merged into summary.md (a case run replaces its
+# earlier row, the other rows and the text around the table stay: benchmarks/gpu_check_rows.py).
 #
 #   bash scripts/gpu_check.sh            # run it (needs nvidia-smi and the GPUs)
 #   bash scripts/gpu_check.sh --dry-run  # print the plan and exit 0 (any machine)
 #
 # Environment:
-#   STEPS         training steps per case (default 4)
+#   STEPS         training steps per case (default 4; ppo-resume needs 4 or more)
 #   GPUS          GPUs per case (default: all)
 #   PYTHON        an interpreter that already has the stack (torch, deepspeed, transformers,
 #                 ...): used as is, scripts/setup.sh is not run (default: .venv after setup)
 #   CASES         comma-separated case names to run (default: all)
 #   CASE_TIMEOUT  seconds one case may run before it is stopped and counted failed (1800)
+#   OUT, RUNS     where results and run directories go (benchmarks/results/gpu, runs/gpu_check)
+#   EXTRA         overrides added to every training case (e.g. a smaller model for a trial)
 # Without vLLM importable, the vLLM cases are reported as skipped, not run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,8 +45,9 @@ fi
 STEPS=${STEPS:-4}
 CASES=${CASES:-}
 CASE_TIMEOUT=${CASE_TIMEOUT:-1800}
-OUT=benchmarks/results/gpu
-RUNS=runs/gpu_check
+OUT=${OUT:-benchmarks/results/gpu}
+RUNS=${RUNS:-runs/gpu_check}
+EXTRA=${EXTRA:-}
 if [ -n "${PYTHON:-}" ]; then
   PY=$PYTHON
   DS="$PY -m deepspeed.launcher.runner --num_gpus $GPUS"
@@ -54,11 +59,12 @@ fi
 common() {
   echo "output_dir=$RUNS/$1 trainer.overwrite=true trainer.max_steps=$STEPS" \
     "trainer.eval_every=$STEPS trainer.save_every=$STEPS logging.progress_bar=false" \
-    "rollout.prompts_per_step=$((GPUS * 4)) data.eval_size=$((GPUS * 16))"
+    "rollout.prompts_per_step=$((GPUS * 4)) data.eval_size=$((GPUS * 16)) $EXTRA"
 }
 
 failures=0
-row() { echo "| $1 | $2 | $3 | $4 |" | tee -a "$OUT/summary.md"; }
+ROWS=$OUT/logs/rows.md
+row() { echo "| $1 | $2 | $3 | $4 | $RUN_ID |" | tee -a "$ROWS"; }
 run() {  # run NAME COMMAND...: log to $OUT/logs/NAME.log, a row in summary.md
   local name=$1
   shift
@@ -69,6 +75,8 @@ run() {  # run NAME COMMAND...: log to $OUT/logs/NAME.log, a row in summary.md
   [ "$DRY" = 1 ] && return 0
   local start status
   start=$(date +%s)
+  # a shell function (kill_and_resume) runs in a child bash, which `timeout` can start
+  if declare -F "$1" >/dev/null; then set -- bash -c '"$@"' _ "$@"; fi
   if timeout --signal=TERM --kill-after=30 "$CASE_TIMEOUT" "$@" >"$OUT/logs/$name.log" 2>&1; then
     status=ok
   else
@@ -77,8 +85,19 @@ run() {  # run NAME COMMAND...: log to $OUT/logs/NAME.log, a row in summary.md
   fi
   local accuracy
   accuracy=$(grep -o 'step [0-9]*: eval/accuracy [0-9.]*' "$OUT/logs/$name.log" | tail -1 || true)
+  if [ "$name" = ppo-resume ] && [ "$status" = ok ]; then
+    accuracy="${accuracy:-}; against ppo: $("$PY" -m benchmarks.gpu_check_rows resume-gap \
+      "$RUNS/ppo" "$RUNS/ppo-resume" 3 2>&1 | tail -1)"
+  fi
   row "$name" "$status" "$(($(date +%s) - start)) s" "${accuracy:-}"
 }
+# kill_and_resume COMMAND...: the run SIGKILLs itself after step 3 (its checkpoint: step 2),
+# then the same command resumes it to the end
+kill_and_resume() {
+  DENSE_RL_KILL_AFTER_STEP=3 "$@" && { echo "error: the run was not killed" >&2; return 1; }
+  "$@" trainer.overwrite=false trainer.resume=auto
+}
+export -f kill_and_resume
 run_vllm() {  # a case that needs vLLM: reported as skipped where vLLM does not import
   if [ "$DRY" = 0 ] && [ "$HAVE_VLLM" = 0 ]; then
     if [ -z "$CASES" ] || [[ ",$CASES," == *",$1,"* ]]; then
@@ -95,16 +114,17 @@ if [ "$DRY" = 0 ]; then
   [ -n "${PYTHON:-}" ] || bash scripts/setup.sh
   "$PY" -c "import vllm" >/dev/null 2>&1 || HAVE_VLLM=0
   mkdir -p "$OUT/logs" "$RUNS"
+  : >"$ROWS"
+  GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+  RUN_ID="$(git rev-parse --short HEAD 2>/dev/null || echo ?), $(date -u +%Y-%m-%d), ${GPUS}x $GPU_NAME"
   {
-    echo "# GPU check, $(date -u +%Y-%m-%d), commit $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
-    echo
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/    /'
-    "$PY" -c "import torch, deepspeed, transformers; print('    torch', torch.__version__, \
+    echo "$RUN_ID"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    "$PY" -c "import torch, deepspeed, transformers; print('torch', torch.__version__, \
 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
-    echo
-    echo "| case | status | wall | last eval |"
-    echo "|---|---|---|---|"
-  } >"$OUT/summary.md"
+  } >"$OUT/logs/environment.log"
+  # the rows so far go into summary.md however the script ends
+  trap '"$PY" -m benchmarks.gpu_check_rows merge "$OUT/summary.md" "$ROWS"' EXIT
 fi
 
 Q=configs/quickstart.yaml
@@ -120,6 +140,8 @@ run pav-verifier $DS launch/train_pav.py --config configs/quickstart_pav.yaml \
 run pav $DS launch/train_rl.py --config configs/quickstart_pav.yaml $(common pav) \
   "reward.heads=[{head: pav, kwargs: {path: $RUNS/pav-verifier, prover_k: 4}}]"
 run ppo $DS launch/train_rl.py --config configs/quickstart_ppo.yaml $(common ppo)
+run ppo-resume kill_and_resume $DS launch/train_rl.py --config configs/quickstart_ppo.yaml \
+  $(common ppo-resume) trainer.save_every=2
 
 # Throughput at real size: random Qwen2-1.5B weights in bf16, 512-token responses.
 MODEL=$RUNS/qwen2-1.5b-random
@@ -145,5 +167,5 @@ if [ "$DRY" = 1 ]; then
   echo "dry run: nothing was run"
   exit 0
 fi
-echo "gpu_check: $failures case(s) failed; see $OUT/summary.md"
+echo "gpu_check: $failures case(s) failed; rows merged into $OUT/summary.md"
 [ "$failures" = 0 ]
