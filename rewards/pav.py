@@ -140,11 +140,12 @@ class PAVHead(RewardHead):
         self.micro_batch_size = 16
 
     def setup(self, ctx: HeadContext) -> None:
-        """Load the verifier on every rank: a ZeRO-3 inference engine under ZeRO-3 (memory
-        like the policy's), else a full frozen copy. Its tokenizer must be the policy's."""
+        """Load the verifier on every rank: partitioned as it loads and run by a ZeRO-3
+        inference engine under ZeRO-3 (memory like the policy's), else a full frozen copy.
+        Its tokenizer must be the policy's."""
         from rl.engine.deepspeed_engine import create_reference
 
-        model, tokenizer = load_value_model(self.path, ctx.dtype)
+        model, tokenizer = load_value_model(self.path, ctx.dtype, ctx.ds_config)
         if ctx.tokenizer is not None and tokenizer.get_vocab() != ctx.tokenizer.get_vocab():
             raise ConfigError(
                 f"pav head: the verifier at {self.path} has another tokenizer than the policy"

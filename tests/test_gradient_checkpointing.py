@@ -92,7 +92,7 @@ def test_trained_models_checkpoint_activations_when_configured(
     enabled: bool,
 ) -> None:
     monkeypatch.setattr(
-        pav_train, "make_value_engine", lambda cfg, dist, model: built.append(model)
+        pav_train, "make_value_engine", lambda cfg, dist, model, ds_config: built.append(model)
     )
     monkeypatch.setattr(pav_train, "train_epoch", lambda *args, **kwargs: 1.0)
     monkeypatch.setattr(pav_train.eng, "full_state_dict", lambda engine: None)

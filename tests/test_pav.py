@@ -223,7 +223,7 @@ def head_batch() -> HeadBatch:
 def test_pav_head_scores_prover_advantages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / HEAD_FILE).touch()  # passes the constructor's check; loading is stubbed
     stub = StubVerifier()
-    monkeypatch.setattr(pav, "load_value_model", lambda path, dtype: (stub, VocabTokenizer()))
+    monkeypatch.setattr(pav, "load_value_model", lambda path, dtype, ds: (stub, VocabTokenizer()))
     head = pav.PAVHead(path=str(tmp_path), prover_k=2)
     ctx = HeadContext(
         cfg=None,
@@ -264,7 +264,7 @@ def test_pav_head_reads_the_host_once_per_batch(
     from tests.host_reads import counted_host_reads
 
     (tmp_path / HEAD_FILE).touch()
-    monkeypatch.setattr(pav, "load_value_model", lambda path, dtype: (StubVerifier(), None))
+    monkeypatch.setattr(pav, "load_value_model", lambda path, dtype, ds: (StubVerifier(), None))
     counts, outputs = [], []
     for micro_batch_size in (2, 1):
         head = pav.PAVHead(path=str(tmp_path), prover_k=2)
@@ -311,7 +311,7 @@ def test_with_terminal_outcome_hand_example() -> None:
 def test_pav_head_terminal_outcome(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / HEAD_FILE).touch()
     monkeypatch.setattr(
-        pav, "load_value_model", lambda path, dtype: (StubVerifier(), VocabTokenizer())
+        pav, "load_value_model", lambda path, dtype, ds: (StubVerifier(), VocabTokenizer())
     )
     seen: list[list[str]] = []
 
@@ -348,7 +348,7 @@ def test_pav_head_terminal_errors_name_the_key(
     with pytest.raises(ConfigError, match="terminal must be 'verifier' or 'outcome', got 'end'"):
         pav.PAVHead(path=str(tmp_path), terminal="end")  # type: ignore[arg-type]
     monkeypatch.setattr(
-        pav, "load_value_model", lambda path, dtype: (StubVerifier(), VocabTokenizer())
+        pav, "load_value_model", lambda path, dtype, ds: (StubVerifier(), VocabTokenizer())
     )
     ctx = HeadContext(None, DistInfo(0, 1, 0), VocabTokenizer(), "", {}, 1, 2)  # no verifier
     with pytest.raises(ConfigError, match="terminal: outcome needs the trainer's outcome verifier"):
@@ -360,7 +360,7 @@ def test_pav_head_rejects_another_tokenizer(
 ) -> None:
     (tmp_path / HEAD_FILE).touch()
     monkeypatch.setattr(
-        pav, "load_value_model", lambda path, dtype: (StubVerifier(), VocabTokenizer())
+        pav, "load_value_model", lambda path, dtype, ds: (StubVerifier(), VocabTokenizer())
     )
     other = type("Other", (), {"get_vocab": lambda self: {"b": 0}})()
     ctx = HeadContext(None, DistInfo(0, 1, 0), other, "", {}, 1, 2)
@@ -690,8 +690,10 @@ def test_train_verifier_saves_the_kept_epochs_weights(
     import rl.engine.value_model as value_model
 
     fit = ScriptedFit(val_bces)
-    monkeypatch.setattr(value_model, "value_model_from_policy", lambda path, dtype: nn.Linear(1, 1))
-    monkeypatch.setattr(pav_train, "make_value_engine", lambda cfg, dist, model: object())
+    monkeypatch.setattr(
+        value_model, "value_model_from_policy", lambda path, dtype, ds: nn.Linear(1, 1)
+    )
+    monkeypatch.setattr(pav_train, "make_value_engine", lambda cfg, dist, model, ds: object())
     monkeypatch.setattr(pav_train, "train_epoch", fit.train_epoch)
     monkeypatch.setattr(pav_train, "evaluate", fit.evaluate)
     monkeypatch.setattr(pav_train.eng, "full_state_dict", fit.full_state_dict)

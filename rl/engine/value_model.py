@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from rl.core.errors import ConfigError
 from rl.core.types import position_ids_from_mask
+from rl.engine.deepspeed_engine import zero3_init
 
 HEAD_FILE = "value_head.pt"
 """The value head's weights; its presence marks a complete value-model directory."""
@@ -106,18 +107,34 @@ def zero_init_(head: nn.Linear) -> nn.Linear:
     return head
 
 
-def value_model_from_policy(policy_path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+def value_model_from_policy(
+    policy_path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    ds_config: dict[str, Any] | None = None,
+) -> Any:
     """A `ValueModel` whose backbone is the base model of the causal-LM checkpoint at
-    `policy_path` (its LM head is dropped) with a fresh, zero-initialised value head."""
+    `policy_path` (its LM head is dropped) with a fresh, zero-initialised value head. Under
+    a ZeRO-3 `ds_config` the backbone is partitioned over the ranks as it loads
+    (`zero3_init`; collective) instead of whole on every rank."""
     from transformers import AutoModel
 
     try:
-        backbone = AutoModel.from_pretrained(str(policy_path), dtype=dtype)
+        with zero3_init(ds_config):
+            backbone = AutoModel.from_pretrained(str(policy_path), dtype=dtype)
     except OSError as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"cannot load a backbone from {policy_path}: {first}") from err
     model = ValueModel(backbone)
     zero_init_(model.value_head)
+    return _in_dtype(model, dtype)
+
+
+def _in_dtype(model: ValueModel, dtype: torch.dtype) -> ValueModel:
+    """`model` in `dtype`: the head cast, and the backbone too unless ZeRO-3 partitioned it
+    (then it was loaded in `dtype`, and its partitions are DeepSpeed's to cast)."""
+    if any(hasattr(p, "ds_id") for p in model.backbone.parameters()):
+        model.value_head.to(dtype)
+        return model
     return model.to(dtype)
 
 
@@ -131,13 +148,21 @@ def check_value_model_dir(path: str | Path) -> Path:
     return p
 
 
-def load_value_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """(ValueModel, tokenizer) from a directory written by `save_value_model`, in eval mode."""
+def load_value_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    ds_config: dict[str, Any] | None = None,
+) -> tuple[Any, Any]:
+    """(ValueModel, tokenizer) from a directory written by `save_value_model`, in eval mode;
+    under a ZeRO-3 `ds_config` its backbone is partitioned as it loads (collective)."""
     from transformers import AutoModel, AutoTokenizer
 
     p = check_value_model_dir(path)
     try:
-        backbone, info = AutoModel.from_pretrained(str(p), dtype=dtype, output_loading_info=True)
+        with zero3_init(ds_config):
+            backbone, info = AutoModel.from_pretrained(
+                str(p), dtype=dtype, output_loading_info=True
+            )
         tokenizer = AutoTokenizer.from_pretrained(str(p))
     except OSError as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -153,7 +178,7 @@ def load_value_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tu
         raise ConfigError(f"value model {path}: {HEAD_FILE} does not fit the backbone") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(dtype).eval()
+    _in_dtype(model, dtype).eval()
     return model, tokenizer
 
 

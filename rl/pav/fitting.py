@@ -121,24 +121,30 @@ def evaluate(
     return {"bce": bce / n, "acc": correct / n}
 
 
-def make_value_engine(cfg: Any, dist: eng.DistInfo, model: torch.nn.Module) -> Any:
-    """`model` as a DeepSpeed engine with the verifier's settings: `pav.micro_batch_size`
-    per rank, one micro-batch per step, AdamW at `pav.lr` (the run's betas and weight decay,
-    no warm-up), the run's `deepspeed` config, ZeRO stage, clipping and dtype."""
-    pav = cfg.pav
-    ds_config = eng.build_ds_config(
+def value_ds_config(cfg: Any, dist: eng.DistInfo) -> dict[str, Any]:
+    """The verifier's DeepSpeed config: `pav.micro_batch_size` per rank, one micro-batch
+    per step, the run's `deepspeed` config, ZeRO stage, clipping and dtype."""
+    return eng.build_ds_config(
         cfg.deepspeed.config,
         zero_stage=cfg.deepspeed.zero_stage,
-        micro_batch_size=pav.micro_batch_size,
+        micro_batch_size=cfg.pav.micro_batch_size,
         grad_accum_steps=1,
         world_size=dist.world_size,
         max_grad_norm=cfg.optim.max_grad_norm,
         bf16=eng.use_bf16(cfg.model.dtype),
     )
+
+
+def make_value_engine(
+    cfg: Any, dist: eng.DistInfo, model: torch.nn.Module, ds_config: dict[str, Any] | None = None
+) -> Any:
+    """`model` as a DeepSpeed engine with the verifier's settings (`value_ds_config`, or
+    `ds_config` when the model was loaded under it): AdamW at `pav.lr` (the run's betas and
+    weight decay, no warm-up)."""
     return eng.create_policy_engine(
         model,
-        ds_config,
-        lr=pav.lr,
+        ds_config if ds_config is not None else value_ds_config(cfg, dist),
+        lr=cfg.pav.lr,
         betas=cfg.optim.betas,
         weight_decay=cfg.optim.weight_decay,
         warmup_steps=0,

@@ -69,6 +69,7 @@ from rl.pav.fitting import (
     make_value_engine,
     soft_bce,
     train_epoch,
+    value_ds_config,
 )
 from rl.rollout.backend import RolloutBackend
 from rl.setup import (
@@ -431,10 +432,11 @@ def train_verifier(
     from rl.engine.value_model import value_model_from_policy
 
     pav = cfg.pav
-    model = value_model_from_policy(init_path, run_dtype(cfg))
+    ds_config = value_ds_config(cfg, dist)
+    model = value_model_from_policy(init_path, run_dtype(cfg), ds_config)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    engine = make_value_engine(cfg, dist, model)
+    engine = make_value_engine(cfg, dist, model, ds_config)
     steps = len(
         plan_micro_batches(list(range(len(train))), dist.world_size, 0, pav.micro_batch_size)
     )

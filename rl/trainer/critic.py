@@ -92,10 +92,10 @@ class Critic:
         if lr <= 0:
             raise ConfigError(f"critic.lr must be positive, got {lr}")
         if path is not None:
-            model, _ = load_value_model(path, dtype)
+            model, _ = load_value_model(path, dtype, ds_config)
             model.train()
         else:
-            model = value_model_from_policy(policy_path, dtype)
+            model = value_model_from_policy(policy_path, dtype, ds_config)
         if gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.value_clip = float(value_clip)
