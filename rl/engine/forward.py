@@ -12,19 +12,26 @@ How memory stays bounded (a 152k vocabulary makes full logits the largest tensor
   upcast to float32, reduced to the sampled token's log-prob and the entropy, and freed.
 - The backward pass recomputes each chunk's logits and writes their gradient by hand
   (`_ChunkLogprobs`), so no chunk's logits or softmax stay alive between the passes.
+- An output layer partitioned by ZeRO-3 runs as its own module, one chunk at a time
+  (`_partitioned_chunks`), so DeepSpeed gathers its weight for each call as it does for any
+  layer; with gradients on, each chunk is checkpointed (only its hidden states are kept, the
+  logits are recomputed in the backward pass, when DeepSpeed gathers the weight again and
+  reduces its gradient); without them, the weight is gathered once for all the chunks.
 Models whose logits are not a bias-free output layer of the last hidden state (a final
-soft-cap or a logit scale in their config), and output layers partitioned by ZeRO-3, take
-the plain path: the model's forward with `logits_to_keep` (response positions only), then
-the same chunked reduction on those logits.
+soft-cap or a logit scale in their config) take the plain path: the model's forward with
+`logits_to_keep` (response positions only), then the same chunked reduction on those
+logits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from rl.algos.losses import logprobs_and_entropy
 from rl.core.types import position_ids_from_mask
@@ -249,6 +256,52 @@ def _output_weight(hf_model: Any) -> torch.Tensor | None:
     return weight
 
 
+def _partitioned_output_layer(hf_model: Any) -> torch.nn.Module | None:
+    """The output layer when it is a bias-free linear layer partitioned by ZeRO-3."""
+    output_layer = hf_model.get_output_embeddings()
+    weight = getattr(output_layer, "weight", None)
+    if getattr(output_layer, "bias", None) is not None or not hasattr(weight, "ds_id"):
+        return None
+    return output_layer
+
+
+def _layer_logprobs(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float,
+    entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk through the output layer as a module: (log-probs, entropy or zeros) [b, c]."""
+    logp, ent = logprobs_and_entropy(layer(hidden), ids, temperature, entropy)
+    return logp, (ent if ent is not None else torch.zeros_like(logp))
+
+
+def _partitioned_chunks(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float,
+    entropy: bool,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropy `[b, Tr]` through a ZeRO-3 partitioned output layer `layer`,
+    `chunk` positions at a time (see the module docstring)."""
+    if not torch.is_grad_enabled():
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([layer.weight]):  # once, read-only
+            return _ChunkLogprobs.apply(hidden, layer.weight, ids, temperature, entropy, chunk)
+    logps, ents = [], []
+    for start in range(0, ids.shape[1], chunk):
+        cut = slice(start, start + chunk)
+        run = partial(_layer_logprobs, layer, ids=ids[:, cut], temperature=temperature)
+        logp, ent = checkpoint(run, hidden[:, cut], entropy=entropy, use_reentrant=False)
+        logps.append(logp)
+        ents.append(ent)
+    return torch.cat(logps, dim=1), torch.cat(ents, dim=1)
+
+
 def response_logprobs_and_entropy(
     model: Any,
     batch: TokenBatch,
@@ -275,15 +328,21 @@ def _logprobs_and_entropy(
     """`response_logprobs_and_entropy` on a batch as given: [b, Tr] each."""
     hf_model = _unwrap(model)
     ids = batch.input_ids[:, batch.prompt_length :]  # [b, Tr]
-    weight = _output_weight(hf_model) if _splits_cleanly(hf_model) else None
-    if weight is not None:
+    clean = _splits_cleanly(hf_model)
+    weight = _output_weight(hf_model) if clean else None
+    partitioned = _partitioned_output_layer(hf_model) if clean else None
+    if weight is not None or partitioned is not None:
         source = _response_hidden(model, hf_model, batch)  # [b, Tr, H]
     else:  # the model's own output layer, logits at response positions only
         source = _response_logits(model, batch)  # [b, Tr, V]
     if ids.shape[1] == 0:  # no response tokens
         empty = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
         return empty, (empty.clone() if entropy else None)
-    logp, ent = _ChunkLogprobs.apply(source, weight, ids, temperature, entropy, chunk_tokens)
+    if partitioned is not None:
+        args = (partitioned, source, ids, temperature, entropy, chunk_tokens)
+        logp, ent = _partitioned_chunks(*args)
+    else:
+        logp, ent = _ChunkLogprobs.apply(source, weight, ids, temperature, entropy, chunk_tokens)
     return logp, (ent if entropy else None)
 
 

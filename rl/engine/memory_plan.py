@@ -293,16 +293,18 @@ def output_layer_bytes(
     arch: Architecture, value_bytes: int, micro_batch: int, response_tokens: int, zero_stage: int
 ) -> int:
     """Working set of the chunked log-probs (`rl.engine.forward`) in the backward pass:
-    FP32_CHUNK_LOGITS_LIVE float32 [micro_batch, chunk, V] tensors, plus a float32 copy of the
-    output weight and its float32 gradient (2 * 4 * V * h). Under ZeRO-3 the output layer is
-    partitioned, so the model's own logits at the response positions are kept instead of the
-    weight copies: logits and their gradient, 2 * b * micro_batch * response_tokens * V."""
+    FP32_CHUNK_LOGITS_LIVE float32 [micro_batch, chunk, V] tensors, plus the output layer's
+    gradient: summed over the chunks in one float32 buffer and returned in the model's dtype
+    (4 * V * h + b * V * h). Under ZeRO-3 each chunk runs the (gathered) output layer as a
+    module, checkpointed, and DeepSpeed reduces each chunk's weight gradient as it comes: one
+    gradient in the model's dtype, b * V * h (the gathered weight is the "ZeRO-3 gathered
+    module" line)."""
     vocab = arch.vocab_size
     chunk = min(CHUNK_TOKENS, response_tokens)
     chunks = FP32_CHUNK_LOGITS_LIVE * micro_batch * chunk * vocab * 4
     if zero_stage == 3:
-        return chunks + 2 * value_bytes * micro_batch * response_tokens * vocab
-    return chunks + 2 * 4 * vocab * arch.hidden_size
+        return chunks + value_bytes * vocab * arch.hidden_size
+    return chunks + (4 + value_bytes) * vocab * arch.hidden_size
 
 
 # ---- rollouts ------------------------------------------------------------------------
