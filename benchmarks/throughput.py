@@ -145,16 +145,27 @@ class ThroughputConfig:
         return f"zero{self.zero_stage}-{self.backend}" + ("-prm" if self.prm else "")
 
     def overrides(self) -> list[str]:
-        out = [f"deepspeed.zero_stage={self.zero_stage}", f"rollout.backend={self.backend}"]
+        backend = self.backend.split("-")[0]
+        out = [f"deepspeed.zero_stage={self.zero_stage}", f"rollout.backend={backend}"]
+        out += list(DECODING.get(self.backend, ()))
         return out + (list(PRM_OVERRIDES) if self.prm else [])
 
+
+DECODING: dict[str, tuple[str, ...]] = {
+    "transformers-static": ("rollout.transformers_cache=static",),
+    "transformers-compiled": (
+        "rollout.transformers_cache=static",
+        "rollout.transformers_compile=true",
+    ),
+}
+"""Backends that are the transformers backend with a faster decoding setting."""
 
 CONFIGS: tuple[ThroughputConfig, ...] = tuple(
     ThroughputConfig(stage, backend, prm)
     for backend in ("transformers", "vllm")
     for prm in (False, True)
     for stage in (2, 3)
-)
+) + tuple(ThroughputConfig(2, backend, False) for backend in DECODING)
 BASELINE = "zero2-transformers"
 
 

@@ -151,6 +151,15 @@ class RolloutConfig:
     one device whole (then prefer vLLM)."""
     generation_batch_size: int = 64
     """Sequences generated at once per rank (transformers backend; memory knob)."""
+    transformers_cache: Literal["dynamic", "static"] = "dynamic"
+    """KV cache of `generate` (transformers backend): `static` allocates it once for the
+    longest sequence (prompt + max_new_tokens) instead of growing it every token; what
+    `transformers_compile` needs."""
+    transformers_compile: bool = False
+    """Compile the decoding step (torch.compile through transformers' CompileConfig; needs
+    `transformers_cache: static`). Prompts are then left-padded to `data.max_prompt_tokens`
+    so every call of one batch size has one shape and compiles once (the first call of each
+    size pays for it: ~30 s on a CPU for the quickstart's model)."""
     old_logprobs: Literal["trainer", "engine"] = "trainer"
     """Old-policy log-probs for the ratio: recomputed by the trainer, or vLLM's own."""
     tis_cap: float | None = None
@@ -565,6 +574,24 @@ def check_cluster_settings(cluster: ClusterConfig) -> None:
         raise ConfigError(f"cluster.gpu_memory_gib: must be positive, got {cluster.gpu_memory_gib}")
 
 
+def check_transformers_generation(cfg: Config) -> None:
+    """`rollout.transformers_compile` needs the static cache and whole weights while it
+    decodes (not ZeRO-3's per-layer gathers)."""
+    rollout = cfg.rollout
+    if not rollout.transformers_compile:
+        return
+    if rollout.transformers_cache != "static":
+        raise ConfigError(
+            "rollout.transformers_compile: needs rollout.transformers_cache=static, got "
+            f"{rollout.transformers_cache!r}"
+        )
+    if cfg.deepspeed.zero_stage == 3 and not rollout.zero3_gather_for_generation:
+        raise ConfigError(
+            "rollout.transformers_compile: cannot compile decoding that gathers every layer "
+            "(deepspeed.zero_stage=3 with rollout.zero3_gather_for_generation=false)"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single type hint cannot express."""
     forward_mb = cfg.trainer.forward_micro_batch_size
@@ -587,6 +614,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError("rollout.old_logprobs=engine needs rollout.backend=vllm")
         if cfg.rollout.tis_cap is not None:
             raise ConfigError("rollout.tis_cap needs rollout.backend=vllm")
+    check_transformers_generation(cfg)
     engine_logprobs = cfg.rollout.old_logprobs == "engine" or cfg.rollout.tis_cap is not None
     if cfg.rollout.old_logprobs == "engine" and cfg.rollout.tis_cap is not None:
         raise ConfigError(

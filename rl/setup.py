@@ -17,7 +17,13 @@ from rl.data.prompts import PromptRow, load_rows, prepare_prompts
 from rl.engine import deepspeed_engine as eng
 from rl.engine.deepspeed_engine import DistInfo
 from rl.engine.models import run_dtype
-from rl.rollout.backend import RolloutBackend, SamplingSettings, TransformersRollout, unique_ids
+from rl.rollout.backend import (
+    DecodingSettings,
+    RolloutBackend,
+    SamplingSettings,
+    TransformersRollout,
+    unique_ids,
+)
 
 BUILTIN_TRAIN_ROWS = 20000
 """Training rows drawn from a builtin task when `data.train_size` is not set."""
@@ -59,12 +65,18 @@ def make_rollout(
     stop_ids = stop_token_ids(cfg, tokenizer, policy)
     if rollout.backend == "transformers":
         gather = zero_stage == 3 and rollout.zero3_gather_for_generation
+        decoding = DecodingSettings(
+            cache=rollout.transformers_cache,
+            compile=rollout.transformers_compile,
+            prompt_width=cfg.data.max_prompt_tokens if rollout.transformers_compile else 0,
+        )
         return TransformersRollout(
             tokenizer,
             rollout.generation_batch_size,
             synced_gpus=zero_stage == 3,
             stop_token_ids=stop_ids,
             gather=eng.gathered_parameters if gather else None,
+            decoding=decoding,
         )
     from rl.rollout.vllm_backend import VLLMRollout
 

@@ -17,6 +17,7 @@ from rl.core.errors import ConfigError
 from rl.engine.forward import response_logprobs
 from rl.engine.start_model import build_tokenizer
 from rl.rollout.backend import (
+    DecodingSettings,
     SamplingSettings,
     TransformersRollout,
     response_mask_until_eos,
@@ -116,3 +117,56 @@ def test_truncated_sampling_with_engine_logprobs_is_refused(override: str) -> No
         load_config(REPO / "configs" / "quickstart.yaml", overrides)
     with pytest.raises(ConfigError, match="rollout.top_k: must be >= 0"):
         load_config(REPO / "configs" / "quickstart.yaml", ["rollout.top_k=-1"])
+
+
+def _responses(backend: TransformersRollout, model: Any, greedy: bool) -> tuple[list, list]:
+    """(response token lists, sampler log-prob lists) of one seeded generation."""
+    settings = SamplingSettings(10, 1.0, 1.0, greedy=greedy)
+    torch.manual_seed(3)
+    out = backend.generate_tokens(model, [p for p in PROMPTS for _ in range(3)], settings)
+    responses = out.input_ids[:, out.prompt_length :]
+    keep = out.response_mask.bool()
+    assert out.logprobs is not None
+    return (
+        [r[m].tolist() for r, m in zip(responses, keep, strict=True)],
+        [lp[m] for lp, m in zip(out.logprobs, keep, strict=True)],
+    )
+
+
+@pytest.mark.parametrize(
+    "decoding",
+    [
+        DecodingSettings(cache="static"),
+        pytest.param(
+            DecodingSettings(cache="static", compile=True, prompt_width=16),
+            marks=pytest.mark.e2e,  # compiling the decoding step takes ~30 s on a CPU
+        ),
+    ],
+    ids=["static", "static-compiled"],
+)
+def test_static_and_compiled_decoding_sample_the_same_tokens(
+    tiny: tuple[Any, Any], decoding: DecodingSettings
+) -> None:
+    """The same seed gives the same tokens and sampler log-probs as the dynamic cache (the
+    path every run used before), sampled and greedy, with prompts padded wider or not."""
+    model, tok = tiny
+    plain = TransformersRollout(tok, batch_size=4, synced_gpus=False, sampler_logprobs=True)
+    fast = TransformersRollout(
+        tok, batch_size=4, synced_gpus=False, sampler_logprobs=True, decoding=decoding
+    )
+    for greedy in (False, True):
+        want_tokens, want_logprobs = _responses(plain, model, greedy)
+        got_tokens, got_logprobs = _responses(fast, model, greedy)
+        assert got_tokens == want_tokens
+        for got, want in zip(got_logprobs, want_logprobs, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_decoding_needs_the_static_cache() -> None:
+    with pytest.raises(ConfigError, match=r"rollout.transformers_compile: needs rollout"):
+        load_config("configs/quickstart.yaml", ["rollout.transformers_compile=true"])
+    cfg = load_config(
+        "configs/quickstart.yaml",
+        ["rollout.transformers_compile=true", "rollout.transformers_cache=static"],
+    )
+    assert cfg.rollout.transformers_compile

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.configuration_utils import CompileConfig
 
 from rl.core.batching import micro_batches
 from rl.core.types import RolloutBatch
@@ -45,9 +46,12 @@ class SamplingSettings:
         )
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> ([N, T] ids, [N, T] mask), padded on the left to the longest."""
-    width = max(len(s) for s in sequences)
+def left_pad(
+    sequences: list[list[int]], pad_id: int, width: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ([N, T] ids, [N, T] mask), padded on the left to the longest (or to
+    `width` when that is longer)."""
+    width = max(width, *(len(s) for s in sequences))
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -181,6 +185,32 @@ def only_these_settings(model: Any) -> Iterator[None]:
         model.generation_config = saved
 
 
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How `generate` decodes on the transformers backend (`rollout.transformers_*`)."""
+
+    cache: str = "dynamic"
+    """`dynamic` (grows every token) or `static` (allocated once, compilable)."""
+    compile: bool = False
+    """Compile the decoding step (needs the static cache)."""
+    prompt_width: int = 0
+    """Left-pad prompts to at least this many tokens (with `compile`: one shape per size)."""
+
+    def apply(self, config: GenerationConfig) -> GenerationConfig:
+        """`config` with this cache and compilation."""
+        if self.cache == "static":
+            config.cache_implementation = "static"
+        if self.compile:
+            compiled = CompileConfig(fullgraph=False, dynamic=False)
+            # transformers compiles on CUDA-like devices only unless this flag is set (its
+            # documented switch for other devices, such as this project's CPU runs)
+            compiled._compile_all_devices = True  # type: ignore[assignment]
+            config.compile_config = compiled
+        else:
+            config.disable_compile = True
+        return config
+
+
 class TransformersRollout(RolloutBackend):
     """Generates with `model.generate` in chunks of `batch_size` sequences."""
 
@@ -192,9 +222,11 @@ class TransformersRollout(RolloutBackend):
         stop_token_ids: list[int] | None = None,
         sampler_logprobs: bool = False,
         gather: Callable[[Any], AbstractContextManager[Any]] | None = None,
+        decoding: DecodingSettings = DecodingSettings(),
     ) -> None:
         super().__init__(tokenizer, stop_token_ids)
         self.batch_size = batch_size
+        self.decoding = decoding
         self.synced_gpus = synced_gpus
         self.gather = gather
         """With ZeRO-3: a context (model -> context manager) holding the whole model
@@ -213,7 +245,7 @@ class TransformersRollout(RolloutBackend):
                 "top_p": sampling.top_p,
                 "top_k": sampling.top_k,  # 0, not transformers' default of 50: no top-k
             }
-        return GenerationConfig(
+        config = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
@@ -221,6 +253,7 @@ class TransformersRollout(RolloutBackend):
             return_dict_in_generate=True,
             **extra,
         )
+        return self.decoding.apply(config)
 
     @torch.no_grad()
     def generate_tokens(
@@ -229,7 +262,7 @@ class TransformersRollout(RolloutBackend):
         """Token lists -> `Generated` on the CPU, like every backend's (sampler log-probs only
         with `sampler_logprobs`: the trainer computes its own). Generation itself runs on
         the model's device."""
-        ids, mask = left_pad(prompt_ids, self.pad_id)  # [N, Tp]
+        ids, mask = left_pad(prompt_ids, self.pad_id, self.decoding.prompt_width)  # [N, Tp]
         device = model.device
         prompt_len = ids.shape[1]
         config = self.generation_config(sampling)
