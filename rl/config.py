@@ -157,9 +157,9 @@ class RolloutConfig:
     `transformers_compile` needs."""
     transformers_compile: bool = False
     """Compile the decoding step (torch.compile through transformers' CompileConfig; needs
-    `transformers_cache: static`). Prompts are then left-padded to `data.max_prompt_tokens`
-    so every call of one batch size has one shape and compiles once (the first call of each
-    size pays for it: ~30 s on a CPU for the quickstart's model)."""
+    `transformers_cache: static`). Prompts are then left-padded to a multiple of 64 tokens,
+    so calls share a few shapes (batch size x prompt width) and each compiles once: the
+    first call of each shape pays for it (~30 s on a CPU for the quickstart's model)."""
     old_logprobs: Literal["trainer", "engine"] = "trainer"
     """Old-policy log-probs for the ratio: recomputed by the trainer, or vLLM's own."""
     tis_cap: float | None = None

@@ -57,6 +57,11 @@ def prompt_rows(cfg: Config, tokenizer: Any, which: str) -> tuple[list[PromptRow
     )
 
 
+COMPILED_PROMPT_MULTIPLE = 64
+"""With compiled decoding, prompts are left-padded to a multiple of this many tokens: a few
+shapes, each compiled once, and little padding."""
+
+
 def make_rollout(
     cfg: Config, tokenizer: Any, model_path: str, policy: Any, dist: DistInfo, zero_stage: int
 ) -> RolloutBackend:
@@ -68,7 +73,7 @@ def make_rollout(
         decoding = DecodingSettings(
             cache=rollout.transformers_cache,
             compile=rollout.transformers_compile,
-            prompt_width=cfg.data.max_prompt_tokens if rollout.transformers_compile else 0,
+            prompt_multiple=COMPILED_PROMPT_MULTIPLE if rollout.transformers_compile else 1,
         )
         return TransformersRollout(
             tokenizer,

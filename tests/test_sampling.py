@@ -138,7 +138,7 @@ def _responses(backend: TransformersRollout, model: Any, greedy: bool) -> tuple[
     [
         DecodingSettings(cache="static"),
         pytest.param(
-            DecodingSettings(cache="static", compile=True, prompt_width=16),
+            DecodingSettings(cache="static", compile=True, prompt_multiple=16),
             marks=pytest.mark.e2e,  # compiling the decoding step takes ~30 s on a CPU
         ),
     ],

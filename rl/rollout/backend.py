@@ -47,11 +47,12 @@ class SamplingSettings:
 
 
 def left_pad(
-    sequences: list[list[int]], pad_id: int, width: int = 0
+    sequences: list[list[int]], pad_id: int, multiple: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> ([N, T] ids, [N, T] mask), padded on the left to the longest (or to
-    `width` when that is longer)."""
-    width = max(width, *(len(s) for s in sequences))
+    """Token lists -> ([N, T] ids, [N, T] mask), padded on the left to the longest, rounded
+    up to a multiple of `multiple`."""
+    longest = max(len(s) for s in sequences)
+    width = -(-longest // multiple) * multiple
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -193,8 +194,9 @@ class DecodingSettings:
     """`dynamic` (grows every token) or `static` (allocated once, compilable)."""
     compile: bool = False
     """Compile the decoding step (needs the static cache)."""
-    prompt_width: int = 0
-    """Left-pad prompts to at least this many tokens (with `compile`: one shape per size)."""
+    prompt_multiple: int = 1
+    """Left-pad prompts to a multiple of this many tokens (with `compile`, so calls share a
+    few shapes and compile once for each)."""
 
     def apply(self, config: GenerationConfig) -> GenerationConfig:
         """`config` with this cache and compilation."""
@@ -262,7 +264,7 @@ class TransformersRollout(RolloutBackend):
         """Token lists -> `Generated` on the CPU, like every backend's (sampler log-probs only
         with `sampler_logprobs`: the trainer computes its own). Generation itself runs on
         the model's device."""
-        ids, mask = left_pad(prompt_ids, self.pad_id, self.decoding.prompt_width)  # [N, Tp]
+        ids, mask = left_pad(prompt_ids, self.pad_id, self.decoding.prompt_multiple)  # [N, Tp]
         device = model.device
         prompt_len = ids.shape[1]
         config = self.generation_config(sampling)
