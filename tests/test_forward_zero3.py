@@ -14,6 +14,8 @@ import torch.multiprocessing as mp
 
 from tests.launcher import free_port
 
+pytestmark = pytest.mark.e2e  # two DeepSpeed processes: with the slow tests
+
 CHUNK = 2
 PROMPT, RESPONSE = 3, 6
 

@@ -14,6 +14,8 @@ import torch.multiprocessing as mp
 
 from tests.launcher import free_port
 
+pytestmark = pytest.mark.e2e  # two DeepSpeed processes: with the slow tests
+
 ZERO3 = {
     "train_micro_batch_size_per_gpu": 1,
     "gradient_accumulation_steps": 1,
