@@ -508,8 +508,15 @@ def test_mfu_and_peak_flops() -> None:
 
 def test_select_configs() -> None:
     names = [c.name for c in tp.select_configs(None)]
-    assert names[0] == tp.BASELINE and len(names) == 8 and len(set(names)) == 8
+    assert names[0] == tp.BASELINE and len(names) == 10 and len(set(names)) == 10
     assert [c.name for c in tp.select_configs("zero3-vllm-prm")] == ["zero3-vllm-prm"]
+    (compiled,) = tp.select_configs("zero2-transformers-compiled")
+    assert compiled.overrides() == [
+        "deepspeed.zero_stage=2",
+        "rollout.backend=transformers",
+        "rollout.transformers_cache=static",
+        "rollout.transformers_compile=true",
+    ]
     with pytest.raises(ValueError):
         tp.select_configs("zero5")
 
