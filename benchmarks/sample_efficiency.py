@@ -27,6 +27,9 @@ same number of generated samples, and is evaluated on the held-out `eval` split 
                    labels every response (cut after its first wrong step) and the PRM takes
                    one pass over them (the head's `refresh_*` options; labels counted)
     prm_refresh_lite  the same with 8 responses per rank labelled per step
+    prm_refresh_anchored  prm_refresh_lite with two anchors against the refresh feeding
+                   itself: as many solutions of the PRM's training data (`--prm-replay FILE`)
+                   replayed in every refresh, and class-balanced BCE
 
 The task is harder than the quickstart's (which reaches 100%): `TASK_OVERRIDES`. The start
 model is built per task config and cached, so all methods share it.
@@ -206,6 +209,8 @@ class Method:
     needs_prm: str | None = None
     """Uses `$prm`, the PRM directory given as `--prm` ("prm") or `--prm-control`
     ("prm_control")."""
+    needs_replay: bool = False
+    """Uses `$prm_replay`, the PRM's training data given as `--prm-replay`."""
     paper: str = "-"
     """The papers' reference number for this method."""
 
@@ -277,14 +282,19 @@ def prm_method(
     paper: str = "-",
     refresh: bool = False,
     refresh_rows: int = 0,
+    anchored: bool = False,
 ) -> Method:
     """GRPO + a learned PRM's step rewards shaped by `shaping` under `credit`; the first-error
     threshold is the PRM's own (`--prm-threshold`, chosen on the PRM's validation labels).
     With `refresh`, the PRM is refreshed on-policy every step (its lr tuned too), on
-    `refresh_rows` responses per rank (0: all)."""
+    `refresh_rows` responses per rank (0: all); `anchored` adds the replay of its training
+    data and the class-balanced loss."""
     head = PRM_REFRESH_HEAD if refresh else PRM_HEAD
     if refresh_rows:
         head = head.replace("$refresh_lr}", f"$refresh_lr, refresh_rows: {refresh_rows}}}")
+    if anchored:
+        anchors = "refresh_replay: '$prm_replay', refresh_balance: true"
+        head = head.replace("}}]", f", {anchors}}}}}]")
     return Method(
         name,
         label,
@@ -292,6 +302,7 @@ def prm_method(
         tunables=(PRM_ALPHA, REFRESH_LR) if refresh else (PRM_ALPHA,),
         fixed={"shaping": shaping, "lr": PRM_POLICY_LR},
         needs_prm=needs,
+        needs_replay=anchored,
         paper=paper,
     )
 
@@ -407,6 +418,16 @@ METHODS: tuple[Method, ...] = (
         refresh=True,
         refresh_rows=8,
     ),
+    prm_method(
+        "prm_refresh_anchored",
+        "GRPO + learned PRM refreshed on 8 responses per rank and step, anchored, first error",
+        "first_error",
+        "pav",
+        paper="- (prm_refresh_lite plus replay of the PRM's training data, balanced BCE)",
+        refresh=True,
+        refresh_rows=8,
+        anchored=True,
+    ),
 )
 BASELINE = "outcome"
 
@@ -440,7 +461,7 @@ def select_methods(names: str | None) -> list[Method]:
     return [m for m in METHODS if m.name in wanted]
 
 
-RESOURCE_KEYS: tuple[str, ...] = ("verifier", "prm")
+RESOURCE_KEYS: tuple[str, ...] = ("verifier", "prm", "prm_replay")
 """Parameters that are paths to trained models, not hyperparameters."""
 
 
@@ -468,6 +489,8 @@ def with_verifier(
         default = verifier.get("prm_threshold", 0.5)
         own = verifier.get(f"{method.needs_prm}_threshold", default)  # the control's own
         out.setdefault("threshold", own)
+    if method.needs_replay:
+        out["prm_replay"] = verifier.get("prm_replay", "<missing>")
     return out
 
 
@@ -478,6 +501,8 @@ def missing_resource(method: Method, resources: dict[str, Any]) -> str | None:
     if method.needs_prm and method.needs_prm not in resources:
         flag = "--prm" if method.needs_prm == "prm" else "--prm-control"
         return f"no PRM: pass {flag} DIR (benchmarks/learned_prm.py curve trains one)"
+    if method.needs_replay and "prm_replay" not in resources:
+        return "no replay data: pass --prm-replay FILE (the PRM's training data)"
     return None
 
 
@@ -1193,6 +1218,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="prm_shuffled's threshold (default --prm-threshold; choose it so the control "
         "flags as many solutions as the PRM does)",
     )
+    parser.add_argument(
+        "--prm-replay",
+        type=Path,
+        default=None,
+        help="the PRM's training data (a step dataset), replayed by prm_refresh_anchored",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     return parser.parse_args(argv)
@@ -1607,7 +1638,12 @@ def main(argv: list[str]) -> int:
         from benchmarks.launching import command as launch_command
 
         for method in methods:
-            placeholders = {"verifier": "<verifier>", "prm": "<prm>", "prm_control": "<prm>"}
+            placeholders = {
+                "verifier": "<verifier>",
+                "prm": "<prm>",
+                "prm_control": "<prm>",
+                "prm_replay": "<prm_replay>",
+            }
             params = with_verifier(method, method.defaults(), placeholders)
             spec = run_spec(
                 setup, method, params, 0, "eval", setup.runs_dir / "eval" / method.name / "seed0"
@@ -1633,6 +1669,10 @@ def main(argv: list[str]) -> int:
             if not given.is_dir():
                 raise SystemExit(f"error: --{key.replace('_', '-')} {given}: no such directory")
             verifier[key] = repo_relative(given.resolve())
+    if args.prm_replay is not None:
+        if not args.prm_replay.exists():
+            raise SystemExit(f"error: --prm-replay {args.prm_replay}: no such file")
+        verifier["prm_replay"] = repo_relative(args.prm_replay.resolve())
     verifier["prm_threshold"] = args.prm_threshold
     if args.prm_control_threshold is not None:
         verifier["prm_control_threshold"] = args.prm_control_threshold

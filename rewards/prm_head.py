@@ -113,6 +113,12 @@ class PRMHeadOptions:
     """Passes over each refresh's labelled solutions."""
     refresh_after_first_error: str = "drop"
     """`drop`: label each solution only up to its first wrong step; `keep`: every step."""
+    refresh_replay: str | None = None
+    """A step dataset (the PRM's training data) replayed in every refresh, or None."""
+    refresh_replay_rows: int = 0
+    """Replayed solutions per refresh (0: as many as the refresh's fresh ones)."""
+    refresh_balance: bool = False
+    """Weigh each refresh's good and bad step labels equally (class-balanced BCE)."""
 
 
 @REWARD_HEADS.register("prm")
@@ -140,6 +146,9 @@ class PRMHead(RewardHead):
         refresh_lr: float = 1e-4,
         refresh_epochs: int = 1,
         refresh_after_first_error: str = "drop",
+        refresh_replay: str | None = None,
+        refresh_replay_rows: int = 0,
+        refresh_balance: bool = False,
         **convention: str | None,
     ) -> None:
         """Every option is checked here, before any model work."""
@@ -157,6 +166,9 @@ class PRMHead(RewardHead):
             refresh_lr,
             refresh_epochs,
             refresh_after_first_error,
+            refresh_replay,
+            refresh_replay_rows,
+            refresh_balance,
         )
         self.refresh.check()
         self.refresh_state = RefreshState()
@@ -169,11 +181,17 @@ class PRMHead(RewardHead):
         self.agreement_reduce = agreement_reduce
         self.micro_batch_size = micro_batch_size
         self.default_credit = SHAPING_CREDIT[shaping]  # type: ignore[misc]
+        self._init_run_state()
+
+    def _init_run_state(self) -> None:
+        """What `setup` fills in from the run (nothing loaded yet)."""
         self.model: Any = None
         """The PRM module that scores (under ZeRO-3, the engine's partitioned module)."""
         self.engine: Any = None
         """The engine that trains it in refreshes (None when frozen)."""
         self.labeler: Any = None
+        self.replay_pool: list[Any] = []
+        """The replay dataset's examples (`refresh_replay`), cut as the refresh cuts."""
         self.dist: Any = None
         self.seed = 0
         self._scored: tuple[Tensor, Tensor, Tensor] | None = None
@@ -213,8 +231,11 @@ class PRMHead(RewardHead):
         from rl.engine.models import enable_gradient_checkpointing
         from rl.prm.fitting import TorchEngine
         from rl.prm.labelers import make_labeler
+        from rl.prm.refresh import load_replay
 
         self.labeler = make_labeler(self.refresh.labeler, labeler_options(ctx.cfg))
+        if self.refresh.replay is not None:
+            self.replay_pool = load_replay(self.refresh.replay, self.refresh.after_first_error)
         self.dist = ctx.dist or eng.DistInfo(rank=0, world_size=1, local_rank=0)
         if ctx.gradient_checkpointing:
             enable_gradient_checkpointing(model.lm)
@@ -290,6 +311,7 @@ class PRMHead(RewardHead):
         refresh's training loss. Frozen heads return {}."""
         from rl.prm.data import total_cost
         from rl.prm.refresh import (
+            draw_replay,
             gather_examples,
             label,
             on_policy_scores,
@@ -306,8 +328,10 @@ class PRMHead(RewardHead):
         if state.calls % self.refresh.every:
             return metrics
         problems, steps = self.step_texts(batch)
-        seed = self.seed * 1_000_003 + state.calls * 101 + self.dist.rank
-        rows = pick_rows(range(batch.batch_size), self.refresh.rows, seed)
+        # the training order and the replay draw are the same on every rank (each rank trains
+        # on its share of one order); the rows each rank labels are its own
+        shared_seed = self.seed * 1_000_003 + state.calls * 101
+        rows = pick_rows(range(batch.batch_size), self.refresh.rows, shared_seed + self.dist.rank)
         answers = batch.columns.get("answer")
         solutions = solutions_of(problems, steps, answers, outcome.tolist(), rows)
         mine = label(self.labeler, solutions, self.refresh.after_first_error)
@@ -315,21 +339,28 @@ class PRMHead(RewardHead):
         pairs = gather_examples(list(zip(mine, probs, strict=True)))  # every rank's
         examples = [ex for ex, _ in pairs]
         before = on_policy_scores([p for _, p in pairs], examples, self.params.threshold)
+        replayed = []
+        if self.replay_pool:
+            want = self.refresh.replay_rows
+            replayed = draw_replay(self.replay_pool, want, len(examples), shared_seed + 7)
         loss = train_on(
             self.engine,
             self.model,
             self.prm_tokenizer,
-            examples,
+            examples + replayed,
             self.dist,
             int(self.micro_batch_size or 1),
             self.refresh.epochs,
-            seed,
+            shared_seed,
+            balance=self.refresh.balance,
         )
         state.refreshes += 1
         state.teacher_labels += total_cost(examples)["teacher_labels"]
         state.solutions += len(examples)
         metrics["teacher_labels"] = float(state.teacher_labels)
         metrics["refresh_loss"] = loss
+        if replayed:
+            metrics["refresh_replayed"] = float(len(replayed))
         # the same on every rank (from every rank's labels); NaN (no case) is left out
         for key, value in before.items():
             if math.isfinite(value):

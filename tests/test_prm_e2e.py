@@ -59,16 +59,26 @@ def test_prm_head_zero3_two_ranks(tmp_path: Path, model_cache: Path) -> None:
 
 
 def test_prm_refresh_two_ranks_resumes(tmp_path: Path, model_cache: Path) -> None:
-    """On-policy refresh on ZeRO-2: every step both ranks' responses get the `exact`
-    teacher's labels, the PRM trains on all of them and the labels bought are counted; a run
-    killed after step 3 and resumed gives the uninterrupted run's metrics and final PRM (the
-    refreshed weights, optimizer and label count are in the checkpoint)."""
+    """On-policy refresh on ZeRO-2, anchored: every step both ranks' responses get the
+    `exact` teacher's labels, the PRM trains on all of them plus 3 replayed solutions of its
+    "training data" with the class-balanced loss, and only the fresh labels are counted; a
+    run killed after step 3 and resumed gives the uninterrupted run's metrics and final PRM
+    (the refreshed weights, optimizer and label count are in the checkpoint)."""
+    from rl.prm.data import StepExample, write_jsonl
     from rl.prm.model import load_prm
 
     prm = build_prm(tmp_path / "prm", chat_tokenizer(), step_tag="<step>")
+    replay = write_jsonl(
+        [
+            StepExample(f"{a} +{a}", [f"{a}+{a}={2 * a}", f"Answer: {a}"], [True, False])
+            for a in range(5)
+        ],
+        tmp_path / "replay.jsonl",
+    )
     kwargs = (
         f"{{path: '{prm}', shaping: first_error, refresh_every: 1, refresh_lr: 1.0e-3, "
-        "refresh_rows: 6}"
+        f"refresh_rows: 6, refresh_replay: '{replay}', refresh_replay_rows: 3, "
+        "refresh_balance: true}"
     )
     common = [
         *FAST_OVERRIDES,
@@ -84,6 +94,7 @@ def test_prm_refresh_two_ranks_resumes(tmp_path: Path, model_cache: Path) -> Non
     labels = [row["head/prm/teacher_labels"] for row in rows[1:]]
     assert labels[0] > 0 and all(b > a for a, b in zip(labels, labels[1:], strict=False)), labels
     assert all(math.isfinite(row["head/prm/refresh_loss"]) for row in rows[1:])
+    assert all(row["head/prm/refresh_replayed"] == 3.0 for row in rows[1:])
     final = full / "final_heads" / "prm"
     model, _ = load_prm(final)  # the refreshed PRM, in its convention
     start, _ = load_prm(prm)

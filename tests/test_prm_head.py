@@ -393,6 +393,8 @@ def test_raw_problems_from_messages() -> None:
         ({"refresh_every": 1, "refresh_epochs": 0}, ["refresh_epochs"]),
         ({"refresh_every": 1, "refresh_rows": -2}, ["refresh_rows"]),
         ({"refresh_every": 1, "refresh_after_first_error": "cut"}, ["'cut'", "drop"]),
+        ({"refresh_every": 1, "refresh_replay_rows": -1}, ["refresh_replay_rows", "-1"]),
+        ({"refresh_every": 1, "refresh_replay": "no/such.jsonl"}, ["'no/such.jsonl'"]),
     ],
 )
 def test_bad_options_fail_before_any_model_work(
@@ -542,3 +544,124 @@ def test_on_policy_scores_by_hand() -> None:
     assert math.isnan(empty["f1"]) and math.isnan(empty["error_recall"])
     all_right = on_policy_scores([[0.9]], examples[1:2], 0.5)  # no wrong solution
     assert math.isnan(all_right["f1"]) and math.isnan(all_right["error_recall"])
+
+
+# --------------------------------------------------------------------------------------------
+# Refresh anchors: replay of the PRM's own training data, class-balanced BCE
+# --------------------------------------------------------------------------------------------
+
+
+def test_class_weights_and_balanced_loss_by_hand() -> None:
+    """3 good and 1 bad label: weights 4 / (2 * 3) and 4 / (2 * 1); the loss sums each tag's
+    BCE times its class weight and counts the tags (padding rows and steps count nothing)."""
+    from rl.prm.data import StepExample
+    from rl.prm.refresh import balanced_loss, class_weights
+
+    examples = [
+        StepExample("a", ["x", "y"], [True, False]),
+        StepExample("b", ["x", "y"], [True, True]),
+    ]
+    good_w, bad_w = class_weights(examples)
+    assert (good_w, bad_w) == (pytest.approx(2 / 3), pytest.approx(2.0))
+    assert class_weights(examples[1:]) == (1.0, 1.0)  # one class only: unweighted
+    z = torch.tensor([[0.5, -1.0, 0.0], [2.0, 0.3, 0.0], [1.0, 1.0, 0.0]])
+    batch = {
+        "targets": torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]),
+        "step_mask": torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]),
+    }
+    weight = torch.tensor([1.0, 1.0, 0.0])  # the last row pads the micro-batch
+
+    def bce(logit: float, good: bool) -> float:
+        p = 1 / (1 + math.exp(-logit))
+        return -math.log(p if good else 1 - p)
+
+    want = (
+        good_w * bce(0.5, True)
+        + bad_w * bce(-1.0, False)
+        + good_w * bce(2.0, True)
+        + good_w * bce(0.3, True)
+    )
+    loss_sum, count = balanced_loss(good_w, bad_w)(z, batch, weight, [0, 1, 0])
+    assert float(loss_sum) == pytest.approx(want, rel=1e-5)
+    assert float(count) == 4.0
+
+
+def test_replay_draws_and_cuts(tmp_path: Path) -> None:
+    from rl.prm.data import StepExample, write_jsonl
+    from rl.prm.refresh import draw_replay, load_replay
+
+    rows = [StepExample(f"p{i}", ["a", "b", "c"], [True, i % 2 == 0, False]) for i in range(6)]
+    path = write_jsonl(rows, tmp_path / "pool.jsonl")
+    pool = load_replay(str(path), "drop")
+    assert [ex.labels for ex in pool[:2]] == [[True, True, False], [True, False]]
+    assert [len(ex.labels) for ex in load_replay(str(path), "keep")] == [3] * 6
+    two = draw_replay(pool, 2, 5, seed=3)
+    assert len(two) == 2 and two == draw_replay(pool, 2, 5, seed=3)  # seeded
+    assert len(draw_replay(pool, 0, 4, seed=3)) == 4  # 0: as many as the fresh ones
+    assert len(draw_replay(pool, 0, 40, seed=3)) == 6  # never more than the pool
+    empty = write_jsonl([], tmp_path / "empty.jsonl")
+    with pytest.raises(ConfigError, match="no step-label rows"):
+        load_replay(str(empty), "drop")
+
+
+def test_refresh_with_replay_and_balance_counts_only_fresh_labels(
+    chat_prm: Path, policy_tok: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replayed solutions are trained on with the fresh ones (and the balanced loss is
+    asked for), but only the teacher's fresh labels are counted as bought."""
+    import rl.prm.refresh as refresh
+    from rl.prm.data import StepExample, write_jsonl
+
+    pool = [
+        StepExample(f"{i}+1", [f"{i}+1={i + 1}", f"Answer: {i + 1}"], [True, True])
+        for i in range(5)
+    ]
+    path = write_jsonl(pool, tmp_path / "pool.jsonl")
+    seen: dict[str, Any] = {}
+    real_train_on = refresh.train_on
+
+    def spy(*args: Any, **kwargs: Any) -> float:
+        seen["examples"], seen["balance"] = args[3], kwargs["balance"]
+        return real_train_on(*args, **kwargs)
+
+    monkeypatch.setattr(refresh, "train_on", spy)
+    head = make_head(
+        chat_prm,
+        policy_tok,
+        refresh_every=1,
+        refresh_labeler=TEACHER,
+        refresh_replay=str(path),
+        refresh_replay_rows=2,
+        refresh_balance=True,
+    )
+    batch = policy_batch(policy_tok)
+    checked_score(head, batch)
+    start = lm_weights(head)
+    metrics = head.update(batch, torch.zeros(4))
+    assert metrics["teacher_labels"] == 5.0  # rows 0-2 as in the unanchored refresh
+    assert metrics["refresh_replayed"] == 2.0
+    assert seen["balance"] is True
+    prompts = [ex.prompt for ex in seen["examples"]]
+    assert prompts[:3] == PROBLEMS[:3] and set(prompts[3:]) <= {ex.prompt for ex in pool}
+    assert len(prompts) == 5
+    assert not all(torch.equal(a, b) for a, b in zip(start, lm_weights(head), strict=True))
+
+
+def test_refresh_trains_every_rank_on_one_order(
+    chat_prm: Path, policy_tok: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rank trains on its share of one shuffled order, so the seed of that order may
+    not depend on the rank (it did: ranks could train on the same solutions and skip
+    others)."""
+    import rl.prm.refresh as refresh
+    from rl.engine.deepspeed_engine import DistInfo
+
+    seeds: list[int] = []
+    monkeypatch.setattr(refresh, "train_on", lambda *args, **kwargs: seeds.append(args[7]) or 0.0)
+    batch = policy_batch(policy_tok)
+    for rank in (0, 1):
+        head = make_head(chat_prm, policy_tok, refresh_every=1, refresh_labeler=TEACHER)
+        head.dist = DistInfo(rank=rank, world_size=1, local_rank=rank)
+        checked_score(head, batch)
+        head.update(batch, torch.zeros(4))
+    assert len(seeds) == 2 and seeds[0] == seeds[1]

@@ -9,6 +9,12 @@ teacher; `rl.prm.labelers`), gathers the labelled solutions of every rank and tr
 `epochs` passes over them (`rl.prm.fitting.train_epoch`: the BCE at the tags). Every label
 bought is counted (`RefreshState`), so a comparison can charge the method for them.
 
+Two anchors against the refresh feeding itself (a policy whose solutions are mostly wrong
+gives refresh batches of mostly "bad" labels; the PRM then learns "bad" rather than which step,
+flags everything, and the policy gets worse): `replay` mixes solutions of the PRM's own
+training data (labels already bought, not counted again) into every refresh, and `balance`
+weighs each refresh's good and bad step labels equally in the BCE.
+
 Before it learns from them, the fresh labels measure the PRM on the policy's current
 solutions (first-error F1 and recall of the first wrong step, from the probabilities the head
 already computed to score the step): a free, on-policy view of how far the PRM has drifted.
@@ -18,16 +24,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from rl.algos.first_error import first_error_from_step_values
 from rl.core.errors import ConfigError
 from rl.data.prompts import seeded
 from rl.engine import deepspeed_engine as eng
 from rl.prm.data import StepExample, until_first_error
-from rl.prm.fitting import first_bad, prm_scores, render_examples, train_epoch
+from rl.prm.fitting import LossFn, first_bad, prm_scores, render_examples, tag_bce, train_epoch
 from rl.prm.labelers import ROLLOUT_LABELERS, Labeler, StepSolution, check_labeler_name
 
 AFTER_FIRST_ERROR = ("keep", "drop")
@@ -48,6 +56,12 @@ class RefreshOptions:
     """Passes over each refresh's labelled solutions."""
     after_first_error: str = "drop"
     """`drop`: label and train each solution only up to its first wrong step."""
+    replay: str | None = None
+    """A step dataset (the PRM's training data) replayed in every refresh, or None."""
+    replay_rows: int = 0
+    """Solutions of `replay` drawn per refresh (0: as many as the refresh's fresh ones)."""
+    balance: bool = False
+    """Weigh each refresh's good and bad step labels equally (class-balanced BCE)."""
 
     @property
     def enabled(self) -> bool:
@@ -76,6 +90,10 @@ class RefreshOptions:
                 f"prm head: refresh_after_first_error must be one of {list(AFTER_FIRST_ERROR)}, "
                 f"got {self.after_first_error!r}"
             )
+        if self.replay_rows < 0:
+            raise ConfigError(f"prm head: refresh_replay_rows must be >= 0, got {self.replay_rows}")
+        if self.replay is not None and not Path(self.replay).exists():
+            raise ConfigError(f"prm head: refresh_replay {self.replay!r} does not exist")
 
 
 @dataclass
@@ -152,6 +170,54 @@ def on_policy_scores(
     return {"f1": float("nan") if f1 is None else float(f1), "error_recall": recall}
 
 
+def load_replay(path: str, after_first_error: str) -> list[StepExample]:
+    """The replay dataset's examples, cut as the refresh cuts its own (`read_step_dataset`
+    names the file and row of bad input, and an empty file)."""
+    from rl.prm.data import read_step_dataset
+
+    examples = read_step_dataset(path)
+    if after_first_error == "drop":
+        examples = [until_first_error(ex) for ex in examples]
+    return examples
+
+
+def draw_replay(pool: Sequence[StepExample], rows: int, fresh: int, seed: int) -> list[StepExample]:
+    """`rows` examples of `pool` at random (`fresh` of them when `rows` is 0), without
+    replacement; the same on every rank for the same seed."""
+    count = min(rows or fresh, len(pool))
+    chosen = torch.randperm(len(pool), generator=seeded(seed))[:count].tolist()
+    return [pool[i] for i in sorted(chosen)]
+
+
+def class_weights(examples: Sequence[StepExample]) -> tuple[float, float]:
+    """(weight of a good label, weight of a bad one) so both classes weigh half of the
+    examples' labels in all: n / (2 n_good), n / (2 n_bad); (1, 1) when a class is absent."""
+    good = sum(bool(y) for ex in examples for y in ex.labels)
+    total = sum(len(ex.labels) for ex in examples)
+    bad = total - good
+    if good == 0 or bad == 0:
+        return 1.0, 1.0
+    return total / (2 * good), total / (2 * bad)
+
+
+def balanced_loss(good_weight: float, bad_weight: float) -> LossFn:
+    """`rl.prm.fitting.train_epoch`'s loss with each tag's BCE weighted by its label's class
+    weight (`class_weights`; the weights of a batch's tags sum to its tag count on average)."""
+
+    def loss(
+        z: Tensor, batch: dict[str, Tensor], weight: Tensor, index: list[int]
+    ) -> tuple[Tensor, Tensor]:
+        del index
+        targets = batch["targets"].to(z.device)  # [b, H]
+        step_mask = batch["step_mask"].to(z.device)
+        per_tag = torch.where(targets > 0.5, good_weight, bad_weight) * step_mask
+        loss_sum, _ = tag_bce(z, targets, per_tag, weight.to(z.device))
+        count = (step_mask * weight.to(z.device).unsqueeze(1)).sum()
+        return loss_sum, count
+
+    return loss
+
+
 def gather_examples(items: list[Any]) -> list[Any]:
     """Every rank's `items` (labelled examples, with what goes with them), rank by rank, on
     every rank (collective)."""
@@ -167,14 +233,20 @@ def train_on(
     micro_batch_size: int,
     epochs: int,
     seed: int,
+    balance: bool = False,
 ) -> float:
     """`epochs` passes of the PRM over `examples` (the same list on every rank: each rank
-    trains on its share); returns the last pass's mean BCE over all ranks' tags."""
+    trains on its share), with class-balanced BCE when `balance`; returns the last pass's
+    mean (weighted) BCE over all ranks' tags."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = render_examples(examples, model.convention, tokenizer, model.ids.tag)
+    loss_fn = balanced_loss(*class_weights(examples)) if balance else None
     loss = float("nan")
     for epoch in range(epochs):
         order = torch.randperm(len(rows), generator=seeded(seed + epoch)).tolist()
-        loss = train_epoch(engine, rows, order, dist, micro_batch_size, pad)
+        if loss_fn is None:
+            loss = train_epoch(engine, rows, order, dist, micro_batch_size, pad)
+        else:
+            loss = train_epoch(engine, rows, order, dist, micro_batch_size, pad, loss_fn=loss_fn)
     engine.eval()
     return loss
