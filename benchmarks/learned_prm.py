@@ -22,7 +22,9 @@ pool's and validation set's step labels permuted across all steps (the RL benchm
 run in `<results>/<name>/label_curve.jsonl`; a rerun skips the runs done, so a killed curve
 resumes. PRM settings (`prm.epochs`, `prm.lr`, ...) are `prm.KEY=VALUE` overrides and are
 recorded with each row: choose them on the validation numbers (`val_f1` in each row), never
-on the test set.
+on the test set. With a fixed `prm.epochs` a small budget also gets few optimizer steps;
+`--steps-matched` gives every budget about the full pool's steps (`budget_prm`), and with
+`prm.keep=best_f1` each PRM keeps the epoch with the best validation F1.
 
 `summary` writes `<results>/summary.json` (`label_curve` rows: `selection`, `budget_frac`,
 `teacher_labels`, `seed`, `f1`, `auc`, plus the setup; `rl` rows from each
@@ -77,6 +79,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--runs-dir", type=Path, default=RUNS)
+    parser.add_argument(
+        "--steps-matched",
+        action="store_true",
+        help="scale each budget's epochs (and validation interval) by 1/budget, so every PRM "
+        "takes about as many optimizer steps as the full pool's",
+    )
     parser.add_argument("overrides", nargs="*", help="prm.KEY=VALUE settings of the PRM")
     return parser.parse_intermixed_args(argv)
 
@@ -168,6 +176,23 @@ def control_data(
     return shuffle_labels(pool, seed), shuffle_labels(val, seed + 1)
 
 
+def budget_prm(prm: Any, budget: float, steps_matched: bool) -> Any:
+    """The PRM settings of one budget: as given, or with `steps_matched` `prm.epochs / budget`
+    epochs validated every `1 / budget` epochs (rounded), so a small budget gets as many
+    optimizer steps and validations as the full pool instead of a few steps (with a fixed
+    epoch count a 1% budget trains 1% of the steps); `prm.keep` then picks among them."""
+    from dataclasses import replace
+
+    if not steps_matched or budget >= 1.0:
+        return prm
+    scale = 1.0 / budget
+    return replace(
+        prm,
+        epochs=max(1, round(prm.epochs * scale)),
+        validate_every=max(1, round(prm.validate_every * scale)),
+    )
+
+
 def prm_dir_name(key: tuple[str, float, int, str]) -> str:
     """`<selection>_<budget>_<seed>`, plus a digest of the PRM settings when any are set (so
     PRMs of different settings do not overwrite each other)."""
@@ -200,7 +225,8 @@ def curve(args: argparse.Namespace) -> None:
     pool, val, test = (read_step_dataset(data_dir(args, r)) for r in ("pool", "val", "test"))
     settings = parse_prm_overrides(args.overrides)
     prm = replace(PRMConfig(), **settings)
-    settings_key = json.dumps(settings, sort_keys=True)
+    recorded = {**settings, "steps_matched": True} if args.steps_matched else settings
+    settings_key = json.dumps(recorded, sort_keys=True)
     out = args.results / setup_name(args)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "label_curve.jsonl"
@@ -215,10 +241,11 @@ def curve(args: argparse.Namespace) -> None:
                 t0 = time.perf_counter()
                 prm_dir = args.runs_dir / setup_name(args) / "prms" / prm_dir_name(key)
                 control = selection == CONTROL
-                train_pool, train_val, run_prm = pool, val, prm
+                train_pool, train_val = pool, val
+                run_prm = budget_prm(prm, budget, args.steps_matched)
                 if control:  # cut first (the same labels bought), then permute the labels
                     train_pool, train_val = control_data(pool, val, prm, seed)
-                    run_prm = replace(prm, after_first_error="keep")
+                    run_prm = replace(run_prm, after_first_error="keep")
                 fit = train_with_budget(
                     train_pool,
                     budget,

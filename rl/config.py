@@ -338,8 +338,11 @@ class PRMConfig:
     val_fraction: float = 0.1
     """Share of the prompts (with all their solutions) held out for validation, always
     fully labelled and counted apart from the training budget."""
-    keep: Literal["best", "last"] = "best"
-    """Which epoch is saved: `best` (lowest validation loss) or `last`."""
+    keep: Literal["best", "best_f1", "last"] = "best"
+    """Which epoch is saved: `best` (lowest validation loss), `best_f1` (highest validation
+    first-error F1) or `last`."""
+    validate_every: int = 1
+    """Validate after every N-th epoch (and the last); only validated epochs can be kept."""
     seed: int | None = None
     """Seed of the validation split, data order, selection and heads (None: the run's)."""
     budget_frac: float = 1.0

@@ -949,3 +949,16 @@ def test_learned_prm_search_rows_read_search_tables(tmp_path: Path) -> None:
             "problems": 128,
         },
     ]
+
+
+def test_learned_prm_steps_matched_budgets() -> None:
+    """With --steps-matched a 10% budget trains 10x the epochs and validates every 10th; the
+    full pool and an unmatched curve keep the settings as given."""
+    from rl.config import PRMConfig
+
+    prm = PRMConfig(epochs=10, validate_every=1, keep="best_f1")
+    tenth = lp.budget_prm(prm, 0.1, steps_matched=True)
+    assert (tenth.epochs, tenth.validate_every, tenth.keep) == (100, 10, "best_f1")
+    assert lp.budget_prm(prm, 0.03, steps_matched=True).epochs == 333
+    assert lp.budget_prm(prm, 1.0, steps_matched=True) == prm
+    assert lp.budget_prm(prm, 0.1, steps_matched=False) == prm

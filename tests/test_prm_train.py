@@ -297,6 +297,10 @@ def test_prm_config_errors(tmp_path: Path) -> None:
         load_config(None, ["prm.head=three"])
     with pytest.raises(ConfigError, match="prm.selection"):
         load_config(None, ["prm.selection=greedy"])
+    with pytest.raises(ConfigError, match="prm.validate_every: must be at least 1, got 0"):
+        check_prm_config(PRMConfig(data=str(data), validate_every=0))
+    with pytest.raises(ConfigError, match="prm.keep"):
+        load_config(None, ["prm.keep=median"])
     with pytest.raises(ConfigError, match="selection 'greedy'"):
         train_with_budget([], 0.5, "greedy", 0, model_path=tmp_path)
 
@@ -314,3 +318,61 @@ def test_multi_token_tag_fails_before_training(model_dir: Path) -> None:
         val_examples=separable(4, 1), prm=added,
     )  # fmt: skip
     assert got["teacher_labels"] == 24
+
+
+@pytest.mark.parametrize(
+    ("keep", "validate_every", "kept", "validated"),
+    [
+        ("best", 1, 2, [1, 2, 3, 4, 5]),  # lowest validation loss
+        ("best_f1", 1, 4, [1, 2, 3, 4, 5]),  # highest validation F1 (epoch 4, not 3: tie)
+        ("best_f1", 2, 4, [2, 4, 5]),  # only validated epochs (every 2nd and the last)
+        ("best", 2, 2, [2, 4, 5]),
+        ("best_f1", 3, 5, [3, 5]),  # the last epoch is validated and better
+        ("last", 2, 5, [2, 4, 5]),
+    ],
+)
+def test_fit_prm_keeps_the_epoch_its_rule_selects(
+    monkeypatch: pytest.MonkeyPatch,
+    keep: str,
+    validate_every: int,
+    kept: int,
+    validated: list[int],
+) -> None:
+    """Epoch e validates to loss LOSS[e] and F1 F1[e]: `best` keeps the lowest loss among
+    the validated epochs, `best_f1` the highest F1 (the earlier one on a tie), `last` the
+    last; with `validate_every` only every N-th epoch and the last are validated."""
+    from rl.engine.deepspeed_engine import DistInfo
+    from rl.prm import fitting
+
+    loss = {1: 0.6, 2: 0.3, 3: 0.5, 4: 0.4, 5: 0.7}
+    f1 = {1: 0.1, 2: 0.2, 3: 0.5, 4: 0.6, 5: 0.6}
+    epoch = {"now": 0}
+    seen: list[int] = []
+
+    def train_epoch(*args: Any, **kwargs: Any) -> float:
+        epoch["now"] += 1
+        return 1.0
+
+    def validate(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        seen.append(epoch["now"])
+        return {"val_loss": loss[epoch["now"]], "val_f1": f1[epoch["now"]]}
+
+    monkeypatch.setattr(fitting, "train_epoch", train_epoch)
+    monkeypatch.setattr(fitting, "validate", validate)
+    monkeypatch.setattr(fitting, "full_state", lambda engine: {"epoch": epoch["now"]})
+    result = fitting.fit_prm(
+        object(),
+        [],
+        ["a validation row"],  # type: ignore[list-item]
+        DistInfo(rank=0, world_size=1, local_rank=0),
+        epochs=5,
+        micro_batch_size=1,
+        eval_batch_size=1,
+        pad_id=0,
+        seed=0,
+        keep=keep,
+        validate_every=validate_every,
+    )
+    assert seen == validated
+    assert result.kept_epoch == kept
+    assert result.kept_state == {"epoch": kept}

@@ -341,6 +341,7 @@ def budget_run(
         pad_id=pad_id,
         seed=seed,
         keep=prm.keep,
+        validate_every=prm.validate_every,
         progress=progress,
         log=log,
     )

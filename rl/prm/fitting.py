@@ -470,9 +470,25 @@ class FitResult:
     """Full weights of the kept epoch on rank 0 (None elsewhere)."""
 
 
-def better(row: dict[str, Any], best: float | None) -> bool:
-    """Whether an epoch's validation loss beats `best` (no validation: always)."""
-    return "val_loss" not in row or best is None or row["val_loss"] < best
+KEEP_RULES = ("best", "best_f1", "last")
+"""Which epoch `fit_prm` keeps: the lowest validation loss, the highest validation first-error
+F1, or the last."""
+
+
+def epoch_score(row: dict[str, Any], keep: str) -> float | None:
+    """How good a validated epoch is under `keep` (higher is better); None unvalidated."""
+    if "val_loss" not in row:
+        return None
+    if keep == "best_f1":
+        return -1.0 if row.get("val_f1") is None else float(row["val_f1"])
+    return -float(row["val_loss"])
+
+
+def improves(row: dict[str, Any], best: float | None, keep: str = "best") -> bool:
+    """Whether an epoch beats the `best` score so far (an epoch without validation, or the
+    first validated one: yes; ties keep the earlier epoch)."""
+    score = epoch_score(row, keep)
+    return score is None or best is None or score > best
 
 
 def fit_prm(
@@ -487,11 +503,13 @@ def fit_prm(
     pad_id: int,
     seed: int,
     keep: str = "best",
+    validate_every: int = 1,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> FitResult:
-    """Train `epochs` passes, validating after each; keeps the weights `keep` selects.
-    Collective: every rank calls it with the same rows."""
+    """Train `epochs` passes, validating after every `validate_every`-th and the last; keeps
+    the weights of the validated epoch `keep` selects (`KEEP_RULES`). Collective: every
+    rank calls it with the same rows."""
     steps = len(plan_micro_batches(list(range(len(train))), dist.world_size, 0, micro_batch_size))
     bar = None
     if progress and dist.is_main and epochs and steps:
@@ -501,21 +519,22 @@ def fit_prm(
         order = torch.randperm(len(train), generator=seeded(seed + epoch)).tolist()
         row: dict[str, Any] = {"epoch": epoch}
         row["train_loss"] = train_epoch(engine, train, order, dist, micro_batch_size, pad_id, bar)
-        if val:
+        validated = bool(val) and (epoch % validate_every == 0 or epoch == epochs)
+        if validated:
             row |= validate(engine, val, dist, eval_batch_size, pad_id)
         result.history.append(row)
         if log is not None and dist.is_main:
             log(f"prm epoch {epoch}/{epochs}: " + format_row(row))
         # every rank sees the same row (all-reduced), so they agree on when to gather
-        if keep == "best" and val and epoch < epochs and better(row, best):
-            result.kept_epoch, best = epoch, row["val_loss"]
+        if keep != "last" and validated and epoch < epochs and improves(row, best, keep):
+            result.kept_epoch, best = epoch, epoch_score(row, keep)
             result.kept_state = full_state(engine)
     if bar is not None:
         bar.close()
     if (
         keep == "last"
         or result.kept_epoch == 0
-        or (result.history and better(result.history[-1], best))
+        or (result.history and improves(result.history[-1], best, keep))
     ):
         result.kept_epoch, result.kept_state = epochs, full_state(engine)
     return result

@@ -18,10 +18,11 @@ docs/prm.md "Training a PRM"):
    the *global* micro-batch (all ranks), one optimizer step per micro-batch, AdamW at
    `prm.lr`. Targets are the binary `labels`, or the data's `label_values` (soft) where
    present with `prm.soft_labels`.
-5. After every epoch: validation loss (BCE on the binary labels), step AUC (every held-out
+5. Validation loss (BCE on the binary labels), step AUC (every held-out
    step's P(good) against its label) and ProcessBench first-error F1
    (`rl.eval.prm.processbench_scores`, first step with P(good) < 0.5 against the first
-   step labelled bad). The epoch `prm.keep` selects (lowest validation loss, or the last) is
+   step labelled bad), after every `prm.validate_every`-th epoch and the last. The epoch
+   `prm.keep` selects (lowest validation loss, highest validation F1, or the last) is
    saved with `save_prm` to `prm.output_dir`, with `train_prm_metrics.json`.
 
 Departures from the papers: one pass of plain BCE at the tags (no LM loss beside it, no
@@ -67,7 +68,13 @@ def check_prm_config(prm: PRMConfig) -> None:
         raise ConfigError("prm.data: the step-label dataset is required (a .jsonl or directory)")
     if not Path(prm.data).exists():
         raise ConfigError(f"prm.data: {prm.data} does not exist")
-    for key in ("micro_batch_size", "eval_batch_size", "select_rounds", "selector_epochs"):
+    for key in (
+        "micro_batch_size",
+        "eval_batch_size",
+        "select_rounds",
+        "selector_epochs",
+        "validate_every",
+    ):
         if getattr(prm, key) < 1:
             raise ConfigError(f"prm.{key}: must be at least 1, got {getattr(prm, key)}")
     if prm.epochs < 0:
