@@ -13,8 +13,9 @@ same number of generated samples, and is evaluated on the held-out `eval` split 
     pav_terminal   pav with the value after the last step = the response's outcome (the
                    head's `terminal: outcome`): overrated responses cannot raise the credit's sum
     ppo_pav        PPO (critic, GAE) with the PAV step advantages as dense token rewards
-    pav_mc_oracle  GRPO + PAV with Q^pi from fresh Monte-Carlo rollouts (upper bound)
-    gold_steps     GRPO + -1 on the first wrong step from the task's exact labels (upper bound)
+    pav_mc_oracle  GRPO + PAV with Q^pi from fresh Monte-Carlo rollouts (MC oracle, n_mc 4)
+    gold_steps     GRPO + -1 on the first wrong step from the task's exact labels
+                   (oracle-label reference)
     prm            GRPO + -1 on the first step a learned discriminative PRM scores below its
                    threshold (`--prm DIR`: benchmarks/learned_prm.py curve trains one)
     prm_min        the same PRM, PURE's min-form credit on p_h - 1
@@ -359,7 +360,7 @@ METHODS: tuple[Method, ...] = (
     ),
     Method(
         "pav_mc_oracle",
-        "GRPO + PAV, MC oracle (upper bound)",
+        "GRPO + PAV, MC oracle (n_mc 4)",
         (
             "reward.heads=[{head: pav_mc_oracle, kwargs: {n_mc: $n_mc, prover_k: 4}}]",
             "algo.credit=pav",
@@ -372,7 +373,7 @@ METHODS: tuple[Method, ...] = (
     ),
     Method(
         "gold_steps",
-        "GRPO + exact first-error step reward (upper bound)",
+        "GRPO + exact first-error step reward (gold_steps, oracle-label reference)",
         (
             "reward.heads=[{head: gold_steps}]",
             "algo.credit=pav",
