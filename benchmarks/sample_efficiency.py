@@ -183,11 +183,12 @@ class Tunable:
 
 LR = Tunable("lr", 1e-4, (2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4))
 """8e-4 is in the grid because gold_steps chose 4e-4, the top of the earlier grid, in
-`s8m23nz_q40_sft3000` (benchmarks/RESULTS.md)."""
+`s8m23nz_q40_sft3000` (benchmarks/results/sample_efficiency_regimes/README.md)."""
 ALPHA = Tunable("alpha", 0.5, (0.2, 0.5, 1.0, 2.0, 4.0, 8.0))
 """The step-credit weight; 4.0 is in the grid because gold_steps chose 2.0, the top of the
 earlier grid, in every modulus-11 and modulus-23 regime, and 8.0 because it chose 4.0 on
-three validation seeds in `s8m23nz_q40_sft3000` (benchmarks/RESULTS.md)."""
+three validation seeds in `s8m23nz_q40_sft3000`
+(benchmarks/results/sample_efficiency_regimes/README.md)."""
 PRM_LR = Tunable("prm_lr", 1e-4, (1e-5, 1e-4, 1e-3))
 CRITIC_LR = Tunable("critic_lr", 1e-4, (1e-5, 1e-4, 1e-3))
 PRIME_BASELINE = Tunable("baseline", "per_step", ("per_step", "last_token", "per_token_mean"))
