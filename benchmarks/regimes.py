@@ -126,22 +126,24 @@ REGIMES: tuple[Regime, ...] = (
     ),
     # The same task with 3,000 SFT steps: at 1,200 the build's SFT may still sit on a loss
     # plateau when it stops (a rebuild on another machine never learned step 0); at 3,000
-    # both seeds tried converged into policies that agree (benchmarks/RESULTS.md).
+    # both seeds tried converged into policies that agree
+    # (benchmarks/results/sample_efficiency_regimes/README.md).
     Regime(
         "s8m23nz_q40_sft3000",
         "s8m23nz_q40 with 3,000 SFT steps (a start model that converges on every build tried)",
         (*S8M23NZ_Q40, "model.tiny.sft_steps=3000"),
     ),
     # The easy end on the converged recipe: the 1,200-step s4m11_q30 build was lost with its
-    # machine, and a rebuild gives other weights (benchmarks/RESULTS.md), so every method of
-    # the easy end runs again on one build of this one.
+    # machine, and a rebuild gives other weights
+    # (benchmarks/results/sample_efficiency_regimes/README.md), so every method of the easy
+    # end runs again on one build of this one.
     Regime(
         "s4m11_q30_sft3000",
         "s4m11_q30 with 3,000 SFT steps (the easy end, every method on one build)",
         (*S4M11_Q30, "model.tiny.sft_steps=3000"),
     ),
     # The middle of the sweep on the converged recipe (its 1,200-step builds disagree:
-    # benchmarks/RESULTS.md, "Rebuilding the start models").
+    # benchmarks/results/sample_efficiency_regimes/README.md, "Rebuilding the start models").
     Regime(
         "s8m11_q30_sft3000",
         "s8m11_q30 with 3,000 SFT steps (the middle of the sweep on the converged recipe)",

@@ -13,8 +13,9 @@ same number of generated samples, and is evaluated on the held-out `eval` split 
     pav_terminal   pav with the value after the last step = the response's outcome (the
                    head's `terminal: outcome`): overrated responses cannot raise the credit's sum
     ppo_pav        PPO (critic, GAE) with the PAV step advantages as dense token rewards
-    pav_mc_oracle  GRPO + PAV with Q^pi from fresh Monte-Carlo rollouts (upper bound)
-    gold_steps     GRPO + -1 on the first wrong step from the task's exact labels (upper bound)
+    pav_mc_oracle  GRPO + PAV with Q^pi from fresh Monte-Carlo rollouts (MC oracle, n_mc 4)
+    gold_steps     GRPO + -1 on the first wrong step from the task's exact labels
+                   (oracle-label reference)
     prm            GRPO + -1 on the first step a learned discriminative PRM scores below its
                    threshold (`--prm DIR`: benchmarks/learned_prm.py curve trains one)
     prm_min        the same PRM, PURE's min-form credit on p_h - 1
@@ -182,11 +183,12 @@ class Tunable:
 
 LR = Tunable("lr", 1e-4, (2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4))
 """8e-4 is in the grid because gold_steps chose 4e-4, the top of the earlier grid, in
-`s8m23nz_q40_sft3000` (benchmarks/RESULTS.md)."""
+`s8m23nz_q40_sft3000` (benchmarks/results/sample_efficiency_regimes/README.md)."""
 ALPHA = Tunable("alpha", 0.5, (0.2, 0.5, 1.0, 2.0, 4.0, 8.0))
 """The step-credit weight; 4.0 is in the grid because gold_steps chose 2.0, the top of the
 earlier grid, in every modulus-11 and modulus-23 regime, and 8.0 because it chose 4.0 on
-three validation seeds in `s8m23nz_q40_sft3000` (benchmarks/RESULTS.md)."""
+three validation seeds in `s8m23nz_q40_sft3000`
+(benchmarks/results/sample_efficiency_regimes/README.md)."""
 PRM_LR = Tunable("prm_lr", 1e-4, (1e-5, 1e-4, 1e-3))
 CRITIC_LR = Tunable("critic_lr", 1e-4, (1e-5, 1e-4, 1e-3))
 PRIME_BASELINE = Tunable("baseline", "per_step", ("per_step", "last_token", "per_token_mean"))
@@ -359,7 +361,7 @@ METHODS: tuple[Method, ...] = (
     ),
     Method(
         "pav_mc_oracle",
-        "GRPO + PAV, MC oracle (upper bound)",
+        "GRPO + PAV, MC oracle (n_mc 4)",
         (
             "reward.heads=[{head: pav_mc_oracle, kwargs: {n_mc: $n_mc, prover_k: 4}}]",
             "algo.credit=pav",
@@ -372,7 +374,7 @@ METHODS: tuple[Method, ...] = (
     ),
     Method(
         "gold_steps",
-        "GRPO + exact first-error step reward (upper bound)",
+        "GRPO + exact first-error step reward (gold_steps, oracle-label reference)",
         (
             "reward.heads=[{head: gold_steps}]",
             "algo.credit=pav",
