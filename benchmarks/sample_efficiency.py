@@ -28,6 +28,8 @@ same number of generated samples, and is evaluated on the held-out `eval` split 
                    labels every response (cut after its first wrong step) and the PRM takes
                    one pass over them (the head's `refresh_*` options; labels counted)
     prm_refresh_lite  the same with 8 responses per rank labelled per step
+    prm_gated      prm with the step penalties on wrong responses only (the head's
+                   `outcome_gate`): the verifier says whether there is an error, the PRM where
     prm_refresh_anchored  prm_refresh_lite with two anchors against the refresh feeding
                    itself: as many solutions of the PRM's training data (`--prm-replay FILE`)
                    replayed in every refresh, and class-balanced BCE
@@ -285,15 +287,19 @@ def prm_method(
     refresh: bool = False,
     refresh_rows: int = 0,
     anchored: bool = False,
+    outcome_gate: bool = False,
 ) -> Method:
     """GRPO + a learned PRM's step rewards shaped by `shaping` under `credit`; the first-error
     threshold is the PRM's own (`--prm-threshold`, chosen on the PRM's validation labels).
     With `refresh`, the PRM is refreshed on-policy every step (its lr tuned too), on
     `refresh_rows` responses per rank (0: all); `anchored` adds the replay of its training
-    data and the class-balanced loss."""
+    data and the class-balanced loss; `outcome_gate` confines the step rewards to wrong
+    responses."""
     head = PRM_REFRESH_HEAD if refresh else PRM_HEAD
     if refresh_rows:
         head = head.replace("$refresh_lr}", f"$refresh_lr, refresh_rows: {refresh_rows}}}")
+    if outcome_gate:
+        head = head.replace("$threshold", "$threshold, outcome_gate: true", 1)
     if anchored:
         anchors = "refresh_replay: '$prm_replay', refresh_balance: true"
         head = head.replace("}}]", f", {anchors}}}}}]")
@@ -392,6 +398,14 @@ METHODS: tuple[Method, ...] = (
         paper="- (gold_steps with the PRM's verdict for the exact labels)",
     ),
     prm_method("prm_min", "GRPO + learned PRM, min-form (PURE)", "min", "min_form"),
+    prm_method(
+        "prm_gated",
+        "GRPO + learned PRM, first error on wrong responses only",
+        "first_error",
+        "pav",
+        paper="- (prm with the outcome verifier deciding which responses hold an error)",
+        outcome_gate=True,
+    ),
     prm_method("prm_clip", "GRPO + learned PRM, Clip", "clip", "pav"),
     prm_method("prm_delta", "GRPO + learned PRM, Delta", "delta", "sum"),
     prm_method("prm_prob", "GRPO + learned PRM, plain probability", "prob", "pav"),

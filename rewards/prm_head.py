@@ -15,7 +15,9 @@ response it:
    reads `p_h = P(good)` at each step tag (`rl.prm.model.step_probabilities`);
 3. shapes `p` into step rewards (`rl.algos.prm_shaping`: `prob`, `min`, `clip`, `delta`,
    `first_error`) and puts step h's reward on the policy's last token of step h;
-4. with `agreement_filter`, asks the trainer's outcome verifier for each response's outcome
+4. with `outcome_gate`, keeps the step rewards of wrong responses only (the trainer's outcome
+   verifier says whether a response holds an error, the PRM where: `gate_by_outcome`);
+5. with `agreement_filter`, asks the trainer's outcome verifier for each response's outcome
    and returns `keep: [B]`: rows whose PRM verdict disagrees with the outcome are dropped from
    the policy update (PROF; the trainer zeroes their response mask).
 
@@ -46,10 +48,12 @@ from torch import Tensor
 from rewards.heads import REWARD_HEADS, HeadBatch, HeadContext, HeadOutput, RewardHead
 from rl.algos.credit import steps_to_tokens
 from rl.algos.prm_shaping import (
+    GATEABLE,
     SHAPING_CREDIT,
     ShapingParams,
     agreement_keep,
     check_reduction,
+    gate_by_outcome,
     shaping_fn,
 )
 from rl.core.errors import ConfigError, RewardError
@@ -85,6 +89,9 @@ class PRMHeadOptions:
     outcome (PROF): right with step score < threshold, or wrong with score >= threshold."""
     agreement_reduce: str = "mean"
     """The step score the filter compares: the mean (PROF) or the min of the step p_h."""
+    outcome_gate: bool = False
+    """Step rewards only on responses the outcome verifier calls wrong (penalty shapings:
+    first_error, clip, min)."""
     micro_batch_size: int | None = None
     """Solutions per PRM forward pass (None: the trainer's micro-batch size)."""
     step_tag: str | None = None
@@ -139,6 +146,7 @@ class PRMHead(RewardHead):
         penalty: float = 1.0,
         agreement_filter: bool = False,
         agreement_reduce: str = "mean",
+        outcome_gate: bool = False,
         micro_batch_size: int | None = None,
         refresh_every: int = 0,
         refresh_labeler: str = "exact",
@@ -156,6 +164,11 @@ class PRMHead(RewardHead):
         from rl.prm.refresh import RefreshOptions, RefreshState
 
         check_options(shaping, agreement_reduce, eta, threshold, penalty, micro_batch_size)
+        if outcome_gate and shaping not in GATEABLE:
+            raise ConfigError(
+                f"prm head: outcome_gate needs a penalty shaping {list(GATEABLE)}, "
+                f"got shaping {shaping!r}"
+            )
         unknown = sorted(set(convention) - set(CONVENTION_KEYS))
         if unknown:
             raise ConfigError(f"prm head: unknown option {unknown[0]!r}")
@@ -179,6 +192,7 @@ class PRMHead(RewardHead):
         self.params = ShapingParams(eta=eta, threshold=threshold, penalty=penalty)
         self.agreement_filter = agreement_filter
         self.agreement_reduce = agreement_reduce
+        self.outcome_gate = outcome_gate
         self.micro_batch_size = micro_batch_size
         self.default_credit = SHAPING_CREDIT[shaping]  # type: ignore[misc]
         self._init_run_state()
@@ -283,24 +297,30 @@ class PRMHead(RewardHead):
         p, step_mask = self.step_probs(batch)  # [B, H] each
         self._scored = (batch.response_ids, p, step_mask) if self.refresh.enabled else None
         shaped = shaping_fn(self.shaping)(p, step_mask, self.params)  # [B, H]
+        outcome = self._outcome(batch)  # [B] or None
+        if self.outcome_gate and outcome is not None:
+            shaped = gate_by_outcome(shaped, outcome)
         token_rewards = steps_to_tokens(shaped, batch.step_end.to(shaped.device).float())
-        keep = self._keep(batch, p, step_mask)  # [B] or None
+        keep = None  # [B] rows whose PRM verdict agrees with the outcome
+        if self.agreement_filter and outcome is not None:
+            keep = agreement_keep(
+                outcome, p, step_mask, self.params.threshold, self.agreement_reduce
+            )
         metrics = prm_metrics(p, step_mask, self.params.threshold, keep)
         return HeadOutput(token_rewards=token_rewards, metrics=metrics, keep=keep)
 
-    def _keep(self, batch: HeadBatch, p: Tensor, step_mask: Tensor) -> Tensor | None:
-        """[B] rows whose PRM verdict agrees with the outcome (None without the filter)."""
-        if not self.agreement_filter:
+    def _outcome(self, batch: HeadBatch) -> Tensor | None:
+        """[B] outcomes from the trainer's verifier when the gate or the filter needs them."""
+        wanted = [k for k in ("outcome_gate", "agreement_filter") if getattr(self, k)]
+        if not wanted:
             return None
         if self.verifier is None:
             raise ConfigError(
-                "prm head: agreement_filter needs the trainer's outcome verifier; there is "
-                "none here (turn agreement_filter off outside launch/train_rl.py)"
+                f"prm head: {wanted[0]} needs the trainer's outcome verifier; there is "
+                f"none here (turn {wanted[0]} off outside launch/train_rl.py)"
             )
         outcome = self.verifier(batch.prompts, batch.completions, batch.columns)  # [B]
-        return agreement_keep(
-            outcome.float().cpu(), p, step_mask, self.params.threshold, self.agreement_reduce
-        )
+        return outcome.float().cpu()
 
     # ------------------------------------------------------------------ on-policy refresh
     def update(self, batch: HeadBatch, outcome: Tensor) -> dict[str, float]:

@@ -32,7 +32,10 @@ pytestmark = pytest.mark.e2e
 def test_prm_head_zero3_two_ranks(tmp_path: Path, model_cache: Path) -> None:
     prm = build_prm(tmp_path / "prm", chat_tokenizer(), step_tag="<step>")
     out = tmp_path / "run"
-    kwargs = f"{{path: '{prm}', shaping: min, agreement_filter: true, threshold: 1.0}}"
+    kwargs = (
+        f"{{path: '{prm}', shaping: min, agreement_filter: true, threshold: 1.0, "
+        "outcome_gate: true}"
+    )
     overrides = [
         *FAST_OVERRIDES,
         f"output_dir={out}",
@@ -51,7 +54,9 @@ def test_prm_head_zero3_two_ranks(tmp_path: Path, model_cache: Path) -> None:
         assert row["head/prm/steps_per_response"] >= 1.0
         dropped = row["head/prm/filtered_frac"]
         assert 0.0 <= dropped <= row["reward/arith_mean"] + 1e-6
-        # `min` shaping: r_h = p_h - 1 < 0 on every step, so the process sum is negative
+        # `min` shaping: r_h = p_h - 1 < 0 on every step of the wrong responses (the gate
+        # zeroes the right ones'), so the process sum is negative
+        assert row["reward/arith_mean"] < 1.0
         assert row["reward/process_sum_mean"] < 0.0
         # algo.credit: auto -> min_form; its step credit is a share of the advantage
         assert math.isfinite(row["diag/step_credit_share"])

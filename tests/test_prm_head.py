@@ -268,6 +268,43 @@ def test_agreement_filter_needs_the_verifier(chat_prm: Path, policy_tok: Any) ->
         head.score(policy_batch(policy_tok))
 
 
+def test_gate_by_outcome_by_hand() -> None:
+    from rl.algos.prm_shaping import gate_by_outcome
+
+    shaped = torch.tensor([[0.0, -1.0], [-1.0, 0.0], [-0.3, -0.2]])
+    got = gate_by_outcome(shaped, torch.tensor([1.0, 0.0, 0.4]))  # right, wrong, wrong
+    torch.testing.assert_close(got, torch.tensor([[0.0, 0.0], [-1.0, 0.0], [-0.3, -0.2]]))
+    with pytest.raises(ValueError, match="expected outcome"):
+        gate_by_outcome(shaped, torch.ones(2))
+
+
+def test_outcome_gate_keeps_step_rewards_of_wrong_responses_only(
+    chat_prm: Path, policy_tok: Any
+) -> None:
+    """Rows 0 and 2 are right: their step rewards are dropped; rows 1 and 3 (wrong) keep
+    the ungated head's; the verifier is asked once."""
+    batch = policy_batch(policy_tok)
+    calls: list[int] = []
+
+    def verifier(
+        prompts: list[str], completions: list[str], columns: dict[str, Any]
+    ) -> torch.Tensor:
+        calls.append(len(prompts))
+        return torch.tensor([1.0, 0.0, 1.0, 0.0])
+
+    kwargs = {"shaping": "clip", "eta": 0.9}  # every step's p is below 0.9: all penalised
+    plain = checked_score(make_head(chat_prm, policy_tok, **kwargs), batch).token_rewards
+    gated = make_head(chat_prm, policy_tok, verifier, outcome_gate=True, **kwargs)
+    out = checked_score(gated, batch)
+    assert calls == [4]
+    assert (plain[[0, 2]] != 0).any()  # the gate has something to remove
+    assert torch.equal(out.token_rewards[[0, 2]], torch.zeros_like(plain[[0, 2]]))
+    torch.testing.assert_close(out.token_rewards[[1, 3]], plain[[1, 3]])
+    assert out.keep is None
+    with pytest.raises(ConfigError, match="outcome_gate needs the trainer's outcome verifier"):
+        make_head(chat_prm, policy_tok, outcome_gate=True).score(batch)
+
+
 def test_dropped_row_contributes_no_gradient(policy_tok: Any) -> None:
     """`drop_rows` (the trainer's hook for `keep`) zeroes a row's mask: the policy loss then
     has no gradient on it, and the kept rows' gradients are those of a batch without it."""
@@ -393,6 +430,7 @@ def test_raw_problems_from_messages() -> None:
         ({"refresh_every": 1, "refresh_epochs": 0}, ["refresh_epochs"]),
         ({"refresh_every": 1, "refresh_rows": -2}, ["refresh_rows"]),
         ({"refresh_every": 1, "refresh_after_first_error": "cut"}, ["'cut'", "drop"]),
+        ({"outcome_gate": True, "shaping": "prob"}, ["outcome_gate", "'prob'"]),
         ({"refresh_every": 1, "refresh_replay_rows": -1}, ["refresh_replay_rows", "-1"]),
         ({"refresh_every": 1, "refresh_replay": "no/such.jsonl"}, ["'no/such.jsonl'"]),
     ],

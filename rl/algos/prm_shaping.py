@@ -191,6 +191,24 @@ def response_scores(p: Tensor, step_mask: Tensor, reduce: str = "mean") -> tuple
     return torch.where(has, score, torch.zeros_like(score)), has  # [B] each
 
 
+GATEABLE = ("first_error", "clip", "min")
+"""Shapings whose step rewards are penalties (<= 0), which `gate_by_outcome` can confine to
+wrong responses; `prob` and `delta` reward steps and are not gated."""
+
+
+def gate_by_outcome(shaped: Tensor, outcome: Tensor) -> Tensor:
+    """Step rewards kept only on wrong responses: shaped [B, H], outcome [B] in [0, 1] (right
+    when >= 0.5) -> [B, H] with right responses' rows zeroed.
+
+    The outcome verifier decides whether a response holds an error; the PRM only says where.
+    A right response then cannot be penalised for a step the PRM misjudges, and a policy
+    gains nothing from the PRM's approval of a wrong response beyond what the outcome gives."""
+    if outcome.ndim != 1 or outcome.shape[0] != shaped.shape[0]:
+        raise ValueError(f"expected outcome [B={shaped.shape[0]}], got {tuple(outcome.shape)}")
+    wrong = (outcome.to(shaped.device) < 0.5).to(shaped.dtype)  # [B]
+    return shaped * wrong.unsqueeze(1)
+
+
 def agreement_keep(
     outcome: Tensor,
     p: Tensor,
