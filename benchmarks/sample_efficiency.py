@@ -30,6 +30,9 @@ same number of generated samples, and is evaluated on the held-out `eval` split 
     prm_refresh_lite  the same with 8 responses per rank labelled per step
     prm_gated      prm with the step penalties on wrong responses only (the head's
                    `outcome_gate`): the verifier says whether there is an error, the PRM where
+    prm_located    prm_gated where a wrong response the PRM flags nowhere takes the penalty at
+                   its lowest-p step (`gate_fallback`): every wrong response carries one
+                   penalty, so hiding errors from the PRM gains nothing
     prm_refresh_anchored  prm_refresh_lite with two anchors against the refresh feeding
                    itself: as many solutions of the PRM's training data (`--prm-replay FILE`)
                    replayed in every refresh, and class-balanced BCE
@@ -288,18 +291,20 @@ def prm_method(
     refresh_rows: int = 0,
     anchored: bool = False,
     outcome_gate: bool = False,
+    gate_fallback: bool = False,
 ) -> Method:
     """GRPO + a learned PRM's step rewards shaped by `shaping` under `credit`; the first-error
     threshold is the PRM's own (`--prm-threshold`, chosen on the PRM's validation labels).
     With `refresh`, the PRM is refreshed on-policy every step (its lr tuned too), on
     `refresh_rows` responses per rank (0: all); `anchored` adds the replay of its training
     data and the class-balanced loss; `outcome_gate` confines the step rewards to wrong
-    responses."""
+    responses, and `gate_fallback` penalises the wrong ones it flags nowhere."""
     head = PRM_REFRESH_HEAD if refresh else PRM_HEAD
     if refresh_rows:
         head = head.replace("$refresh_lr}", f"$refresh_lr, refresh_rows: {refresh_rows}}}")
     if outcome_gate:
-        head = head.replace("$threshold", "$threshold, outcome_gate: true", 1)
+        gate = "outcome_gate: true" + (", gate_fallback: true" if gate_fallback else "")
+        head = head.replace("$threshold", f"$threshold, {gate}", 1)
     if anchored:
         anchors = "refresh_replay: '$prm_replay', refresh_balance: true"
         head = head.replace("}}]", f", {anchors}}}}}]")
@@ -405,6 +410,15 @@ METHODS: tuple[Method, ...] = (
         "pav",
         paper="- (prm with the outcome verifier deciding which responses hold an error)",
         outcome_gate=True,
+    ),
+    prm_method(
+        "prm_located",
+        "GRPO + learned PRM locating the error of each wrong response",
+        "first_error",
+        "pav",
+        paper="- (prm_gated; a wrong response the PRM flags nowhere is penalised at its lowest p)",
+        outcome_gate=True,
+        gate_fallback=True,
     ),
     prm_method("prm_clip", "GRPO + learned PRM, Clip", "clip", "pav"),
     prm_method("prm_delta", "GRPO + learned PRM, Delta", "delta", "sum"),

@@ -16,7 +16,9 @@ response it:
 3. shapes `p` into step rewards (`rl.algos.prm_shaping`: `prob`, `min`, `clip`, `delta`,
    `first_error`) and puts step h's reward on the policy's last token of step h;
 4. with `outcome_gate`, keeps the step rewards of wrong responses only (the trainer's outcome
-   verifier says whether a response holds an error, the PRM where: `gate_by_outcome`);
+   verifier says whether a response holds an error, the PRM where: `gate_by_outcome`); with
+   `gate_fallback` too, a wrong response the PRM flags nowhere takes the penalty at its
+   lowest-p step (`penalise_unflagged`);
 5. with `agreement_filter`, asks the trainer's outcome verifier for each response's outcome
    and returns `keep: [B]`: rows whose PRM verdict disagrees with the outcome are dropped from
    the policy update (PROF; the trainer zeroes their response mask).
@@ -54,6 +56,7 @@ from rl.algos.prm_shaping import (
     agreement_keep,
     check_reduction,
     gate_by_outcome,
+    penalise_unflagged,
     shaping_fn,
 )
 from rl.core.errors import ConfigError, RewardError
@@ -92,6 +95,9 @@ class PRMHeadOptions:
     outcome_gate: bool = False
     """Step rewards only on responses the outcome verifier calls wrong (penalty shapings:
     first_error, clip, min)."""
+    gate_fallback: bool = False
+    """With outcome_gate and first_error: a wrong response with no step below the threshold
+    takes the penalty at its lowest-p step (every wrong response carries one penalty)."""
     micro_batch_size: int | None = None
     """Solutions per PRM forward pass (None: the trainer's micro-batch size)."""
     step_tag: str | None = None
@@ -147,6 +153,7 @@ class PRMHead(RewardHead):
         agreement_filter: bool = False,
         agreement_reduce: str = "mean",
         outcome_gate: bool = False,
+        gate_fallback: bool = False,
         micro_batch_size: int | None = None,
         refresh_every: int = 0,
         refresh_labeler: str = "exact",
@@ -164,11 +171,7 @@ class PRMHead(RewardHead):
         from rl.prm.refresh import RefreshOptions, RefreshState
 
         check_options(shaping, agreement_reduce, eta, threshold, penalty, micro_batch_size)
-        if outcome_gate and shaping not in GATEABLE:
-            raise ConfigError(
-                f"prm head: outcome_gate needs a penalty shaping {list(GATEABLE)}, "
-                f"got shaping {shaping!r}"
-            )
+        check_gate(shaping, outcome_gate, gate_fallback)
         unknown = sorted(set(convention) - set(CONVENTION_KEYS))
         if unknown:
             raise ConfigError(f"prm head: unknown option {unknown[0]!r}")
@@ -193,6 +196,7 @@ class PRMHead(RewardHead):
         self.agreement_filter = agreement_filter
         self.agreement_reduce = agreement_reduce
         self.outcome_gate = outcome_gate
+        self.gate_fallback = gate_fallback
         self.micro_batch_size = micro_batch_size
         self.default_credit = SHAPING_CREDIT[shaping]  # type: ignore[misc]
         self._init_run_state()
@@ -300,6 +304,8 @@ class PRMHead(RewardHead):
         outcome = self._outcome(batch)  # [B] or None
         if self.outcome_gate and outcome is not None:
             shaped = gate_by_outcome(shaped, outcome)
+            if self.gate_fallback:
+                shaped = penalise_unflagged(shaped, p, step_mask, outcome, self.params.penalty)
         token_rewards = steps_to_tokens(shaped, batch.step_end.to(shaped.device).float())
         keep = None  # [B] rows whose PRM verdict agrees with the outcome
         if self.agreement_filter and outcome is not None:
@@ -481,6 +487,20 @@ def check_options(
         raise ConfigError(f"prm head: penalty must be > 0, got {penalty}")
     if micro_batch_size is not None and micro_batch_size < 1:
         raise ConfigError(f"prm head: micro_batch_size must be >= 1, got {micro_batch_size}")
+
+
+def check_gate(shaping: str, outcome_gate: bool, gate_fallback: bool) -> None:
+    """One-line ConfigErrors for the outcome gate's options."""
+    if outcome_gate and shaping not in GATEABLE:
+        raise ConfigError(
+            f"prm head: outcome_gate needs a penalty shaping {list(GATEABLE)}, "
+            f"got shaping {shaping!r}"
+        )
+    if gate_fallback and not (outcome_gate and shaping == "first_error"):
+        raise ConfigError(
+            "prm head: gate_fallback needs outcome_gate: true and shaping first_error, got "
+            f"outcome_gate {outcome_gate}, shaping {shaping!r}"
+        )
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:

@@ -278,6 +278,25 @@ def test_gate_by_outcome_by_hand() -> None:
         gate_by_outcome(shaped, torch.ones(2))
 
 
+def test_penalise_unflagged_by_hand() -> None:
+    """Row 0 wrong, flagged at step 1: unchanged. Row 1 wrong, unflagged: -2 at its lowest
+    p (step 2). Row 2 right: unchanged (no penalty). Row 3 wrong, no step: nothing."""
+    from rl.algos.prm_shaping import penalise_unflagged
+
+    shaped = torch.tensor([[0.0, -2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    p = torch.tensor([[0.9, 0.1, 0.05], [0.9, 0.8, 0.3], [0.9, 0.2, 0.9], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    outcome = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    got = penalise_unflagged(shaped, p, mask, outcome, penalty=2.0)
+    want = shaped.clone()
+    want[1, 2] = -2.0
+    torch.testing.assert_close(got, want)
+    # a padded step (mask 0) is never chosen, even with the lowest p
+    p[1, 2], mask[1, 2] = 0.0, 0.0
+    got = penalise_unflagged(shaped, p, mask, outcome, penalty=2.0)
+    assert got[1].tolist() == [0.0, -2.0, 0.0]
+
+
 def test_outcome_gate_keeps_step_rewards_of_wrong_responses_only(
     chat_prm: Path, policy_tok: Any
 ) -> None:
@@ -303,6 +322,33 @@ def test_outcome_gate_keeps_step_rewards_of_wrong_responses_only(
     assert out.keep is None
     with pytest.raises(ConfigError, match="outcome_gate needs the trainer's outcome verifier"):
         make_head(chat_prm, policy_tok, outcome_gate=True).score(batch)
+
+
+def test_gate_fallback_puts_one_penalty_on_every_wrong_response(
+    chat_prm: Path, policy_tok: Any
+) -> None:
+    """At threshold 0 the PRM flags nothing: each wrong row with steps (1; row 3 has none)
+    takes -penalty at its lowest-p step, right rows (0, 2) nothing."""
+    batch = policy_batch(policy_tok)
+
+    def verifier(
+        prompts: list[str], completions: list[str], columns: dict[str, Any]
+    ) -> torch.Tensor:
+        return torch.tensor([1.0, 0.0, 1.0, 0.0])
+
+    head = make_head(
+        chat_prm,
+        policy_tok,
+        verifier,
+        shaping="first_error",
+        threshold=0.0,
+        penalty=0.5,
+        outcome_gate=True,
+        gate_fallback=True,
+    )
+    out = checked_score(head, batch)
+    sums = out.token_rewards.sum(dim=1).tolist()
+    assert sums == [0.0, -0.5, 0.0, 0.0]
 
 
 def test_dropped_row_contributes_no_gradient(policy_tok: Any) -> None:
@@ -431,6 +477,8 @@ def test_raw_problems_from_messages() -> None:
         ({"refresh_every": 1, "refresh_rows": -2}, ["refresh_rows"]),
         ({"refresh_every": 1, "refresh_after_first_error": "cut"}, ["'cut'", "drop"]),
         ({"outcome_gate": True, "shaping": "prob"}, ["outcome_gate", "'prob'"]),
+        ({"gate_fallback": True, "shaping": "first_error"}, ["gate_fallback", "False"]),
+        ({"gate_fallback": True, "outcome_gate": True, "shaping": "min"}, ["'min'"]),
         ({"refresh_every": 1, "refresh_replay_rows": -1}, ["refresh_replay_rows", "-1"]),
         ({"refresh_every": 1, "refresh_replay": "no/such.jsonl"}, ["'no/such.jsonl'"]),
     ],

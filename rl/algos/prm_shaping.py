@@ -209,6 +209,25 @@ def gate_by_outcome(shaped: Tensor, outcome: Tensor) -> Tensor:
     return shaped * wrong.unsqueeze(1)
 
 
+def penalise_unflagged(
+    shaped: Tensor, p: Tensor, step_mask: Tensor, outcome: Tensor, penalty: float
+) -> Tensor:
+    """`first_error` rewards of wrong responses the PRM found no error in, made to carry the
+    penalty anyway, at their lowest-p step: shaped, p, step_mask [B, H]; outcome [B] -> [B, H].
+
+    With `gate_by_outcome` every wrong response then carries exactly one -penalty and every
+    right one none, so the outcome alone sets each response's total reward and the PRM only
+    says where the error is: a policy gains nothing by writing steps the PRM does not flag."""
+    valid = step_mask > 0  # [B, H]
+    wrong = outcome.to(shaped.device) < 0.5  # [B]
+    unflagged = wrong & valid.any(dim=1) & ~(shaped < 0).any(dim=1)  # [B]
+    lowest = p.masked_fill(~valid, float("inf")).argmin(dim=1)  # [B]
+    out = shaped.clone()
+    rows = unflagged.nonzero(as_tuple=True)[0]
+    out[rows, lowest[rows]] = -penalty
+    return out
+
+
 def agreement_keep(
     outcome: Tensor,
     p: Tensor,
