@@ -342,12 +342,13 @@ def prm_labels_by_dir(results: Path) -> dict[str, int]:
 
 
 def rl_rows(results: Path) -> list[dict[str, Any]]:
-    """summary.json's `rl` rows from each `<setup>/rl/summary.json` that
-    benchmarks/sample_efficiency.py wrote: one per method, with the teacher labels of the
-    PRM it read (`--prm` / `--prm-control` in its command; None for methods without one)."""
+    """summary.json's `rl` rows from each `<setup>/rl*/summary.json` that
+    benchmarks/sample_efficiency.py wrote (`study`: that directory's name, e.g. `rl` or
+    `rl_located`): one per method, with the teacher labels of the PRM it read (`--prm` /
+    `--prm-control` in its command; None for methods without one)."""
     labels = prm_labels_by_dir(results)
     rows: list[dict[str, Any]] = []
-    for file in sorted(results.glob("*/rl/summary.json")):
+    for file in sorted(results.glob("*/rl*/summary.json")):
         report = json.loads(file.read_text())
         words = report["command"].split()
         given = {
@@ -361,6 +362,7 @@ def rl_rows(results: Path) -> list[dict[str, Any]]:
             rows.append(
                 {
                     "regime": file.parent.parent.name,
+                    "study": file.parent.name,
                     "method": row["method"],
                     "seeds": row["n_seeds"],
                     "final_mean": row["final_mean"],

@@ -962,3 +962,40 @@ def test_learned_prm_steps_matched_budgets() -> None:
     assert lp.budget_prm(prm, 0.03, steps_matched=True).epochs == 333
     assert lp.budget_prm(prm, 1.0, steps_matched=True) == prm
     assert lp.budget_prm(prm, 0.1, steps_matched=False) == prm
+
+
+def test_learned_prm_rl_rows_read_every_rl_study(tmp_path: Path) -> None:
+    """summary.json's `rl` rows: one per method of each `<setup>/rl*/summary.json`, named by
+    its study directory, with the teacher labels of the PRM its command read."""
+    (tmp_path / "s8m23").mkdir()
+    key = ("uniform", 1.0, 0, "{}")
+    (tmp_path / "s8m23" / "label_curve.jsonl").write_text(
+        json.dumps(
+            {"selection": "uniform", "budget_frac": 1.0, "seed": 0, "settings": "{}"}
+            | {"teacher_labels": 6990}
+        )
+        + "\n"
+    )
+    for study, method in (("rl", "outcome"), ("rl_located", "prm_located")):
+        (tmp_path / "s8m23" / study).mkdir()
+        report = {
+            "command": f"sample_efficiency.py --prm x/{lp.prm_dir_name(key)} --seeds 3",
+            "target": 0.5,
+            "rows": [
+                {
+                    "method": method,
+                    "n_seeds": 3,
+                    "final_mean": 0.6,
+                    "final_std": 0.1,
+                    "samples_to_target": 7680,
+                    "gain": 3.0,
+                }
+            ],
+        }
+        (tmp_path / "s8m23" / study / "summary.json").write_text(json.dumps(report))
+    rows = lp.rl_rows(tmp_path)
+    assert [(r["study"], r["method"], r["prm_labels"]) for r in rows] == [
+        ("rl", "outcome", None),
+        ("rl_located", "prm_located", 6990),
+    ]
+    assert rows[1]["ratio_vs_outcome"] == 3.0 and rows[1]["regime"] == "s8m23"
