@@ -33,6 +33,8 @@ same number of generated samples, and is evaluated on the held-out `eval` split 
     prm_located    prm_gated where a wrong response the PRM flags nowhere takes the penalty at
                    its lowest-p step (`gate_fallback`): every wrong response carries one
                    penalty, so hiding errors from the PRM gains nothing
+    prm_located_trust  prm_located with its step rewards scaled by the PRM's agreement with
+                   the outcome on each batch (the head's `trust`)
     prm_refresh_anchored  prm_refresh_lite with two anchors against the refresh feeding
                    itself: as many solutions of the PRM's training data (`--prm-replay FILE`)
                    replayed in every refresh, and class-balanced BCE
@@ -292,18 +294,21 @@ def prm_method(
     anchored: bool = False,
     outcome_gate: bool = False,
     gate_fallback: bool = False,
+    trust: bool = False,
 ) -> Method:
     """GRPO + a learned PRM's step rewards shaped by `shaping` under `credit`; the first-error
     threshold is the PRM's own (`--prm-threshold`, chosen on the PRM's validation labels).
     With `refresh`, the PRM is refreshed on-policy every step (its lr tuned too), on
     `refresh_rows` responses per rank (0: all); `anchored` adds the replay of its training
     data and the class-balanced loss; `outcome_gate` confines the step rewards to wrong
-    responses, and `gate_fallback` penalises the wrong ones it flags nowhere."""
+    responses, `gate_fallback` penalises the wrong ones it flags nowhere, and `trust` scales
+    the step rewards by the PRM's agreement with the outcome."""
     head = PRM_REFRESH_HEAD if refresh else PRM_HEAD
     if refresh_rows:
         head = head.replace("$refresh_lr}", f"$refresh_lr, refresh_rows: {refresh_rows}}}")
     if outcome_gate:
         gate = "outcome_gate: true" + (", gate_fallback: true" if gate_fallback else "")
+        gate += ", trust: true" if trust else ""
         head = head.replace("$threshold", f"$threshold, {gate}", 1)
     if anchored:
         anchors = "refresh_replay: '$prm_replay', refresh_balance: true"
@@ -419,6 +424,16 @@ METHODS: tuple[Method, ...] = (
         paper="- (prm_gated; a wrong response the PRM flags nowhere is penalised at its lowest p)",
         outcome_gate=True,
         gate_fallback=True,
+    ),
+    prm_method(
+        "prm_located_trust",
+        "GRPO + learned PRM locating errors, weighted by its agreement with the outcome",
+        "first_error",
+        "pav",
+        paper="- (prm_located; step credit fades as the PRM stops flagging wrong responses)",
+        outcome_gate=True,
+        gate_fallback=True,
+        trust=True,
     ),
     prm_method("prm_clip", "GRPO + learned PRM, Clip", "clip", "pav"),
     prm_method("prm_delta", "GRPO + learned PRM, Delta", "delta", "sum"),

@@ -18,7 +18,8 @@ response it:
 4. with `outcome_gate`, keeps the step rewards of wrong responses only (the trainer's outcome
    verifier says whether a response holds an error, the PRM where: `gate_by_outcome`); with
    `gate_fallback` too, a wrong response the PRM flags nowhere takes the penalty at its
-   lowest-p step (`penalise_unflagged`);
+   lowest-p step (`penalise_unflagged`); with `trust`, the step rewards are scaled by the
+   PRM's agreement with the outcome on the batch, all ranks (`trust_weight`);
 5. with `agreement_filter`, asks the trainer's outcome verifier for each response's outcome
    and returns `keep: [B]`: rows whose PRM verdict disagrees with the outcome are dropped from
    the policy update (PROF; the trainer zeroes their response mask).
@@ -55,9 +56,11 @@ from rl.algos.prm_shaping import (
     ShapingParams,
     agreement_keep,
     check_reduction,
+    flag_counts,
     gate_by_outcome,
     penalise_unflagged,
     shaping_fn,
+    trust_weight,
 )
 from rl.core.errors import ConfigError, RewardError
 
@@ -98,6 +101,9 @@ class PRMHeadOptions:
     gate_fallback: bool = False
     """With outcome_gate and first_error: a wrong response with no step below the threshold
     takes the penalty at its lowest-p step (every wrong response carries one penalty)."""
+    trust: bool = False
+    """Scale the step rewards by the share of wrong responses the PRM flags minus the share of
+    right ones it flags, on each batch (step credit fades when the PRM loses the errors)."""
     micro_batch_size: int | None = None
     """Solutions per PRM forward pass (None: the trainer's micro-batch size)."""
     step_tag: str | None = None
@@ -154,6 +160,7 @@ class PRMHead(RewardHead):
         agreement_reduce: str = "mean",
         outcome_gate: bool = False,
         gate_fallback: bool = False,
+        trust: bool = False,
         micro_batch_size: int | None = None,
         refresh_every: int = 0,
         refresh_labeler: str = "exact",
@@ -197,6 +204,7 @@ class PRMHead(RewardHead):
         self.agreement_reduce = agreement_reduce
         self.outcome_gate = outcome_gate
         self.gate_fallback = gate_fallback
+        self.trust = trust
         self.micro_batch_size = micro_batch_size
         self.default_credit = SHAPING_CREDIT[shaping]  # type: ignore[misc]
         self._init_run_state()
@@ -298,14 +306,23 @@ class PRMHead(RewardHead):
         return pad_steps(probs)
 
     def score(self, batch: HeadBatch) -> HeadOutput:
+        from rl.engine.deepspeed_engine import all_reduce_sum
+
         p, step_mask = self.step_probs(batch)  # [B, H] each
         self._scored = (batch.response_ids, p, step_mask) if self.refresh.enabled else None
         shaped = shaping_fn(self.shaping)(p, step_mask, self.params)  # [B, H]
         outcome = self._outcome(batch)  # [B] or None
+        weight = None  # the trust weight (all ranks: collective)
+        if self.trust and outcome is not None:  # before the fallback flags every wrong row
+            weight = trust_weight(
+                all_reduce_sum(flag_counts(p, step_mask, outcome, self.params.threshold))
+            )
         if self.outcome_gate and outcome is not None:
             shaped = gate_by_outcome(shaped, outcome)
             if self.gate_fallback:
                 shaped = penalise_unflagged(shaped, p, step_mask, outcome, self.params.penalty)
+        if weight is not None:
+            shaped = shaped * weight
         token_rewards = steps_to_tokens(shaped, batch.step_end.to(shaped.device).float())
         keep = None  # [B] rows whose PRM verdict agrees with the outcome
         if self.agreement_filter and outcome is not None:
@@ -313,11 +330,13 @@ class PRMHead(RewardHead):
                 outcome, p, step_mask, self.params.threshold, self.agreement_reduce
             )
         metrics = prm_metrics(p, step_mask, self.params.threshold, keep)
+        if weight is not None:
+            metrics["trust"] = weight
         return HeadOutput(token_rewards=token_rewards, metrics=metrics, keep=keep)
 
     def _outcome(self, batch: HeadBatch) -> Tensor | None:
         """[B] outcomes from the trainer's verifier when the gate or the filter needs them."""
-        wanted = [k for k in ("outcome_gate", "agreement_filter") if getattr(self, k)]
+        wanted = [k for k in ("outcome_gate", "agreement_filter", "trust") if getattr(self, k)]
         if not wanted:
             return None
         if self.verifier is None:

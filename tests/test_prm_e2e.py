@@ -64,7 +64,8 @@ def test_prm_head_zero3_two_ranks(tmp_path: Path, model_cache: Path) -> None:
 
 
 def test_prm_refresh_two_ranks_resumes(tmp_path: Path, model_cache: Path) -> None:
-    """On-policy refresh on ZeRO-2, anchored: every step both ranks' responses get the
+    """On-policy refresh on ZeRO-2, anchored, with the outcome gate, its fallback and the
+    trust weight (an all-reduce over the ranks): every step both ranks' responses get the
     `exact` teacher's labels, the PRM trains on all of them plus 3 replayed solutions of its
     "training data" with the class-balanced loss, and only the fresh labels are counted; a
     run killed after step 3 and resumed gives the uninterrupted run's metrics and final PRM
@@ -83,7 +84,7 @@ def test_prm_refresh_two_ranks_resumes(tmp_path: Path, model_cache: Path) -> Non
     kwargs = (
         f"{{path: '{prm}', shaping: first_error, refresh_every: 1, refresh_lr: 1.0e-3, "
         f"refresh_rows: 6, refresh_replay: '{replay}', refresh_replay_rows: 3, "
-        "refresh_balance: true}"
+        "refresh_balance: true, outcome_gate: true, gate_fallback: true, trust: true}"
     )
     common = [
         *FAST_OVERRIDES,
@@ -100,6 +101,7 @@ def test_prm_refresh_two_ranks_resumes(tmp_path: Path, model_cache: Path) -> Non
     assert labels[0] > 0 and all(b > a for a, b in zip(labels, labels[1:], strict=False)), labels
     assert all(math.isfinite(row["head/prm/refresh_loss"]) for row in rows[1:])
     assert all(row["head/prm/refresh_replayed"] == 3.0 for row in rows[1:])
+    assert all(0.0 <= row["head/prm/trust"] <= 1.0 for row in rows[1:])
     final = full / "final_heads" / "prm"
     model, _ = load_prm(final)  # the refreshed PRM, in its convention
     start, _ = load_prm(prm)

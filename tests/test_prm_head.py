@@ -751,3 +751,45 @@ def test_refresh_trains_every_rank_on_one_order(
         checked_score(head, batch)
         head.update(batch, torch.zeros(4))
     assert len(seeds) == 2 and seeds[0] == seeds[1]
+
+
+def test_flag_counts_and_trust_weight_by_hand() -> None:
+    """Rows: wrong and flagged, wrong and unflagged, right and flagged, right and unflagged,
+    wrong without a step (not counted): recall 1/2, false alarms 1/2 -> trust 0; without the
+    flagged right row 1/2 - 0."""
+    from rl.algos.prm_shaping import flag_counts, trust_weight
+
+    p = torch.tensor([[0.9, 0.1], [0.9, 0.8], [0.2, 0.9], [0.9, 0.9], [0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    outcome = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0])
+    counts = flag_counts(p, mask, outcome, threshold=0.5)
+    assert counts.tolist() == [1.0, 2.0, 1.0, 2.0]
+    assert trust_weight(counts) == 0.0
+    assert trust_weight(torch.tensor([1.0, 2.0, 0.0, 2.0])) == 0.5
+    assert trust_weight(torch.tensor([3.0, 3.0, 0.0, 0.0])) == 1.0  # every response wrong
+    assert trust_weight(torch.tensor([0.0, 0.0, 1.0, 4.0])) == 0.0  # nothing wrong to find
+
+
+def test_trust_scales_the_step_rewards(chat_prm: Path, policy_tok: Any) -> None:
+    """With trust the head's step rewards are the untrusted ones times `trust_weight` of the
+    batch, logged as `trust`."""
+    from rl.algos.prm_shaping import flag_counts, trust_weight
+
+    batch = policy_batch(policy_tok)
+    outcome = torch.tensor([0.0, 1.0, 0.0, 0.0])
+
+    def verifier(
+        prompts: list[str], completions: list[str], columns: dict[str, Any]
+    ) -> torch.Tensor:
+        return outcome
+
+    plain = make_head(chat_prm, policy_tok, shaping="clip", eta=0.9)
+    p, mask = plain.step_probs(batch)
+    threshold = float(p[mask.bool()].median())
+    kwargs = {"shaping": "clip", "eta": 0.9, "threshold": threshold}
+    want = trust_weight(flag_counts(p, mask, outcome, threshold))
+    assert 0.0 < want < 1.0  # a weight that changes the rewards without removing them
+    base = checked_score(make_head(chat_prm, policy_tok, **kwargs), batch).token_rewards
+    out = checked_score(make_head(chat_prm, policy_tok, verifier, trust=True, **kwargs), batch)
+    assert out.metrics["trust"] == pytest.approx(want)
+    torch.testing.assert_close(out.token_rewards, base * want)

@@ -228,6 +228,32 @@ def penalise_unflagged(
     return out
 
 
+def flag_counts(p: Tensor, step_mask: Tensor, outcome: Tensor, threshold: float) -> Tensor:
+    """How often the PRM flags a step (p_h < threshold) in wrong and in right responses:
+    p, step_mask [B, H], outcome [B] -> [4] float64 (wrong flagged, wrong, right flagged,
+    right), over rows with at least one step (sums over ranks add up)."""
+    valid = step_mask > 0
+    has = valid.any(dim=1)  # [B]
+    flagged = ((p < threshold) & valid).any(dim=1) & has  # [B]
+    wrong = (outcome.to(p.device) < 0.5) & has
+    right = ~(outcome.to(p.device) < 0.5) & has
+    counts = [flagged & wrong, wrong, flagged & right, right]
+    return torch.tensor([float(c.sum()) for c in counts], dtype=torch.float64)
+
+
+def trust_weight(counts: Tensor) -> float:
+    """The PRM's agreement with the outcome on a batch, from `flag_counts`: the share of wrong
+    responses it flags minus the share of right ones it flags, floored at 0 (no wrong response:
+    0). 1 for exact step labels; it falls as a policy learns errors the PRM does not flag, so
+    step credit scaled by it fades to outcome-only instead of training on a PRM that has
+    lost the policy's errors."""
+    wrong_flagged, wrong, right_flagged, right = (float(c) for c in counts)
+    if wrong == 0:
+        return 0.0
+    false_alarms = right_flagged / right if right else 0.0
+    return max(0.0, wrong_flagged / wrong - false_alarms)
+
+
 def agreement_keep(
     outcome: Tensor,
     p: Tensor,
