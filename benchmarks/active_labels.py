@@ -44,13 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks import sample_efficiency as se
+from benchmarks.launching import TRAIN_PAV, RunSpec, read_json, run_all
+from benchmarks.sample_efficiency import prm_eval_scores
 
-from benchmarks import sample_efficiency as se  # noqa: E402
-from benchmarks.launching import TRAIN_PAV, RunSpec, read_json, run_all  # noqa: E402
-from benchmarks.sample_efficiency import prm_eval_scores  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 CONFIG = "configs/quickstart_pav.yaml"
 DONE_FILE = "train_pav_metrics.json"

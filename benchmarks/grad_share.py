@@ -20,11 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.launching import (  # noqa: E402
+from benchmarks.launching import (
     SPEC_FILE,
     RunSpec,
     read_json,
@@ -32,6 +28,8 @@ from benchmarks.launching import (  # noqa: E402
     run_all,
     step_rows,
 )
+
+REPO = Path(__file__).resolve().parent.parent
 
 FLAG = "logging.credit_grad_share=true"
 COMPARED = ("reward/outcome_mean", "train/loss", "train/grad_norm", "eval/accuracy")

@@ -426,7 +426,6 @@ def prebuild_start_model(config: str, overrides: list[str] | tuple[str, ...]) ->
     """Find the shipped copy of this config's builtin start model, or build (or find) the
     cached one in this process, so no timed run includes the SFT build; returns its
     directory (None for a non-builtin model)."""
-    sys.path.insert(0, str(REPO))
     from rl.config import load_config
     from rl.engine.models import BUILTIN_TINY, tiny_model_config
     from rl.engine.start_model import ensure_start_model

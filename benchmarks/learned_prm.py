@@ -46,11 +46,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.launching import free_port, prebuild_start_model, start_model_line
 
-from benchmarks.launching import free_port, prebuild_start_model, start_model_line  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 CONFIG = "configs/quickstart.yaml"
 RESULTS = REPO / "benchmarks" / "results" / "learned_prm"

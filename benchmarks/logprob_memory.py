@@ -25,9 +25,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 OUT = REPO / "benchmarks" / "results" / "logprob_memory.json"
 
 

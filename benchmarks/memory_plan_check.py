@@ -21,12 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from rl.config import Config, load_config  # noqa: E402
-from rl.engine.memory_plan import (  # noqa: E402
+from rl.config import Config, load_config
+from rl.engine.memory_plan import (
     KNOWN_ARCHITECTURES,
     Architecture,
     MemoryPlan,
@@ -34,6 +30,8 @@ from rl.engine.memory_plan import (  # noqa: E402
     architecture_for,
     build_plan,
 )
+
+REPO = Path(__file__).resolve().parent.parent
 
 RESULTS = REPO / "benchmarks" / "results" / "gpu" / "metrics"
 TOLERANCE = 0.25

@@ -30,18 +30,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
-import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.pav_labels import clean_flags
+from rl.data.prompts import val_prompt_set
+from rl.pav.data import DATA_GLOB, META_FILE, SolutionRecord, append_records, read_records
 
-from benchmarks.pav_labels import clean_flags  # noqa: E402
-from rl.data.prompts import val_prompt_set  # noqa: E402
-from rl.pav.data import DATA_GLOB, META_FILE, SolutionRecord, append_records, read_records  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TARGETS = ("length_clean", "clean")
 

@@ -20,19 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from rl.pav.data import DATA_GLOB, META_FILE, SolutionRecord, read_records
+from rl.pav.fitting import soft_bce
+from rl.tasks.arith import DEFAULT_MODULUS, first_error_step, parse_prompt
 
-from rl.pav.data import DATA_GLOB, META_FILE, SolutionRecord, read_records  # noqa: E402
-from rl.pav.fitting import soft_bce  # noqa: E402
-from rl.tasks.arith import DEFAULT_MODULUS, first_error_step, parse_prompt  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)

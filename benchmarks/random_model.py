@@ -12,13 +12,9 @@ responses of `max_new_tokens`, what a throughput run wants). Nothing is download
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 SIZES: dict[str, dict[str, int | float]] = {
     "qwen2-1.5b": dict(
         hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,

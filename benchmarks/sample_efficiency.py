@@ -84,6 +84,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.launching import (
+    RUN_DEFAULTS,
+    TRAIN_PAV,
+    RunResult,
+    RunSpec,
+    error_line,
+    prebuild_start_model,
+    read_jsonl,
+    run_all,
+    start_model_line,
+    step_rows,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -104,22 +117,6 @@ def effective_overrides(overrides: Sequence[str]) -> list[str]:
         last[override.split("=", 1)[0]] = override
     return list(last.values())
 
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.launching import (  # noqa: E402
-    RUN_DEFAULTS,
-    TRAIN_PAV,
-    RunResult,
-    RunSpec,
-    error_line,
-    prebuild_start_model,
-    read_jsonl,
-    run_all,
-    start_model_line,
-    step_rows,
-)
 
 CONFIG = "configs/quickstart.yaml"
 """Base config of every method (the quickstart's model, prompts per step, group size...)."""

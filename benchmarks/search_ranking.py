@@ -27,8 +27,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def pair_auc(pairs: list[tuple[float, float]]) -> float:

@@ -38,11 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.launching import (  # noqa: E402
+from benchmarks.launching import (
     RUN_DEFAULTS,
     RunResult,
     RunSpec,
@@ -51,6 +47,8 @@ from benchmarks.launching import (  # noqa: E402
     run_all,
     step_rows,
 )
+
+REPO = Path(__file__).resolve().parent.parent
 
 CONFIG = "configs/quickstart.yaml"
 

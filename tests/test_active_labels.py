@@ -153,16 +153,15 @@ def test_explicit_val_split_matches_the_plain_split() -> None:
         ("pav.label_fraction=0", "pav.label_fraction: must be in (0, 1]"),
         ("pav.label_fraction=1.5", "pav.label_fraction: must be in (0, 1]"),
         ("pav.label_select=entropy", "pav.label_select: 'entropy' is not one of"),
-        ("pav.ensemble_heads=1", "pav.ensemble_heads: an ensemble needs at least 2 heads"),
+        ("pav.ensemble_heads=1", "pav.ensemble_heads: must be at least 2"),
         ("pav.uncertainty=entropy", "pav.uncertainty: 'entropy' is not one of max, epistemic"),
         ("pav.label_round_prompts=0", "pav.label_round_prompts: must be at least 1"),
         ("pav.label_pool=no/such/dir", "pav.label_pool: no/such/dir is not a directory"),
     ],
 )
 def test_bad_active_options_name_the_key(override: str, message: str) -> None:
-    cfg = load_config(REPO / "configs" / "quickstart_pav.yaml", [override])
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("]", r"\]")):
-        check_pav_config(cfg)
+        check_pav_config(load_config(REPO / "configs" / "quickstart_pav.yaml", [override]))
 
 
 # ----------------------------------------------------------------------------------------------

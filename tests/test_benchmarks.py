@@ -21,6 +21,7 @@ from benchmarks import sample_efficiency as se
 from benchmarks import throughput as tp
 from benchmarks import zero_memory as zm
 from benchmarks.launching import classify_failure, error_line, metrics_complete, step_rows
+from rl.algos.credit_specs import MinFormCredit, PrimeCredit
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -322,7 +323,7 @@ def test_methods_overrides_load() -> None:
     (prm,) = se.select_methods("prm_min")
     params = se.with_verifier(prm, prm.defaults(), {"prm": "/tmp/prm", "prm_threshold": 0.4})
     cfg = load_config(REPO / se.CONFIG, se.method_overrides(prm, params))
-    assert cfg.algo.credit == "min_form" and cfg.algo.credit_kwargs["process_coef"] == 4.0
+    assert cfg.algo.credit == MinFormCredit(process_coef=4.0)
     head = cfg.reward.heads[0]
     assert head.head == "prm" and head.kwargs["shaping"] == "min"
     assert head.kwargs["path"] == "/tmp/prm" and head.kwargs["threshold"] == 0.4
@@ -338,9 +339,8 @@ def test_methods_overrides_load() -> None:
     prime = se.select_methods("prime")[0]
     params = {"lr": 2e-4, "prm_lr": 1e-5, "baseline": "last_token"}
     cfg = load_config(REPO / se.CONFIG, se.method_overrides(prime, params))
-    assert cfg.algo.credit == "prime" and cfg.optim.lr == 2e-4
+    assert cfg.algo.credit == PrimeCredit(baseline="last_token") and cfg.optim.lr == 2e-4
     assert float(cfg.reward.heads[0].kwargs["lr"]) == 1e-5
-    assert cfg.algo.credit_kwargs["baseline"] == "last_token"
     assert se.params_slug(params) == "baseline=last_token,lr=0.0002,prm_lr=1.0e-05"
     base = se.select_methods("pav_base")[0]
     cfg = load_config(

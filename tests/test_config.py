@@ -93,7 +93,10 @@ def test_architecture_vllm_cannot_load_is_named(tmp_path: Path):
     ("override", "message"),
     [
         ("trainer.max_skipped_steps=0", "trainer.max_skipped_steps: must be at least 1, got 0"),
-        ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints: must be >= 0"),
+        (
+            "trainer.keep_checkpoints=-1",
+            "trainer.keep_checkpoints: must be at least 0 (0 = keep all), got -1",
+        ),
         ("trainer.collective_timeout_s=0", "trainer.collective_timeout_s: must be positive"),
         ("reward.timeout_s=-1", "reward.timeout_s: must be positive"),
         ("reward.on_error=skip", "reward.on_error"),

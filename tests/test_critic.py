@@ -49,8 +49,8 @@ def test_explained_variance_by_hand() -> None:
 
 def test_gae_credit_is_valid_with_and_without_heads() -> None:
     cfg = load_config(CONFIG, ["algo.credit=gae"])
-    assert resolve_credit(cfg, []) == "gae"
-    assert resolve_credit(cfg, [(object(), 1.0)]) == "gae"  # type: ignore[list-item]
+    assert resolve_credit(cfg, []).name == "gae"
+    assert resolve_credit(cfg, [(object(), 1.0)]).name == "gae"  # type: ignore[list-item]
 
 
 def test_kl_in_reward_needs_gae() -> None:
@@ -58,10 +58,9 @@ def test_kl_in_reward_needs_gae() -> None:
     with pytest.raises(ConfigError, match=r"algo.kl_mode=reward needs algo.credit=gae"):
         resolve_credit(cfg, [])
     cfg = load_config(CONFIG, ["algo.kl_mode=reward", "algo.kl_coef=0.1", "algo.credit=gae"])
-    assert resolve_credit(cfg, []) == "gae"
+    assert resolve_credit(cfg, []).name == "gae"
 
 
 def test_unknown_credit_lists_gae() -> None:
-    cfg = load_config(CONFIG, ["algo.credit=nope"])
     with pytest.raises(ConfigError, match="gae"):
-        resolve_credit(cfg, [])
+        load_config(CONFIG, ["algo.credit=nope"])

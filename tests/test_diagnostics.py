@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from rl.algos.credit_specs import spec_for
 from rl.config import load_config
 from rl.core.errors import ConfigError
 from rl.trainer.diagnostics import (
@@ -113,7 +114,7 @@ def test_clean_count_ignores_right_by_chance_and_padding_rows():
     from rl.trainer.diagnostics import CreditDiagnostics
 
     cfg = load_config("configs/quickstart.yaml", ["logging.credit_diagnostics=true"])
-    diagnostics = CreditDiagnostics(cfg, tokenizer=None, credit_name="outcome")
+    diagnostics = CreditDiagnostics(cfg, tokenizer=None, credit=spec_for("outcome"))
     prompt = "3 +4 *2 -6"  # modulus 7: 3+4=0, 0*2=0, 0-6=1
     clean = "\n".join(step_lines(parse_prompt(prompt)))
     lucky = clean.replace("3+4=0", "3+4=5")  # a wrong step, the same answer line
@@ -138,5 +139,5 @@ def test_outcome_part_is_the_schemes_own(credit: str, estimator: str):
     from rl.trainer.diagnostics import CreditDiagnostics
 
     cfg = load_config("configs/quickstart.yaml", ["logging.credit_diagnostics=true"])
-    diagnostics = CreditDiagnostics(cfg, tokenizer=None, credit_name=credit)
+    diagnostics = CreditDiagnostics(cfg, tokenizer=None, credit=spec_for(credit))
     assert diagnostics.estimator is ADVANTAGE_ESTIMATORS.get(estimator)

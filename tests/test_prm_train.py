@@ -288,9 +288,9 @@ def test_prm_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         check_prm_config(PRMConfig(data=str(tmp_path / "nope.jsonl")))
     with pytest.raises(ConfigError, match="prm.budget_frac"):
-        check_prm_config(PRMConfig(data=str(data), budget_frac=0.0))
+        load_config(None, ["prm.budget_frac=0.0"])
     with pytest.raises(ConfigError, match="prm.ensemble_heads"):
-        check_prm_config(PRMConfig(data=str(data), ensemble_heads=1))
+        load_config(None, ["prm.ensemble_heads=1"])
     with pytest.raises(ConfigError, match="good_token and bad_token"):
         check_prm_config(PRMConfig(data=str(data), good_token="+", bad_token="+"))
     with pytest.raises(ConfigError, match="prm.head: 'three' is not one of"):
@@ -298,7 +298,7 @@ def test_prm_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="prm.selection"):
         load_config(None, ["prm.selection=greedy"])
     with pytest.raises(ConfigError, match="prm.validate_every: must be at least 1, got 0"):
-        check_prm_config(PRMConfig(data=str(data), validate_every=0))
+        load_config(None, ["prm.validate_every=0"])
     with pytest.raises(ConfigError, match="prm.keep"):
         load_config(None, ["prm.keep=median"])
     with pytest.raises(ConfigError, match="selection 'greedy'"):

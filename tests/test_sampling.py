@@ -115,7 +115,9 @@ def test_truncated_sampling_with_engine_logprobs_is_refused(override: str) -> No
     overrides = ["rollout.backend=vllm", "rollout.tis_cap=2.0", override]
     with pytest.raises(ConfigError, match=re.escape(f"{override} with the engine")):
         load_config(REPO / "configs" / "quickstart.yaml", overrides)
-    with pytest.raises(ConfigError, match="rollout.top_k: must be >= 0"):
+    with pytest.raises(
+        ConfigError, match=re.escape("rollout.top_k: must be at least 0 (0 = off), got -1")
+    ):
         load_config(REPO / "configs" / "quickstart.yaml", ["rollout.top_k=-1"])
 
 

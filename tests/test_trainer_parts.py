@@ -13,6 +13,7 @@ import torch
 
 from rewards.build import resolve_head
 from rl.algos.credit import CREDIT_ASSIGNERS, CreditInputs, tokens_to_steps
+from rl.algos.credit_specs import spec_for
 from rl.algos.offpolicy import logprob_mismatch_sums, tis_weights
 from rl.config import load_config
 from rl.core.errors import ConfigError
@@ -185,9 +186,8 @@ def _batch() -> RolloutBatch:
 def test_outcome_credit_is_the_estimator_on_every_token() -> None:
     batch = _batch()
     scored = Scored(torch.tensor([1.0, 0.0, 1.0, 1.0]), {})
-    credit = OutcomeCredit(load_config(None, ["algo.advantage=rloo"]).algo).assign(
-        batch, scored, LogProbs(torch.zeros(4, 3))
-    )
+    algo = load_config(None, ["algo.advantage=rloo"]).algo
+    credit = OutcomeCredit(algo.credit, algo).assign(batch, scored, LogProbs(torch.zeros(4, 3)))
     # RLOO with K=2: r_i - r_j -> [1, -1, 0, 0]
     want = torch.tensor([[1.0, 1, 1], [-1, -1, 0], [0, 0, 0], [0, 0, 0]])
     torch.testing.assert_close(credit.advantages, want)
@@ -200,8 +200,10 @@ def test_step_credit_reads_steps_and_options_from_config() -> None:
     step_id = torch.tensor([[0, 1, 1], [0, 0, -1], [0, 0, 0], [0, -1, -1]])
     process = step_end * torch.tensor([[0.5, 0, -0.5], [0, 0.2, 0], [0, 0, 0.1], [-1, 0, 0]])
     scored = Scored(torch.tensor([1.0, 0.0, 1.0, 1.0]), {}, process, step_id, step_end)
-    algo = load_config(None, ["algo.credit=pav", "algo.credit_kwargs={alpha: 2.0}"]).algo
-    got = StepCredit("pav", algo).assign(batch, scored, LogProbs(torch.zeros(4, 3))).advantages
+    algo = load_config(None, ["algo.credit={name: pav, alpha: 2.0}"]).algo
+    got = (
+        StepCredit(algo.credit, algo).assign(batch, scored, LogProbs(torch.zeros(4, 3))).advantages
+    )
     scores, step_mask = tokens_to_steps(process, step_end)
     inputs = CreditInputs(
         batch.response_mask, step_id, step_end, scored.outcome, 2, scores, step_mask,
@@ -212,10 +214,10 @@ def test_step_credit_reads_steps_and_options_from_config() -> None:
 
 def test_every_scheme_is_registered_and_resolved() -> None:
     cfg = load_config(None)
-    assert resolve_credit(cfg, []) == "outcome"
-    assert isinstance(build_credit("outcome", cfg.algo, None), OutcomeCredit)
+    assert resolve_credit(cfg, []) == spec_for("outcome")
+    assert isinstance(build_credit(spec_for("outcome"), cfg.algo, None), OutcomeCredit)
     with pytest.raises(ConfigError, match="gae needs the critic"):
-        build_credit("gae", load_config(None, ["algo.credit=gae"]).algo, None)
+        build_credit(spec_for("gae"), load_config(None, ["algo.credit=gae"]).algo, None)
 
 
 # ---------------------------------------------------------------- typed options
@@ -224,13 +226,18 @@ def test_every_scheme_is_registered_and_resolved() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["algo.credit=pav", "algo.credit_kwargs={alpah: 1}"], "'algo.credit_kwargs.alpah'"),
-        (["algo.credit=pav", "algo.credit_kwargs={alpha: x}"], "algo.credit_kwargs.alpha"),
-        (["algo.credit=prime", "algo.credit_kwargs={gamma: 0.9}"], "use algo.gamma"),
-        (["algo.credit=prime", "algo.credit_kwargs={baseline: mean}"], "baseline"),
+        (["algo.credit={name: pav, alpah: 1}"], r"'algo.credit.alpah' \(did you mean"),
+        (["algo.credit=pav", "algo.credit.alpha=x"], "algo.credit.alpha: expected a number"),
+        (["algo.credit={name: pav, alpha: -1}"], r"algo.credit.alpha: must be at least 0, got"),
+        (["algo.credit={name: prime, gamma: 0.9}"], "use algo.gamma"),
+        (["algo.credit=prime", "algo.credit.baseline=mean"], "algo.credit.baseline: 'mean'"),
+        (["algo.credit={name: min_form, temperature: 0}"], "temperature: must be positive"),
+        (["algo.credit=magic"], r"unknown credit scheme 'magic'; valid: auto, outcome, gae"),
+        (["algo.credit={alpha: 1}"], "algo.credit: expected a name or a mapping with a `name`"),
         (["algo.credit=prime", "algo.advantage=grpo"], "algo.advantage=grpo: .*leave-one-out"),
         (["algo.credit=gae", "algo.advantage=rloo"], "algo.advantage=rloo: .*critic"),
-        (["algo.credit=outcome", "algo.credit_kwargs={alpha: 1}"], "takes no options"),
+        (["algo.credit=outcome", "algo.credit.alpha=1"], r"outcome has no option 'alpha' \(pav"),
+        (["algo.credit={name: auto, temperature: 1}"], "auto has no option 'temperature'"),
         (["trainer.max_steps=0"], "trainer.max_steps: must be at least 1"),
         (["trainer.forward_micro_batch_size=0"], "forward_micro_batch_size: must be at least"),
         (

@@ -52,17 +52,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from rl.algos.advantages import ADVANTAGE_ESTIMATORS, group_rewards, leave_one_out_mean
+from rl.algos.credit_specs import (
+    MinFormCredit,
+    PAVCredit,
+    PrimeBaseline,
+    PrimeCredit,
+    StepCreditSpec,
+    SumCredit,
+    register_spec,
+)
 from rl.core.errors import ConfigError
 from rl.core.registry import Registry
 
 Span = tuple[int, int]
-PrimeBaseline = Literal["per_step", "last_token", "per_token_mean"]
 PRIME_BASELINES: tuple[str, ...] = ("per_step", "last_token", "per_token_mean")
 
 
@@ -462,61 +469,22 @@ CreditAssigner = Callable[..., Tensor]
 """`fn(inputs: CreditInputs, **options) -> advantages [B, T]` (0 off the response)."""
 
 CREDIT_ASSIGNERS: Registry[CreditAssigner] = Registry("credit assigner")
-CREDIT_OPTIONS: dict[str, type] = {}
-"""Each scheme's options dataclass (`algo.credit_kwargs` is checked against it at load)."""
 
 
-def register_credit(name: str, options: type) -> Callable[[CreditAssigner], CreditAssigner]:
-    """Register a step-credit function under `name` with its options dataclass."""
+def register_credit(spec: type[StepCreditSpec]) -> Callable[[CreditAssigner], CreditAssigner]:
+    """Register a step-credit function under its spec's `name`; the spec (a
+    `StepCreditSpec` subclass holding the function's keyword options) becomes a valid
+    `algo.credit`."""
 
     def add(fn: CreditAssigner) -> CreditAssigner:
-        CREDIT_ASSIGNERS.register(name)(fn)
-        CREDIT_OPTIONS[name] = options
+        register_spec(spec)
+        CREDIT_ASSIGNERS.register(spec.name)(fn)
         return fn
 
     return add
 
 
-@dataclass(frozen=True)
-class PAVCreditOptions:
-    """`algo.credit_kwargs` of `pav`. The outcome term uses `algo.advantage`."""
-
-    alpha: float = 0.5
-    """Weight of the prover's step advantage A^mu (the paper searches 0.5-5)."""
-
-
-@dataclass(frozen=True)
-class PrimeCreditOptions:
-    """`algo.credit_kwargs` of `prime`. Discount: `algo.gamma`; outcome term: RLOO."""
-
-    process_coef: float = 1.0
-    """Weight of the process return."""
-    outcome_coef: float = 1.0
-    """Weight of the outcome RLOO advantage."""
-    baseline: PrimeBaseline = "per_step"
-    """Where the leave-one-out baseline of the implicit reward is subtracted (see
-    `prime_advantages`): per_step (Eq. 5 literally), last_token, per_token_mean."""
-
-
-@dataclass(frozen=True)
-class SumCreditOptions:
-    """`algo.credit_kwargs` of `sum`. Discount: `algo.gamma`; outcome term: RLOO."""
-
-    process_coef: float = 1.0
-    """Weight of the process return."""
-    outcome_coef: float = 1.0
-    """Weight of the outcome RLOO advantage."""
-
-
-@dataclass(frozen=True)
-class MinFormCreditOptions(SumCreditOptions):
-    """`algo.credit_kwargs` of `min_form`. Discount: `algo.gamma`; outcome term: RLOO."""
-
-    temperature: float = 0.1
-    """Softmax temperature T of the PURE weights (T -> 0: the minimum)."""
-
-
-@register_credit("pav", PAVCreditOptions)
+@register_credit(PAVCredit)
 def pav_credit(inputs: CreditInputs, alpha: float = 0.5) -> Tensor:
     """PAV: `outcome_estimator(r_o)` on every token + `alpha * A^mu_h` on step h's tokens.
 
@@ -531,7 +499,7 @@ def pav_credit(inputs: CreditInputs, alpha: float = 0.5) -> Tensor:
     return adv * inputs.mask.to(adv.dtype)
 
 
-@register_credit("prime", PrimeCreditOptions)
+@register_credit(PrimeCredit)
 def prime_credit(
     inputs: CreditInputs,
     process_coef: float = 1.0,
@@ -566,7 +534,7 @@ def _loo_returns(
     )
 
 
-@register_credit("sum", SumCreditOptions)
+@register_credit(SumCredit)
 def sum_credit(
     inputs: CreditInputs, process_coef: float = 1.0, outcome_coef: float = 1.0
 ) -> Tensor:
@@ -576,7 +544,7 @@ def sum_credit(
     return _loo_returns(inputs, step_rewards, process_coef, outcome_coef)
 
 
-@register_credit("min_form", MinFormCreditOptions)
+@register_credit(MinFormCredit)
 def min_form_credit(
     inputs: CreditInputs,
     process_coef: float = 1.0,

@@ -484,7 +484,7 @@ def extra_model_items(
     if needs_reference:
         ref = 0 if on_cpu else weight_bytes(params, b, zero.stage, ranks)
         items.append(MemoryItem("reference (frozen)", ref, both))
-    if cfg.algo.credit == "gae":
+    if cfg.algo.credit.needs_critic:
         critic = backbone_parameter_count(arch)
         items += model_state_items("critic", critic, b, zero.stage, ranks, zero.offload)
         trained += 1

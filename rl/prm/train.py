@@ -63,32 +63,12 @@ METRICS_FILE = "train_prm_metrics.json"
 
 
 def check_prm_config(prm: PRMConfig) -> None:
-    """ConfigError naming the `prm.*` key whose value cannot work (before any model work)."""
+    """ConfigError naming the `prm.*` key whose value cannot work (before any model work;
+    the bounds of single fields are checked when the config loads)."""
     if prm.data is None:
         raise ConfigError("prm.data: the step-label dataset is required (a .jsonl or directory)")
     if not Path(prm.data).exists():
         raise ConfigError(f"prm.data: {prm.data} does not exist")
-    for key in (
-        "micro_batch_size",
-        "eval_batch_size",
-        "select_rounds",
-        "selector_epochs",
-        "validate_every",
-    ):
-        if getattr(prm, key) < 1:
-            raise ConfigError(f"prm.{key}: must be at least 1, got {getattr(prm, key)}")
-    if prm.epochs < 0:
-        raise ConfigError(f"prm.epochs: must be >= 0, got {prm.epochs}")
-    if prm.lr <= 0:
-        raise ConfigError(f"prm.lr: must be positive, got {prm.lr}")
-    if not 0.0 <= prm.val_fraction < 1.0:
-        raise ConfigError(f"prm.val_fraction: must be in [0, 1), got {prm.val_fraction}")
-    if not 0.0 < prm.budget_frac <= 1.0:
-        raise ConfigError(f"prm.budget_frac: must be in (0, 1], got {prm.budget_frac}")
-    if prm.ensemble_heads < 2:
-        raise ConfigError(
-            f"prm.ensemble_heads: an ensemble needs at least 2, got {prm.ensemble_heads}"
-        )
     convention_of(prm)
 
 

@@ -1,13 +1,14 @@
 """Credit schemes: how a step's rewards become the learners' targets.
 
 Every scheme has one signature, `assign(batch, scored, logprobs) -> Credit`, and is registered
-by name in `CREDIT_SCHEMES` (the trainer goes only through it):
+by name in `CREDIT_SCHEMES` (the trainer goes only through it); its typed options and what it
+needs (critic, heads, the KL in its rewards) are its spec, `algo.credit`
+(`rl.algos.credit_specs`):
 
 - `outcome`: the advantage estimator (`algo.advantage`: grpo, dr_grpo, rloo) on the outcome
   rewards, the same on every response token.
 - `pav`, `prime`, `sum`, `min_form`: the step-credit functions of `rl.algos.credit` on the
-  outcome rewards and the heads' step rewards, with their options from
-  `algo.credit_kwargs`.
+  outcome rewards and the heads' step rewards, with the options of their spec.
 - `gae`: PPO's credit: dense token rewards (the outcome on the last token, the heads' rewards
   on step ends, the KL penalty per token with `algo.kl_mode=reward`), the critic's values,
   GAE advantages whitened over the global batch, and returns as value targets.
@@ -19,21 +20,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict
 
 import torch
 
 from rewards.heads import RewardHead
 from rl.algos.advantages import ADVANTAGE_ESTIMATORS, group_rewards, token_advantages
 from rl.algos.credit import CREDIT_ASSIGNERS, CreditInputs, tokens_to_steps
+from rl.algos.credit_specs import AutoCredit, CreditSpec, spec_for
 from rl.algos.ppo import dense_token_rewards, gae, last_valid_index, masked_moments, whiten
-from rl.config import (
-    AlgoConfig,
-    Config,
-    check_credit_settings,
-    credit_options,
-    outcome_estimator,
-)
+from rl.config import AlgoConfig, Config, check_credit_settings, outcome_estimator
 from rl.core.errors import ConfigError
 from rl.core.registry import Registry
 from rl.core.types import Credit, LogProbs, RolloutBatch, Scored
@@ -44,21 +39,18 @@ from rl.trainer.critic import Critic, explained_variance
 class CreditScheme(ABC):
     """Turns one step's rewards (and log-probs) into `Credit` for this rank's rows."""
 
-    needs_heads: bool = False
-    """True when the scheme reads the heads' step rewards (`scored.process`)."""
-
     @abstractmethod
     def assign(self, batch: RolloutBatch, scored: Scored, logprobs: LogProbs) -> Credit: ...
 
 
-SchemeFactory = Callable[[AlgoConfig, "Critic | None"], CreditScheme]
+SchemeFactory = Callable[[CreditSpec, AlgoConfig, "Critic | None"], CreditScheme]
 CREDIT_SCHEMES: Registry[SchemeFactory] = Registry("credit scheme")
 
 
 class OutcomeCredit(CreditScheme):
     """The outcome estimator's sequence advantage on every response token."""
 
-    def __init__(self, algo: AlgoConfig, critic: Critic | None = None) -> None:
+    def __init__(self, spec: CreditSpec, algo: AlgoConfig, critic: Critic | None = None) -> None:
         self.estimator = ADVANTAGE_ESTIMATORS.get(outcome_estimator(algo))
 
     def assign(self, batch: RolloutBatch, scored: Scored, logprobs: LogProbs) -> Credit:
@@ -70,11 +62,9 @@ class OutcomeCredit(CreditScheme):
 class StepCredit(CreditScheme):
     """A step-credit function of `rl.algos.credit` (pav, prime, sum, min_form)."""
 
-    needs_heads = True
-
-    def __init__(self, name: str, algo: AlgoConfig) -> None:
-        self.fn = CREDIT_ASSIGNERS.get(name)
-        self.options = asdict(credit_options(algo, name))
+    def __init__(self, spec: CreditSpec, algo: AlgoConfig, critic: Critic | None = None) -> None:
+        self.fn = CREDIT_ASSIGNERS.get(spec.name)
+        self.options = spec.options()
         self.gamma = algo.gamma
         self.outcome_estimator = outcome_estimator(algo)
 
@@ -99,7 +89,7 @@ class StepCredit(CreditScheme):
 class GAECredit(CreditScheme):
     """PPO: GAE over dense token rewards with the critic's values (see the module doc)."""
 
-    def __init__(self, algo: AlgoConfig, critic: Critic | None) -> None:
+    def __init__(self, spec: CreditSpec, algo: AlgoConfig, critic: Critic | None) -> None:
         if critic is None:
             raise ConfigError("algo.credit=gae needs the critic (the trainer builds it)")
         self.algo = algo
@@ -145,39 +135,27 @@ CREDIT_SCHEMES.register("outcome")(OutcomeCredit)
 CREDIT_SCHEMES.register("gae")(GAECredit)
 
 
-def _step_scheme(name: str) -> SchemeFactory:
-    def factory(algo: AlgoConfig, critic: Critic | None) -> CreditScheme:
-        return StepCredit(name, algo)
-
-    return factory
-
-
 for _name in CREDIT_ASSIGNERS.names():
-    CREDIT_SCHEMES.register(_name)(_step_scheme(_name))
+    CREDIT_SCHEMES.register(_name)(StepCredit)
 
 
-def resolve_credit(cfg: Config, heads: list[tuple[RewardHead, float]]) -> str:
-    """The credit scheme `algo.credit` names (`auto` resolved); ConfigError when it cannot
-    work with the configured heads."""
-    credit = cfg.algo.credit
-    if credit == "auto":
-        credit = heads[0][0].default_credit if heads else "outcome"
-    if cfg.algo.kl_mode == "reward" and credit != "gae":
-        raise ConfigError(
-            f"algo.kl_mode=reward needs algo.credit=gae (the KL penalty enters GAE's token "
-            f"rewards), got algo.credit={credit}; use algo.kl_mode=loss"
-        )
-    if credit not in CREDIT_SCHEMES:
+def resolve_credit(cfg: Config, heads: list[tuple[RewardHead, float]]) -> CreditSpec:
+    """The credit scheme's spec (`algo.credit`, `auto` resolved to the first head's default
+    with its default options); ConfigError when it cannot work with the configured heads."""
+    spec = cfg.algo.credit
+    if isinstance(spec, AutoCredit):
+        spec = spec_for(heads[0][0].default_credit if heads else "outcome")
+    if spec.name not in CREDIT_SCHEMES:
         valid = ", ".join(["auto", *CREDIT_SCHEMES.names()])
-        raise ConfigError(f"algo.credit: unknown credit scheme {credit!r}; valid: {valid}")
-    if credit in CREDIT_ASSIGNERS and not heads:
+        raise ConfigError(f"algo.credit: unknown credit scheme {spec.name!r}; valid: {valid}")
+    if spec.needs_heads and not heads:
         raise ConfigError(
-            f"algo.credit={credit} needs at least one process reward head in reward.heads"
+            f"algo.credit={spec.name} needs at least one process reward head in reward.heads"
         )
-    check_credit_settings(cfg.algo, credit)  # again: `auto` is resolved only now
-    return credit
+    check_credit_settings(cfg.algo, spec)  # again: `auto` is resolved only now
+    return spec
 
 
-def build_credit(name: str, algo: AlgoConfig, critic: Critic | None) -> CreditScheme:
-    """The registered scheme `name` (as `resolve_credit` returned it)."""
-    return CREDIT_SCHEMES.get(name)(algo, critic)
+def build_credit(spec: CreditSpec, algo: AlgoConfig, critic: Critic | None) -> CreditScheme:
+    """The registered scheme of `spec` (as `resolve_credit` returned it)."""
+    return CREDIT_SCHEMES.get(spec.name)(spec, algo, critic)

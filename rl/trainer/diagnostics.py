@@ -40,7 +40,8 @@ from torch import Tensor
 
 from rewards.gold_steps import first_error_steps
 from rl.algos.advantages import ADVANTAGE_ESTIMATORS, group_rewards, token_advantages
-from rl.config import LEAVE_ONE_OUT_SCHEMES, Config, outcome_estimator
+from rl.algos.credit_specs import CreditSpec
+from rl.config import Config, outcome_estimator
 from rl.core.types import Credit, RolloutBatch, Scored
 from rl.engine import deepspeed_engine as eng
 from rl.rollout.steps import batch_steps
@@ -159,7 +160,7 @@ def diagnostics_row(sums: Tensor | list[float], with_share: bool = True) -> dict
 class CreditDiagnostics:
     """Computes the `diag/*` metrics of one training step (every rank calls `row`)."""
 
-    def __init__(self, cfg: Config, tokenizer: Any, credit_name: str) -> None:
+    def __init__(self, cfg: Config, tokenizer: Any, credit: CreditSpec) -> None:
         from rl.tasks.arith import ArithConfig
 
         self.tokenizer = tokenizer
@@ -167,9 +168,10 @@ class CreditDiagnostics:
         self.modulus = ArithConfig(**dict(cfg.data.task)).modulus
         # the outcome term the scheme itself adds: RLOO by definition for prime, sum and
         # min_form, whatever the (then unset) algo.advantage would default to
-        estimator = "rloo" if credit_name in LEAVE_ONE_OUT_SCHEMES else outcome_estimator(cfg.algo)
+        rloo = credit.outcome_baseline == "rloo"
+        estimator = "rloo" if rloo else outcome_estimator(cfg.algo)
         self.estimator = ADVANTAGE_ESTIMATORS.get(estimator)
-        self.with_share = credit_name != "gae"
+        self.with_share = credit.separable
         self.grad_share = cfg.logging.credit_grad_share and self.with_share
         self.temperature = cfg.rollout.temperature
 

@@ -119,7 +119,7 @@ class Trainer:
         """Where batches, log-probs and credit live (the engines' device)."""
         seed_everything(cfg.seed)
         heads = build_heads(cfg)
-        self.credit_name = resolve_credit(cfg, heads)
+        self.credit_spec = resolve_credit(cfg, heads)
         ds_config = self._ds_config()
         if cfg.logging.credit_grad_share and self.zero_stage == 3:  # stage set in a JSON file
             raise ConfigError("logging.credit_grad_share: needs deepspeed.zero_stage 0-2, got 3")
@@ -136,11 +136,11 @@ class Trainer:
             cfg.reward.step_delimiter,
             CallPolicy(cfg.reward.timeout_s, cfg.reward.on_error),
         )
-        self.credit = build_credit(self.credit_name, cfg.algo, self.critic)
+        self.credit = build_credit(self.credit_spec, cfg.algo, self.critic)
         self.rollout = make_rollout(cfg, self.tokenizer, model_path, policy, dist, self.zero_stage)
         self.rewards.setup(self._head_context(model_path, ds_config))
         self.diagnostics = (
-            CreditDiagnostics(cfg, self.tokenizer, self.credit_name)
+            CreditDiagnostics(cfg, self.tokenizer, self.credit_spec)
             if cfg.logging.credit_diagnostics
             else None
         )
@@ -196,7 +196,7 @@ class Trainer:
                 reference, ds_config, offload=cfg.model.offload_references
             )
         self.critic: Critic | None = None
-        if self.credit_name == "gae":
+        if self.credit_spec.needs_critic:
             self.critic = Critic(
                 policy_path=model_path,
                 ds_config=ds_config,
@@ -288,7 +288,7 @@ class Trainer:
         a KL penalty in the GAE rewards). Then a whole forward pass is saved."""
         cfg = self.cfg
         on_policy = cfg.algo.epochs == 1 and cfg.algo.mini_batches == 1
-        kl_in_rewards = self.credit_name == "gae" and cfg.algo.kl_mode == "reward"
+        kl_in_rewards = self.credit_spec.takes_kl_in_rewards and cfg.algo.kl_mode == "reward"
         return not on_policy or cfg.rollout.backend == "vllm" or kl_in_rewards
 
     def correct_off_policy(self, batch: RolloutBatch, logprobs: LogProbs, credit: Credit) -> Credit:

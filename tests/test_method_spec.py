@@ -1,0 +1,164 @@
+"""The method as typed objects: bounds on the config's fields (one-line errors before any
+model work), `algo.credit` as one spec per scheme that declares what it needs, the old
+`credit_kwargs` spelling, and the layout rules (no credit-name comparisons in the trainer, no
+`sys.path` edits in benchmarks or tests)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import pytest
+
+from rl.algos.credit_specs import (
+    CREDIT_SPECS,
+    GAECredit,
+    MinFormCredit,
+    OutcomeCredit,
+    PAVCredit,
+    PrimeCredit,
+    SumCredit,
+    spec_for,
+)
+from rl.config import load_config
+from rl.core.errors import ConfigError
+from rl.core.schema import Bound, convert
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The values a new user tried (issue 39): each got a raw exception, or nothing, before.
+BAD_VALUES = [
+    ("algo.clip_low=-1", "algo.clip_low: must be in [0, 1), got -1.0"),
+    ("rollout.top_p=1.5", "rollout.top_p: must be in (0, 1], got 1.5"),
+    ("trainer.micro_batch_size=0", "trainer.micro_batch_size: must be at least 1, got 0"),
+    ("optim.lr=nan", "optim.lr: must be a finite number, got 'nan'"),
+    (
+        "rollout.temperature=0",
+        "rollout.temperature: must be positive (training samples; evaluation is greedy), got 0.0",
+    ),
+    ("algo.kl_coef=-0.5", "algo.kl_coef: must be at least 0, got -0.5"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_VALUES)
+def test_bounds_are_checked_when_the_config_loads(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(REPO / "configs" / "quickstart.yaml", [override])
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_VALUES)
+def test_the_launcher_prints_one_line_and_exits_2(override: str, message: str) -> None:
+    cmd = [sys.executable, "launch/train_rl.py", "--config", "configs/quickstart.yaml"]
+    proc = subprocess.run(
+        [*cmd, override, "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {message}"]
+
+
+@pytest.mark.parametrize(
+    ("bound", "value", "message"),
+    [
+        (Bound(ge=1), 0, "must be at least 1"),
+        (Bound(gt=0), 0.0, "must be positive"),
+        (Bound(gt=0.5), 0.5, "must be greater than 0.5"),
+        (Bound(le=3), 4, "must be at most 3"),
+        (Bound(lt=1), 1.0, "must be less than 1"),
+        (Bound(ge=0, lt=1), 1.0, "must be in [0, 1)"),
+        (Bound(gt=0, le=1), 0.0, "must be in (0, 1]"),
+        (Bound(ge=2, why="an ensemble"), 1, "must be at least 2 (an ensemble)"),
+    ],
+)
+def test_bound_messages(bound: Bound, value: float, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        convert(Annotated[float, bound], value, "x.y")
+    assert str(caught.value) == f"x.y: {message}, got {float(value)!r}"
+
+
+@pytest.mark.parametrize(
+    ("bound", "value"),
+    [(Bound(ge=1), 1), (Bound(gt=0, le=1), 1.0), (Bound(ge=0, lt=1), 0.0), (Bound(le=3), -5)],
+)
+def test_values_on_the_edge_pass(bound: Bound, value: float) -> None:
+    assert convert(Annotated[float, bound], value, "x") == value
+
+
+def test_an_optional_bounded_field_accepts_null() -> None:
+    cfg = load_config(None, ["trainer.forward_micro_batch_size=null", "reward.timeout_s=null"])
+    assert cfg.trainer.forward_micro_batch_size is None and cfg.reward.timeout_s is None
+    with pytest.raises(ConfigError, match="forward_micro_batch_size: must be at least 1, got 0"):
+        load_config(None, ["trainer.forward_micro_batch_size=0"])
+
+
+# ---------------------------------------------------------------- the credit spec
+
+
+@pytest.mark.parametrize(
+    ("overrides", "spec"),
+    [
+        ([], spec_for("auto")),
+        (["algo.credit=pav"], PAVCredit()),
+        (["algo.credit={name: pav, alpha: 2.0}"], PAVCredit(alpha=2.0)),
+        (["algo.credit=pav", "algo.credit.alpha=3"], PAVCredit(alpha=3.0)),
+        (["algo.credit={name: min_form, temperature: 0.5}"], MinFormCredit(temperature=0.5)),
+        (["algo.credit=gae"], GAECredit()),
+    ],
+)
+def test_credit_is_one_typed_spec(overrides: list[str], spec: object) -> None:
+    assert load_config(None, overrides).algo.credit == spec
+
+
+def test_the_old_spelling_loads_with_a_warning_naming_the_new_one() -> None:
+    with pytest.warns(FutureWarning, match=r"write algo.credit: \{name: pav, alpha: 2.0\}"):
+        old = load_config(None, ["algo.credit=pav", "algo.credit_kwargs={alpha: 2.0}"])
+    assert old.algo.credit == PAVCredit(alpha=2.0)
+    with pytest.warns(FutureWarning):  # an override in the old spelling wins over the file
+        cfg = load_config(REPO / "configs" / "quickstart_pav.yaml", ["algo.credit_kwargs.alpha=4"])
+    assert cfg.algo.credit == PAVCredit(alpha=4.0)
+
+
+def test_every_scheme_declares_what_it_needs() -> None:
+    needs = {
+        name: (cls.needs_critic, cls.needs_heads, cls.outcome_baseline, cls.takes_kl_in_rewards)
+        for name, cls in CREDIT_SPECS.items()
+    }
+    assert needs == {
+        "auto": (False, False, "estimator", False),
+        "outcome": (False, False, "estimator", False),
+        "gae": (True, False, "critic", True),
+        "pav": (False, True, "estimator", False),
+        "sum": (False, True, "rloo", False),
+        "prime": (False, True, "rloo", False),
+        "min_form": (False, True, "rloo", False),
+    }
+    assert not GAECredit.separable and OutcomeCredit.separable and SumCredit.separable
+    assert PrimeCredit(process_coef=2.0).options() == {
+        "process_coef": 2.0,
+        "outcome_coef": 1.0,
+        "baseline": "per_step",
+    }
+
+
+def test_the_trainer_compares_no_credit_names() -> None:
+    names = "|".join(CREDIT_SPECS)
+    compare = re.compile(rf"""(credit|scheme|spec)\S*\s*(==|!=|\bin)\s*\(?["']({names})["']""")
+    for path in sorted((REPO / "rl" / "trainer").glob("*.py")):
+        text = path.read_text()
+        assert "credit_kwargs" not in text, path.name
+        assert "credit_name" not in text, path.name
+        for line in text.splitlines():
+            code = line.split("#", 1)[0]
+            assert not compare.search(code), f"{path.name}: {line.strip()}"
+
+
+def test_benchmarks_and_tests_do_not_edit_sys_path() -> None:
+    edits = re.compile(r"sys\.path\.(insert|append|extend)|sys\.path\s*(\+=|=)")
+    for folder in ("benchmarks", "tests"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if "runs" in path.relative_to(REPO).parts:
+                continue
+            assert not edits.search(path.read_text()), path.relative_to(REPO)
