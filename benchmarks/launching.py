@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,8 +225,37 @@ def is_complete(spec: RunSpec) -> bool:
 
 
 def same_command(spec: RunSpec) -> bool:
+    """The run dir's record describes the run of `spec` (see `same_run`)."""
     record = spec.out_dir / SPEC_FILE
-    return record.is_file() and json.loads(record.read_text()) == spec_record(spec)
+    return record.is_file() and same_run(json.loads(record.read_text()), spec)
+
+
+def same_run(stored: dict[str, Any], spec: RunSpec) -> bool:
+    """`stored` (a `spec_record`) is the run of `spec`: the same script, ranks and start
+    model, and the same config once resolved by today's code, so an equivalent spelling of
+    the overrides (`algo.credit_kwargs={alpha: 2}` then, `algo.credit={name: pav, alpha: 2}`
+    now) is the same run and is not run again."""
+    current = spec_record(spec)
+    if stored == current:
+        return True
+    if any(stored.get(key) != current.get(key) for key in ("script", "ranks", "start_model")):
+        return False
+    mine = resolved_config(current, spec.out_dir)
+    return mine is not None and mine == resolved_config(stored, spec.out_dir)
+
+
+def resolved_config(record: dict[str, Any], out_dir: Path) -> dict[str, Any] | None:
+    """The config a `spec_record` runs with, as a plain dict (None if it no longer loads)."""
+    from rl.config import load_config, to_dict
+    from rl.core.errors import ConfigError
+
+    overrides = [*record.get("overrides", []), f"output_dir={out_dir}"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # an old spelling, recorded
+            return to_dict(load_config(REPO / record["config"], overrides))
+    except (ConfigError, KeyError):
+        return None
 
 
 def is_cached(spec: RunSpec) -> bool:

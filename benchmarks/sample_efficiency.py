@@ -241,7 +241,7 @@ def pav_method(
     return Method(
         name,
         label,
-        (head, "algo.credit=pav", "algo.credit_kwargs={alpha: $alpha}", "optim.lr=$lr"),
+        (head, "algo.credit={name: pav, alpha: $alpha}", "optim.lr=$lr"),
         tunables=(LR, ALPHA),
         fixed={"head_weight": 1.0, "prover_k": prover_k},
         needs_verifier=True,
@@ -253,12 +253,11 @@ PRM_HEAD = (
     "reward.heads=[{head: prm, kwargs: {path: '$prm', shaping: $shaping, threshold: $threshold}}]"
 )
 PRM_CREDIT: dict[str, tuple[str, ...]] = {
-    "pav": ("algo.credit=pav", "algo.credit_kwargs={alpha: $alpha}"),
-    "sum": ("algo.credit=sum", "algo.gamma=1.0", "algo.credit_kwargs={process_coef: $alpha}"),
+    "pav": ("algo.credit={name: pav, alpha: $alpha}",),
+    "sum": ("algo.credit={name: sum, process_coef: $alpha}", "algo.gamma=1.0"),
     "min_form": (
-        "algo.credit=min_form",
+        "algo.credit={name: min_form, process_coef: $alpha}",
         "algo.gamma=1.0",
-        "algo.credit_kwargs={process_coef: $alpha}",
     ),
 }
 """Each shaping's credit scheme (`rl.algos.prm_shaping.SHAPING_CREDIT`), its step weight
@@ -340,9 +339,8 @@ METHODS: tuple[Method, ...] = (
         "GRPO + online implicit PRM (PRIME)",
         (
             "reward.heads=[{head: implicit_prm, kwargs: {beta: 0.05, lr: $prm_lr, update: after}}]",
-            "algo.credit=prime",
+            "algo.credit={name: prime, process_coef: 1.0, outcome_coef: 1.0, baseline: $baseline}",
             "algo.gamma=1.0",
-            "algo.credit_kwargs={process_coef: 1.0, outcome_coef: 1.0, baseline: $baseline}",
             "optim.lr=$lr",
         ),
         tunables=(LR, PRM_LR, PRIME_BASELINE),
@@ -377,8 +375,7 @@ METHODS: tuple[Method, ...] = (
         "GRPO + PAV, MC oracle (n_mc 4)",
         (
             "reward.heads=[{head: pav_mc_oracle, kwargs: {n_mc: $n_mc, prover_k: 4}}]",
-            "algo.credit=pav",
-            "algo.credit_kwargs={alpha: $alpha}",
+            "algo.credit={name: pav, alpha: $alpha}",
             "optim.lr=$lr",
         ),
         tunables=(LR, ALPHA),
@@ -390,8 +387,7 @@ METHODS: tuple[Method, ...] = (
         "GRPO + exact first-error step reward (gold_steps, oracle-label reference)",
         (
             "reward.heads=[{head: gold_steps}]",
-            "algo.credit=pav",
-            "algo.credit_kwargs={alpha: $alpha}",
+            "algo.credit={name: pav, alpha: $alpha}",
             "optim.lr=$lr",
         ),
         tunables=(LR, ALPHA),

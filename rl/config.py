@@ -18,6 +18,7 @@ import yaml
 
 import rl.algos.credit  # noqa: F401  (registers the step-credit schemes' specs)
 from rl.algos.credit_specs import AutoCredit, CreditSpec
+from rl.algos.losses import POLICY_LOSSES
 from rl.core.errors import ConfigError
 from rl.core.schema import Bound, build_dataclass
 
@@ -207,6 +208,9 @@ class AlgoConfig:
     """Lower clip range: ratio clipped at 1 - clip_low."""
     clip_high: NonNegativeFloat = 0.28
     """Upper clip range: ratio clipped at 1 + clip_high (DAPO's clip-higher)."""
+    policy_loss: str = "ppo_clip"
+    """The per-token surrogate by its registered name (`rl.algos.losses.POLICY_LOSSES`):
+    `ppo_clip` (PPO/GRPO's clipped ratio with `clip_low` / `clip_high`)."""
     loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
     """Aggregation over the global batch: token mean or mean of per-sequence means."""
     kl_coef: NonNegativeFloat = 0.0
@@ -459,6 +463,10 @@ class LoggingConfig:
     credit_diagnostics: bool = False
     """Log `diag/*` each step: where the advantages point on the built-in task's exactly
     labelled right and wrong steps (`rl.trainer.diagnostics`); needs data.train builtin:arith."""
+    callbacks: list[str] = field(default_factory=list)
+    """Observers of the loop by import path (`package.module:ClassName`, subclasses of
+    `rl.trainer.callbacks.TrainerCallback` constructed with no arguments): their hooks see
+    each step's credit and evaluation and add metrics to the logged row."""
     credit_grad_share: bool = False
     """With credit_diagnostics, also measure the step credit's share of the policy gradient
     (`rl.trainer.grad_share`: one more forward and two backward passes per micro-batch);
@@ -598,6 +606,11 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that bounds on single fields cannot express (those are checked
     while the dataclasses are built)."""
     check_credit_settings(cfg.algo, cfg.algo.credit)
+    if cfg.algo.policy_loss not in POLICY_LOSSES:
+        valid = ", ".join(POLICY_LOSSES.names())
+        raise ConfigError(
+            f"algo.policy_loss: unknown policy loss {cfg.algo.policy_loss!r}; valid: {valid}"
+        )
     if cfg.rollout.backend != "vllm":
         if cfg.rollout.old_logprobs == "engine":
             raise ConfigError("rollout.old_logprobs=engine needs rollout.backend=vllm")

@@ -676,6 +676,25 @@ def test_finished_run_from_another_start_model_copy_is_not_reused(tmp_path: Path
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_runs_are_keyed_by_the_resolved_config(tmp_path: Path) -> None:
+    from benchmarks import launching
+
+    def spec(*overrides: str) -> launching.RunSpec:
+        return launching.RunSpec("pav seed0", tmp_path / "run", overrides, max_steps=0)
+
+    old = spec("reward.heads=[{head: pav}]", "algo.credit=pav", "algo.credit_kwargs={alpha: 2}")
+    launching.prepare_dir(old)  # recorded in the old spelling
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.5}\n')
+    assert launching.is_cached(
+        spec("reward.heads=[{head: pav}]", "algo.credit={name: pav, alpha: 2.0}")
+    )
+    assert not launching.is_cached(
+        spec("reward.heads=[{head: pav}]", "algo.credit={name: pav, alpha: 3}")
+    )
+    assert not launching.is_cached(spec("algo.credit=nonsense"))  # no longer loads: not the run
+    assert not launching.same_run({**launching.spec_record(old), "ranks": 1}, old)
+
+
 # ----------------------------------------------------------------------------- regime sweep
 
 

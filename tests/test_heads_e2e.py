@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launcher import FAST_OVERRIDES, assert_resumed_matches, check_ok, launch, read_metrics
+from rl.config import load_config
+from tests.launcher import (
+    FAST_OVERRIDES,
+    REPO,
+    assert_resumed_matches,
+    check_ok,
+    launch,
+    read_metrics,
+)
 from tests.test_e2e import final_weights, start_model_dir
 
 pytestmark = pytest.mark.e2e
@@ -24,9 +32,21 @@ def overrides(out: Path, cache: Path, *extra: str) -> list[str]:
 def test_implicit_prm_zero3_two_ranks(tmp_path: Path, model_cache: Path):
     out = tmp_path / "run"
     diag = "logging.credit_diagnostics=true"
-    check_ok(launch(overrides(out, model_cache, IMPLICIT_PRM, "deepspeed.zero_stage=3", diag)))
+    probe = "logging.callbacks=['tests.callbacks:Probe']"  # a user's observer, beside diag
+    zero3 = "deepspeed.zero_stage=3"
+    check_ok(launch(overrides(out, model_cache, IMPLICIT_PRM, zero3, diag, probe)))
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    # the callbacks' hooks ran in the loop on every rank: once per step, at each evaluation
+    assert [r["probe/credit_calls"] for r in rows[1:]] == [1, 2, 3]
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", FAST_OVERRIDES)
+    want = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    assert all(r["probe/responses"] == want for r in rows[1:])
+    evals = [r for r in rows if "probe/eval_prompts" in r]
+    assert evals[0]["step"] == 0 and evals[0]["probe/logged_before"] == 0
+    assert evals[-1]["step"] == 3 and evals[-1]["probe/logged_before"] == len(rows) - 1
+    assert all(r["probe/eval_prompts"] == cfg.data.eval_size for r in evals)
+    assert all("eval/clean_frac" in r for r in evals)  # the diagnostics' own hook
     for row in rows[1:]:
         for key in ("head/implicit_prm/ce_loss", "head/implicit_prm/acc", "time/heads_s"):
             assert math.isfinite(row[key]), key

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import pytest
+import torch
 
 from rl.algos.credit_specs import (
     CREDIT_SPECS,
@@ -23,9 +24,12 @@ from rl.algos.credit_specs import (
     SumCredit,
     spec_for,
 )
+from rl.algos.losses import POLICY_LOSSES, policy_loss
 from rl.config import load_config
 from rl.core.errors import ConfigError
 from rl.core.schema import Bound, convert
+from rl.trainer.loop import build_callbacks
+from tests.callbacks import Probe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -162,3 +166,53 @@ def test_benchmarks_and_tests_do_not_edit_sys_path() -> None:
             if "runs" in path.relative_to(REPO).parts:
                 continue
             assert not edits.search(path.read_text()), path.relative_to(REPO)
+
+
+# ---------------------------------------------------------------- policy losses, callbacks
+
+
+def _plain_ratio_loss(
+    logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, low: float, high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-rho * A without clipping (a test-only surrogate)."""
+    return -torch.exp(logp - old) * adv, torch.zeros_like(adv)
+
+
+POLICY_LOSSES.register("test_plain_ratio")(_plain_ratio_loss)
+
+
+def test_policy_losses_are_registered_and_chosen_by_name() -> None:
+    assert load_config(None).algo.policy_loss == "ppo_clip"
+    with pytest.raises(ConfigError, match="algo.policy_loss: unknown policy loss 'ppo'; valid:"):
+        load_config(None, ["algo.policy_loss=ppo"])
+    logp = torch.log(torch.tensor([[2.0, 0.5]]))  # rho = 2 and 0.5 against old log-prob 0
+    old, adv, mask = torch.zeros(1, 2), torch.tensor([[1.0, 1.0]]), torch.ones(1, 2)
+    common = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.0, mode="token_mean")
+    plain, _ = policy_loss(logp, old, None, adv, mask, global_tokens=2, global_seqs=1,
+                           surrogate="test_plain_ratio", **common)  # fmt: skip
+    clipped, _ = policy_loss(logp, old, None, adv, mask, global_tokens=2, global_seqs=1, **common)
+    assert float(plain) == pytest.approx(-(2.0 + 0.5) / 2)  # -mean(rho A)
+    assert float(clipped) == pytest.approx(-(1.28 + 0.5) / 2)  # rho 2 clipped at 1 + 0.28
+
+
+def test_callbacks_load_by_import_path() -> None:
+    cfg = load_config(None, ["logging.callbacks=['tests.callbacks:Probe']"])
+    (probe,) = build_callbacks(cfg, tokenizer=None, credit=spec_for("outcome"))
+    assert isinstance(probe, Probe)
+    with_diag = load_config(
+        None, ["logging.credit_diagnostics=true", *["logging.callbacks=['tests.callbacks:Probe']"]]
+    )
+    kinds = [type(c).__name__ for c in build_callbacks(with_diag, None, spec_for("outcome"))]
+    assert kinds == ["CreditDiagnostics", "Probe"]
+    for spec, message in [
+        (
+            "tests.callbacks:NotACallback",
+            "logging.callbacks.0: tests.callbacks:NotACallback is not",
+        ),
+        ("tests.callbacks:Nope", "logging.callbacks.0: callback 'tests.callbacks:Nope': module"),
+        ("no_such_module:X", "no module named 'no_such_module'"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            build_callbacks(
+                load_config(None, [f"logging.callbacks=['{spec}']"]), None, spec_for("sum")
+            )

@@ -4,12 +4,16 @@ Pure tensor maths (imports torch only). Shapes: B sequences in a micro-batch, T 
 positions, V vocabulary; `mask: [B, T]` is 1 on response tokens that count in the loss.
 
 What is implemented:
-- `clipped_surrogate`: PPO/GRPO per-token loss `-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)`
-  with asymmetric clip ranges (DAPO's "clip-higher"); no dual clip. The log-ratio is clamped
-  to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] before `exp` (`safe_ratio`): a log-ratio of 89 or
-  more (an engine log-prob of -inf, a corrupted row) overflows float32 to an infinite loss
-  and a NaN gradient for the whole step; ratios that large are clipped anyway, and values
-  with |log-ratio| <= 20 are unchanged.
+- `POLICY_LOSSES`: the per-token surrogate losses by name (`algo.policy_loss`), one
+  signature `fn(logp, old_logp, advantages, clip_low, clip_high) -> (loss, clipped)`, as
+  advantage estimators and credit schemes are registered; `policy_loss` looks it up.
+- `clipped_surrogate` (`ppo_clip`): PPO/GRPO per-token loss
+  `-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)` with asymmetric clip ranges (DAPO's
+  "clip-higher"); no dual clip. The log-ratio is clamped to [-LOG_RATIO_CLAMP,
+  LOG_RATIO_CLAMP] before `exp` (`safe_ratio`): a log-ratio of 89 or more (an engine
+  log-prob of -inf, a corrupted row) overflows float32 to an infinite loss and a NaN
+  gradient for the whole step; ratios that large are clipped anyway, and values with
+  |log-ratio| <= 20 are unchanged.
 - `k3_kl`: the k3 estimator `exp(l_ref - l) - (l_ref - l) - 1` (Schulman), used as a loss term
   `kl_coef * aggregate(k3)` (GRPO style), aggregated exactly like the surrogate.
 - `aggregate_loss`: *sum-form* aggregation. Each micro-batch returns its share of the
@@ -27,12 +31,14 @@ What is implemented:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from rl.core.errors import ConfigError
+from rl.core.registry import Registry
 
 LOG_RATIO_CLAMP = 20.0
 """|log pi - log pi_old| (and |log pi_ref - log pi| in k3) is clamped to this before exp:
@@ -126,6 +132,14 @@ def clipped_surrogate(
     return loss, was_clipped
 
 
+SurrogateLoss = Callable[[Tensor, Tensor, Tensor, float, float], tuple[Tensor, Tensor]]
+"""`fn(logp, old_logp, advantages, clip_low, clip_high) -> (loss [B, T], clipped [B, T])`:
+per-token loss (unmasked) and the 0/1 indicator of tokens whose gradient a clip removed."""
+
+POLICY_LOSSES: Registry[SurrogateLoss] = Registry("policy loss")
+POLICY_LOSSES.register("ppo_clip")(clipped_surrogate)
+
+
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """k3 estimator of KL(pi || pi_ref) per token: `exp(ref - logp) - (ref - logp) - 1` >= 0.
 
@@ -214,6 +228,7 @@ def policy_loss(
     global_tokens: float,
     global_seqs: float,
     stats_tokens: float | None = None,
+    surrogate: str = "ppo_clip",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Sum-form micro-batch loss `surrogate + kl_coef * k3`, both aggregated by `mode`.
 
@@ -221,6 +236,7 @@ def policy_loss(
     mask: [b, T]. `global_tokens`, `global_seqs`: see `aggregate_loss`. `stats_tokens`: the
     true global count of masked-in tokens, used for the token-mean stats; defaults to
     `global_tokens` (pass it when `global_tokens` is a constant normaliser, as for Dr.GRPO).
+    `surrogate`: the per-token loss by its name in `POLICY_LOSSES` (default `ppo_clip`).
 
     Returns (loss scalar, stats). Multiply loss by `engine_loss_scale` before backward.
     Stats are detached SUM-form contributions: all-reduce-SUM them over every micro-batch of
@@ -236,7 +252,8 @@ def policy_loss(
         raise ValueError("kl_coef != 0 needs ref_logp (reference-model log-probs)")
     m = mask.bool()
     logp = torch.where(m, logp, old_logp.detach())  # [b, T] masked positions: rho = 1
-    pg_tok, clipped = clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
+    surrogate_loss = POLICY_LOSSES.get(surrogate)
+    pg_tok, clipped = surrogate_loss(logp, old_logp, advantages, clip_low, clip_high)
     pg = aggregate_loss(pg_tok, mask, mode, global_tokens, global_seqs)
     if ref_logp is not None:
         ref = torch.where(m, ref_logp.detach(), logp.detach())  # [b, T] masked: k3 = 0

@@ -45,6 +45,7 @@ from rl.config import Config, outcome_estimator
 from rl.core.types import Credit, RolloutBatch, Scored
 from rl.engine import deepspeed_engine as eng
 from rl.rollout.steps import batch_steps
+from rl.trainer.callbacks import TrainerCallback
 from rl.trainer.grad_share import measured_grad_share
 
 SUM_NAMES: tuple[str, ...] = (
@@ -157,8 +158,9 @@ def diagnostics_row(sums: Tensor | list[float], with_share: bool = True) -> dict
     return row
 
 
-class CreditDiagnostics:
-    """Computes the `diag/*` metrics of one training step (every rank calls `row`)."""
+class CreditDiagnostics(TrainerCallback):
+    """The `diag/*` metrics of each training step and `eval/clean_frac` of each evaluation
+    (a callback of the loop: every rank calls it)."""
 
     def __init__(self, cfg: Config, tokenizer: Any, credit: CreditSpec) -> None:
         from rl.tasks.arith import ArithConfig
@@ -174,6 +176,17 @@ class CreditDiagnostics:
         self.with_share = credit.separable
         self.grad_share = cfg.logging.credit_grad_share and self.with_share
         self.temperature = cfg.rollout.temperature
+
+    def on_credit(
+        self, trainer: Any, batch: RolloutBatch, scored: Scored, credit: Credit
+    ) -> dict[str, Any]:
+        size = trainer.cfg.trainer.forward_micro_batch_size or trainer.plan.micro_batch_size
+        return self.row(batch, scored, credit, trainer.engine, size)
+
+    def on_evaluate(self, trainer: Any, batch: RolloutBatch, n_real: int) -> dict[str, Any]:
+        """`eval/clean_frac`: the share of evaluation answers with every step right."""
+        totals = eng.all_reduce_sum(torch.tensor([self.clean_count(batch, n_real), float(n_real)]))
+        return {"eval/clean_frac": float(totals[0] / totals[1])}
 
     def clean_count(self, batch: RolloutBatch, n_real: int) -> float:
         """How many of the first `n_real` completions have every step right (eval's

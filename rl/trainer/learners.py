@@ -121,6 +121,7 @@ class PolicyLearner(Learner):
             mode=algo.loss_agg,
             global_tokens=counts.tokens,
             global_seqs=counts.seqs,
+            surrogate=algo.policy_loss,
         )
         if algo.entropy_coef:
             loss = loss - algo.entropy_coef * aggregate_loss(

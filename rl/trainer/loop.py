@@ -36,10 +36,12 @@ from tqdm import tqdm
 from rewards.base import CallPolicy, RewardSpec
 from rewards.build import build_reward_fns, build_reward_heads
 from rewards.heads import HeadContext, RewardHead
+from rl.algos.credit_specs import CreditSpec
 from rl.algos.offpolicy import logprob_mismatch_sums, tis_weights
 from rl.config import Config, to_dict
 from rl.core.batching import BatchPlan, micro_batches, plan_batches
 from rl.core.errors import ConfigError
+from rl.core.registry import import_object
 from rl.core.types import Credit, LogProbs, RolloutBatch, Scored, column_spans
 from rl.data.prompts import PromptSampler, batch_columns, shard
 from rl.engine import checkpoint as ckpt
@@ -59,6 +61,7 @@ from rl.setup import (
     training_sampling,
 )
 from rl.trainer import fault_injection as faults
+from rl.trainer.callbacks import TrainerCallback
 from rl.trainer.credit import build_credit, resolve_credit
 from rl.trainer.critic import Critic
 from rl.trainer.diagnostics import CreditDiagnostics
@@ -91,6 +94,23 @@ class TrainState:
 def build_heads(cfg: Config) -> list[tuple[RewardHead, float]]:
     """The run's reward heads with their weights (`reward.heads`), checked at build time."""
     return build_reward_heads(cfg.reward.heads)
+
+
+def build_callbacks(cfg: Config, tokenizer: Any, credit: CreditSpec) -> list[TrainerCallback]:
+    """The run's observers: the credit diagnostics (`logging.credit_diagnostics`), then
+    `logging.callbacks` in their order."""
+    callbacks: list[TrainerCallback] = []
+    if cfg.logging.credit_diagnostics:
+        callbacks.append(CreditDiagnostics(cfg, tokenizer, credit))
+    for i, spec in enumerate(cfg.logging.callbacks):
+        what = f"logging.callbacks.{i}: callback"
+        callback = import_object(spec, what, "package.module:ClassName", ConfigError)()
+        if not isinstance(callback, TrainerCallback):
+            raise ConfigError(
+                f"logging.callbacks.{i}: {spec} is not a rl.trainer.callbacks.TrainerCallback"
+            )
+        callbacks.append(callback)
+    return callbacks
 
 
 def check_lengths(cfg: Config, policy: Any, longest_prompt: int) -> None:
@@ -139,11 +159,7 @@ class Trainer:
         self.credit = build_credit(self.credit_spec, cfg.algo, self.critic)
         self.rollout = make_rollout(cfg, self.tokenizer, model_path, policy, dist, self.zero_stage)
         self.rewards.setup(self._head_context(model_path, ds_config))
-        self.diagnostics = (
-            CreditDiagnostics(cfg, self.tokenizer, self.credit_spec)
-            if cfg.logging.credit_diagnostics
-            else None
-        )
+        self.callbacks = build_callbacks(cfg, self.tokenizer, self.credit_spec)
         self.state = TrainState()
         self.skips = SkipTracker(cfg.trainer.max_skipped_steps)
         self.preemption = Preemption()
@@ -345,12 +361,14 @@ class Trainer:
         )
         return run_updates(learners, [policy] if frozen else [], batch, logprobs, credit, plan)
 
-    def _diagnostics(self, batch: RolloutBatch, scored: Scored, credit: Credit) -> dict[str, Any]:
-        """The step's `diag/*` metrics (none without logging.credit_diagnostics)."""
-        if self.diagnostics is None:
-            return {}
-        size = self.cfg.trainer.forward_micro_batch_size or self.plan.micro_batch_size
-        return self.diagnostics.row(batch, scored, credit, self.engine, size)
+    def _observe_credit(
+        self, batch: RolloutBatch, scored: Scored, credit: Credit
+    ) -> dict[str, Any]:
+        """The callbacks' metrics of the step's credit (`diag/*` and the user's)."""
+        row: dict[str, Any] = {}
+        for callback in self.callbacks:
+            row.update(callback.on_credit(self, batch, scored, credit))
+        return row
 
     def collect_and_score(self, meter: PhaseMeter) -> tuple[RolloutBatch, Scored]:
         """The rollout and reward phases. A sleep-mode vLLM engine goes to sleep as soon as
@@ -377,7 +395,7 @@ class Trainer:
         with meter.phase("credit"):
             credit = self.credit.assign(batch, scored, logprobs)
             credit = self.correct_off_policy(batch, logprobs, credit)
-            diagnostics = self._diagnostics(batch, scored, credit)
+            diagnostics = self._observe_credit(batch, scored, credit)
         with meter.phase("update"):
             stats = self.update(batch, logprobs, credit)
         with meter.phase("weight_sync"):
@@ -471,11 +489,10 @@ class Trainer:
         self.rewards.at(f"evaluation at step {self.state.step}, rank {self.dist.rank}")
         _, per_fn = self.rewards.outcomes(batch)
         first = next(iter(per_fn.values()))[:n_real]
-        clean = self.diagnostics.clean_count(batch, n_real) if self.diagnostics else 0.0
-        totals = eng.all_reduce_sum(torch.tensor([float(first.sum()), float(n_real), clean]))
+        totals = eng.all_reduce_sum(torch.tensor([float(first.sum()), float(n_real)]))
         row = {"eval/accuracy": float(totals[0] / totals[1])}
-        if self.diagnostics:  # every step right, not only the answer
-            row["eval/clean_frac"] = float(totals[2] / totals[1])
+        for callback in self.callbacks:
+            row.update(callback.on_evaluate(self, batch, n_real))
         return row
 
     # ------------------------------------------------------------------ checkpoints
@@ -673,5 +690,7 @@ class Trainer:
         return out
 
     def _log(self, row: dict[str, Any]) -> None:
+        for callback in self.callbacks:
+            callback.on_log(self, row)
         if self.metrics is not None:
             self.metrics.log(row)
