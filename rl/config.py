@@ -341,6 +341,11 @@ class PRMConfig:
     and including its first wrong step, as a teacher who stops reading there would label it;
     the dropped labels are neither bought nor counted). `first_error` shaping and first-error
     F1 read only up to the first flagged step, so `drop` loses nothing they use."""
+    synthetic_negatives: Annotated[float, Bound(ge=0, le=1)] = 0.0
+    """Add this share (of the labelled training solutions) of synthetic wrong steps, bought
+    from no teacher (`rl.prm.synthetic`): a solution cut at one of its right steps, that step
+    replaced by a repeated fragment, a step of another problem or its characters shuffled,
+    and labelled wrong; 0 = none."""
     epochs: NonNegative = 3
     """Passes over the labelled training solutions."""
     lr: Positive = 1e-4

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class Example:
     labels: list[bool]
     label_values: list[float] | None = None
     cost: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,6 +274,14 @@ def test_train_with_budget_counts_labels(model_dir: Path) -> None:
         assert record["rounds"] == (2 if selection == "uncertainty" else 1)
         assert len(record["selector_loss"]) == (1 if selection == "uncertainty" else 0)
         assert 0.0 <= got["auc"] <= 1.0
+    # synthetic wrong steps: trained on beside the bought labels, and not counted as bought
+    prm = replace(prm, synthetic_negatives=0.5)
+    got = train_with_budget(
+        pool, 0.25, "uniform", 1, model_path=model_dir, val_examples=val, prm=prm
+    )
+    assert (
+        got["teacher_labels"] == 30 and 0 < got["record"]["selection"]["synthetic_negatives"] <= 5
+    )
 
 
 # ----------------------------------------------------------------------------------------------

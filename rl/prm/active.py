@@ -72,6 +72,7 @@ from rl.prm.fitting import (
     torch_engine_factory,
     train_epoch,
 )
+from rl.prm.synthetic import synthetic_negatives
 
 SELECTIONS = ("uncertainty", "uniform")
 
@@ -329,10 +330,16 @@ def budget_run(
     bought = select_pool(
         pool, oracle, k, prm.selection, seed, prm.select_rounds, selector, prm.selector_epochs
     )
+    synthetic = synthetic_negatives(
+        [pool_examples[i] for i in bought.chosen], prm.synthetic_negatives, seed
+    )
+    train_rows = bought.rows + render_examples(
+        synthetic, conv, tokenizer, ids.tag, soft=prm.soft_labels
+    )
     engine = make_engine(build_prm(lm, tokenizer, conv, ids, False, seed), prm.lr)
     fit = fit_prm(
         engine,
-        bought.rows,
+        train_rows,
         val,
         dist,
         epochs=prm.epochs,
@@ -346,6 +353,7 @@ def budget_run(
         log=log,
     )
     metrics = budget_metrics(prm, pool, val, oracle, bought, fit, k)
+    metrics["selection"]["synthetic_negatives"] = len(synthetic)
     return BudgetOutcome(fit, metrics)
 
 
