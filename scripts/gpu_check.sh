@@ -157,11 +157,11 @@ run throughput $PY benchmarks/throughput.py --configs $TP_CONFIGS \
 run zero3-offload $DS launch/train_rl.py --config $Q $(common zero3-offload) \
   deepspeed.config=configs/deepspeed/zero3_offload.json algo.kl_coef=0.01
 run_vllm zero2-vllm-sleep $DS launch/train_rl.py --config $Q $(common zero2-vllm-sleep) \
-  deepspeed.zero_stage=2 rollout.backend=vllm rollout.vllm_sleep_mode=true
+  deepspeed.zero_stage=2 "rollout.backend={name: vllm, sleep_mode: true}"
 run_vllm zero3-vllm-sleep $DS launch/train_rl.py --config $Q $(common zero3-vllm-sleep) \
-  deepspeed.zero_stage=3 rollout.backend=vllm rollout.vllm_sleep_mode=true
+  deepspeed.zero_stage=3 "rollout.backend={name: vllm, sleep_mode: true}"
 run_vllm chat-bf16-vllm $DS launch/train_rl.py --config configs/quickstart_chat.yaml \
-  $(common chat-bf16-vllm) rollout.backend=vllm rollout.vllm_sleep_mode=true
+  $(common chat-bf16-vllm) "rollout.backend={name: vllm, sleep_mode: true}"
 
 if [ "$DRY" = 1 ]; then
   echo "dry run: nothing was run"

@@ -513,9 +513,7 @@ def test_select_configs() -> None:
     (compiled,) = tp.select_configs("zero2-transformers-compiled")
     assert compiled.overrides() == [
         "deepspeed.zero_stage=2",
-        "rollout.backend=transformers",
-        "rollout.transformers_cache=static",
-        "rollout.transformers_compile=true",
+        "rollout.backend={name: transformers, cache: static, compile: true}",
     ]
     with pytest.raises(ValueError):
         tp.select_configs("zero5")

@@ -50,8 +50,8 @@ def test_bad_config_names_the_key(override: str, message: str):
 
 
 def test_tis_with_engine_old_logprobs_is_refused():
-    overrides = ["rollout.backend=vllm", "rollout.old_logprobs=engine", "rollout.tis_cap=2.0"]
-    with pytest.raises(ConfigError, match="tis_cap with rollout.old_logprobs=engine"):
+    overrides = ["rollout.backend={name: vllm, old_logprobs: engine, tis_cap: 2.0}"]
+    with pytest.raises(ConfigError, match="tis_cap with rollout.backend.old_logprobs=engine"):
         load_config(QUICKSTART, overrides)
 
 
@@ -60,9 +60,16 @@ def test_missing_config_file(tmp_path: Path):
         load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("override", ["rollout.old_logprobs=engine", "rollout.tis_cap=2.0"])
-def test_engine_logprob_options_need_vllm(override: str):
-    with pytest.raises(ConfigError, match="needs rollout.backend=vllm"):
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rollout.old_logprobs=engine", "rollout.old_logprobs=engine needs rollout.backend=vllm"),
+        ("rollout.tis_cap=2.0", "rollout.tis_cap=2.0 needs rollout.backend=vllm, got"),
+        ("rollout.backend.tis_cap=2.0", "rollout.backend=transformers has no option 'tis_cap'"),
+    ],
+)
+def test_engine_logprob_options_need_vllm(override: str, message: str):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(QUICKSTART, [override])
 
 

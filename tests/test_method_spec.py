@@ -28,6 +28,7 @@ from rl.algos.losses import POLICY_LOSSES, policy_loss
 from rl.config import load_config
 from rl.core.errors import ConfigError
 from rl.core.schema import Bound, convert
+from rl.rollout.backend_specs import TransformersBackend, VLLMBackend
 from rl.trainer.loop import build_callbacks
 from tests.callbacks import Probe
 
@@ -216,3 +217,39 @@ def test_callbacks_load_by_import_path() -> None:
             build_callbacks(
                 load_config(None, [f"logging.callbacks=['{spec}']"]), None, spec_for("sum")
             )
+
+
+# ---------------------------------------------------------------- the rollout backend spec
+
+
+def test_the_backend_is_one_typed_spec_that_declares_what_the_sampler_gives() -> None:
+    assert load_config(None).rollout.backend == TransformersBackend()
+    vllm = load_config(None, ["rollout.backend={name: vllm, tis_cap: 2.0, kv_cache_gib: 2}"])
+    assert vllm.rollout.backend == VLLMBackend(tis_cap=2.0, kv_cache_gib=2)
+    assert VLLMBackend.reports_logprobs and not TransformersBackend.reports_logprobs
+    assert VLLMBackend(tis_cap=2.0).importance_cap() == 2.0
+    assert TransformersBackend().importance_cap() is None
+    assert VLLMBackend(old_logprobs="engine").engine_old_logprobs()
+    assert not TransformersBackend().engine_old_logprobs()
+    # naming the chosen backend again keeps its options; another one starts from its defaults
+    again = ["rollout.backend={name: vllm, kv_cache_gib: 2}", "rollout.backend=vllm"]
+    assert load_config(None, again).rollout.backend == VLLMBackend(kv_cache_gib=2)
+    other = ["rollout.backend={name: vllm, kv_cache_gib: 2}", "rollout.backend=transformers"]
+    assert load_config(None, other).rollout.backend == TransformersBackend()
+    with pytest.raises(ConfigError, match=r"rollout.backend=vllm has no option 'cache'"):
+        load_config(None, ["rollout.backend=vllm", "rollout.backend.cache=static"])
+
+
+def test_the_flat_backend_keys_of_earlier_versions_still_load(tmp_path: Path) -> None:
+    with pytest.warns(FutureWarning, match=r"write rollout.backend: \{name: vllm, kv_cache_gib"):
+        cfg = load_config(None, ["rollout.vllm_kv_cache_gib=4", "rollout.backend=vllm"])
+    assert cfg.rollout.backend == VLLMBackend(kv_cache_gib=4)
+    old_file = tmp_path / "old.yaml"  # the file's vLLM keys, its backend chosen on the command line
+    old_file.write_text("rollout:\n  vllm_sleep_mode: true\n  transformers_cache: static\n")
+    with pytest.warns(FutureWarning):
+        assert load_config(old_file, ["rollout.backend=vllm"]).rollout.backend == VLLMBackend(
+            sleep_mode=True
+        )
+        assert load_config(old_file).rollout.backend == TransformersBackend(cache="static")
+    with pytest.raises(ConfigError, match="rollout.tis_cap=2.0 needs rollout.backend=vllm"):
+        load_config(None, ["rollout.tis_cap=2.0"])  # it changes the update: refused, as before

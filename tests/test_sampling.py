@@ -24,6 +24,7 @@ from rl.rollout.backend import (
     stopped,
     unique_ids,
 )
+from rl.rollout.backend_specs import TransformersBackend
 from rl.setup import stop_token_ids
 from tests.models import tiny_llama
 
@@ -165,10 +166,7 @@ def test_static_and_compiled_decoding_sample_the_same_tokens(
 
 
 def test_compiled_decoding_needs_the_static_cache() -> None:
-    with pytest.raises(ConfigError, match=r"rollout.transformers_compile: needs rollout"):
-        load_config("configs/quickstart.yaml", ["rollout.transformers_compile=true"])
-    cfg = load_config(
-        "configs/quickstart.yaml",
-        ["rollout.transformers_compile=true", "rollout.transformers_cache=static"],
-    )
-    assert cfg.rollout.transformers_compile
+    with pytest.raises(ConfigError, match=r"rollout.backend.compile: needs rollout.backend"):
+        load_config("configs/quickstart.yaml", ["rollout.backend.compile=true"])
+    cfg = load_config("configs/quickstart.yaml", ["rollout.backend={cache: static, compile: true}"])
+    assert cfg.rollout.backend == TransformersBackend(cache="static", compile=True)

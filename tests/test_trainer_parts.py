@@ -65,7 +65,7 @@ def test_tis_weights_the_advantages_the_update_uses() -> None:
     """`Trainer.correct_off_policy` (what `train_step` applies to the credit before the
     update): each advantage times min(pi_trainer / pi_engine, cap), token by token."""
     batch, trainer_logp, engine_logp, advantages = _offpolicy_inputs()
-    trainer = _vllm_trainer("rollout.tis_cap=1.5")
+    trainer = _vllm_trainer("rollout.backend.tis_cap=1.5")
     credit = trainer.correct_off_policy(
         batch, LogProbs(trainer_logp, None, engine_logp), Credit(advantages.clone())
     )
@@ -78,7 +78,7 @@ def test_tis_weights_the_advantages_the_update_uses() -> None:
 
 def test_without_tis_cap_the_advantages_are_not_reweighted() -> None:
     batch, trainer_logp, engine_logp, advantages = _offpolicy_inputs()
-    for overrides in ([], ["rollout.old_logprobs=engine"]):
+    for overrides in ([], ["rollout.backend.old_logprobs=engine"]):
         credit = _vllm_trainer(*overrides).correct_off_policy(
             batch, LogProbs(trainer_logp, None, engine_logp), Credit(advantages.clone())
         )
@@ -233,7 +233,8 @@ def test_every_scheme_is_registered_and_resolved() -> None:
         (["algo.credit=prime", "algo.credit.baseline=mean"], "algo.credit.baseline: 'mean'"),
         (["algo.credit={name: min_form, temperature: 0}"], "temperature: must be positive"),
         (["algo.credit=magic"], r"unknown credit scheme 'magic'; valid: auto, outcome, gae"),
-        (["algo.credit={alpha: 1}"], "algo.credit: expected a name or a mapping with a `name`"),
+        (["algo.credit={alpha: 1}"], r"algo.credit=auto has no option 'alpha' \(pav has it\)"),
+        (["algo.credit=[pav]"], "algo.credit: expected a name or a mapping with a `name` key"),
         (["algo.credit=prime", "algo.advantage=grpo"], "algo.advantage=grpo: .*leave-one-out"),
         (["algo.credit=gae", "algo.advantage=rloo"], "algo.advantage=rloo: .*critic"),
         (["algo.credit=outcome", "algo.credit.alpha=1"], r"outcome has no option 'alpha' \(pav"),
@@ -241,7 +242,7 @@ def test_every_scheme_is_registered_and_resolved() -> None:
         (["trainer.max_steps=0"], "trainer.max_steps: must be at least 1"),
         (["trainer.forward_micro_batch_size=0"], "forward_micro_batch_size: must be at least"),
         (
-            ["rollout.backend=vllm", "rollout.top_p=0.9", "rollout.tis_cap=2.0"],
+            ["rollout.backend=vllm", "rollout.top_p=0.9", "rollout.backend.tis_cap=2.0"],
             r"rollout.top_p=0.9 with the engine's log-probs",
         ),
     ],
@@ -375,7 +376,7 @@ class _Tokenizer:
 
 @pytest.mark.parametrize("stage, gather", [(3, True), (3, False), (2, True)])
 def test_zero3_gather_for_generation_reaches_the_backend(stage: int, gather: bool) -> None:
-    """`rollout.zero3_gather_for_generation`: under ZeRO-3 the transformers backend gathers
+    """`rollout.backend.zero3_gather_for_generation`: under ZeRO-3 the transformers backend gathers
     the whole model per generation call (true) or lets `generate` gather each layer itself
     (false); with ZeRO 0-2 nothing is partitioned and nothing is gathered."""
     from rl.engine import deepspeed_engine as eng
@@ -383,7 +384,7 @@ def test_zero3_gather_for_generation_reaches_the_backend(stage: int, gather: boo
     from rl.setup import make_rollout
 
     flag = str(gather).lower()
-    cfg = load_config(None, [f"rollout.zero3_gather_for_generation={flag}"])
+    cfg = load_config(None, [f"rollout.backend.zero3_gather_for_generation={flag}"])
     policy = SimpleNamespace(generation_config=None)
     rollout = make_rollout(cfg, _Tokenizer(), "unused", policy, DistInfo(0, 1, 0), stage)
     assert isinstance(rollout, TransformersRollout)

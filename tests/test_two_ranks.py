@@ -78,7 +78,7 @@ def test_tensor_parallel_prompts_and_broadcast(tmp_path: Path) -> None:
         assert prompts == [[0, 1], [0, 2], [1, 3]]  # the same list, in rank order, on both
         assert own_slice  # each rank gets its own prompts' outputs back
         assert chosen == "checkpoint of rank 0"
-        assert "vllm_tensor_parallel_size=3 does not divide the 2 ranks" in too_big
+        assert "rollout.backend.tensor_parallel_size=3 does not divide the 2 ranks" in too_big
 
 
 def _overwrite_rank(

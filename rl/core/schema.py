@@ -139,13 +139,15 @@ def convert(hint: Any, value: Any, key: str) -> Any:
 
 def build_variant(base: Any, raw: Any, key: str) -> Any:
     """One variant of the tagged union `base` (its `variants()`: name -> dataclass; its
-    `kind` names them in errors) from `{name: ..., <its options>}` or the bare name; errors
-    name the key, the valid names, and for an option the chosen variant lacks, who has it."""
+    `kind` names them in errors; its `name` default is the default variant) from
+    `{name: ..., <its options>}`, the options alone, or the bare name; errors name the key,
+    the valid names, and for an option the chosen variant lacks, who has it."""
     kind = getattr(base, "kind", key.rsplit(".", 1)[-1])
     if isinstance(raw, str):
         raw = {"name": raw}
-    if not isinstance(raw, dict) or "name" not in raw:
+    if not isinstance(raw, dict):
         raise ConfigError(f"{key}: expected a name or a mapping with a `name` key, got {raw!r}")
+    raw = {"name": base.name, **raw}  # options alone: the default variant's
     variants: dict[str, type] = base.variants()
     name = raw["name"]
     if name not in variants:

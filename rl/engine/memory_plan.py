@@ -11,8 +11,8 @@ run's dtype (2 for bf16, 4 for fp32). What is counted, per phase of a step:
 - update phase: + the trained model's gradients and DeepSpeed's gradient buckets (ZeRO-1/2),
   the activations of one micro-batch and the output layer's chunked log-prob working set;
 - rollout phase: + the generation's KV cache (transformers backend) or vLLM's share of
-  the GPU (`rollout.vllm_gpu_memory_utilization` x GPU memory), and the whole gathered
-  policy under ZeRO-3 when `rollout.zero3_gather_for_generation`.
+  the GPU (`rollout.backend.gpu_memory_utilization` x GPU memory), and the whole gathered
+  policy under ZeRO-3 when `rollout.backend.zero3_gather_for_generation`.
 
 Not counted: the CUDA context and NCCL's own buffers (outside torch's allocator, ~0.5-1 GiB
 per GPU), allocator fragmentation, the forward-only passes (smaller than the update's),
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from rl.core.batching import BatchPlan, plan_batches
 from rl.core.errors import ConfigError
+from rl.rollout.backend_specs import TransformersBackend, VLLMBackend
 
 if TYPE_CHECKING:
     from rl.config import Config
@@ -539,31 +540,32 @@ def rollout_items(
 ) -> tuple[list[MemoryItem], list[str]]:
     """The generation's memory (and notes): vLLM's share of the GPU (rollout phase only with
     sleep mode), or `generate`'s KV cache plus, under ZeRO-3 with
-    `rollout.zero3_gather_for_generation`, the whole policy gathered."""
-    rollout = cfg.rollout
+    `rollout.backend.zero3_gather_for_generation`, the whole policy gathered."""
+    rollout, backend = cfg.rollout, cfg.rollout.backend
     params = parameter_count(arch)
-    if rollout.backend == "vllm":
+    if isinstance(backend, VLLMBackend):
         gpu_bytes = int(cfg.cluster.gpu_memory_gib * GIB)
-        share = vllm_share_bytes(rollout.vllm_gpu_memory_utilization, gpu_bytes)
-        tp_size = rollout.vllm_tensor_parallel_size
+        share = vllm_share_bytes(backend.gpu_memory_utilization, gpu_bytes)
+        tp_size = backend.tensor_parallel_size
         engine_weights = params * b // tp_size
         kv_room = share - engine_weights
         per_seq = seq * kv_cache_bytes_per_token(arch, b) // tp_size
         fits = max(0, kv_room // per_seq)
-        phases = ("rollout",) if rollout.vllm_sleep_mode else ("rollout", "update")
-        note = f"{rollout.vllm_gpu_memory_utilization} x {cfg.cluster.gpu_memory_gib:g} GiB"
+        phases = ("rollout",) if backend.sleep_mode else ("rollout", "update")
+        note = f"{backend.gpu_memory_utilization} x {cfg.cluster.gpu_memory_gib:g} GiB"
         item = MemoryItem("vLLM engine (weights + KV cache)", share, phases, note)
         line = (
             f"vLLM: weights {gib(engine_weights)} GiB, KV cache room {gib(kv_room)} GiB = {fits} "
             f"sequences of {seq} tokens at once (this rank generates {local_seqs})"
         )
         if fits < 1:
-            line += ": TOO SMALL, raise rollout.vllm_gpu_memory_utilization"
+            line += ": TOO SMALL, raise rollout.backend.gpu_memory_utilization"
         return [item], [line]
     together = min(rollout.generation_batch_size, local_seqs)
     kv = generate_kv_bytes(arch, b, together, seq)
     items = [MemoryItem("generate KV cache", kv, ("rollout",), f"{together} seqs x {seq} tokens")]
-    if zero.stage == 3 and rollout.zero3_gather_for_generation:
+    gather = isinstance(backend, TransformersBackend) and backend.zero3_gather_for_generation
+    if zero.stage == 3 and gather:
         items.append(MemoryItem("ZeRO-3 policy gathered for generate", params * b, ("rollout",)))
     return items, []
 

@@ -129,7 +129,7 @@ class VLLMRollout(RolloutBackend):
         on_cpu = current_platform.device_type == "cpu"
         self.sleep_mode = sleep_mode and current_platform.is_sleep_mode_available()
         if sleep_mode and not self.sleep_mode:
-            log(f"rollout.vllm_sleep_mode: not supported on {current_platform.device_type}; off")
+            log(f"rollout.backend.sleep_mode: not supported on {current_platform.device_type}; off")
         self.tp_group = tensor_parallel_group(tensor_parallel_size)
         self.request_seeds = (
             torch.Generator().manual_seed(seed) if tensor_parallel_size > 1 else None
@@ -266,7 +266,7 @@ def tensor_parallel_group(size: int) -> Any:
     world = dist.get_world_size()
     if world % size:
         raise ConfigError(
-            f"rollout.vllm_tensor_parallel_size={size} does not divide the {world} ranks"
+            f"rollout.backend.tensor_parallel_size={size} does not divide the {world} ranks"
         )
     mine = None
     for start in range(0, world, size):

@@ -82,7 +82,8 @@ class PolicyLearner(Learner):
         self.algo = algo
         self.temperature = temperature
         self.engine_old = engine_old
-        """Take the sampler's log-probs as the old policy's (`rollout.old_logprobs=engine`)."""
+        """Take the sampler's log-probs as the old policy's
+        (`rollout.backend.old_logprobs=engine`)."""
         self.poison_loss = poison_loss
         """Fault injection (`rl.trainer.fault_injection`): make every loss on this rank NaN."""
 

@@ -305,18 +305,18 @@ class Trainer:
         cfg = self.cfg
         on_policy = cfg.algo.epochs == 1 and cfg.algo.mini_batches == 1
         kl_in_rewards = self.credit_spec.takes_kl_in_rewards and cfg.algo.kl_mode == "reward"
-        return not on_policy or cfg.rollout.backend == "vllm" or kl_in_rewards
+        return not on_policy or cfg.rollout.backend.reports_logprobs or kl_in_rewards
 
     def correct_off_policy(self, batch: RolloutBatch, logprobs: LogProbs, credit: Credit) -> Credit:
         """With the sampler's log-probs: log `rollout/logprob_mismatch` and, with
-        `rollout.tis_cap`, weight the advantages by truncated importance sampling."""
+        `rollout.backend.tis_cap`, weight the advantages by truncated importance sampling."""
         if logprobs.behaviour is None:
             return credit
         assert logprobs.old is not None  # vLLM rollouts always get the trainer's
         mask = batch.response_mask
         totals = eng.all_reduce_sum(logprob_mismatch_sums(logprobs.behaviour, logprobs.old, mask))
         credit.stats["rollout/logprob_mismatch"] = float(totals[0]) / max(float(totals[1]), 1.0)
-        cap = self.cfg.rollout.tis_cap
+        cap = self.cfg.rollout.backend.importance_cap()
         if cap is not None:
             credit.advantages = credit.advantages * tis_weights(
                 logprobs.old, logprobs.behaviour, mask, cap
@@ -343,7 +343,7 @@ class Trainer:
             self.engine,
             self.cfg.algo,
             self.cfg.rollout.temperature,
-            engine_old=self.cfg.rollout.old_logprobs == "engine",
+            engine_old=self.cfg.rollout.backend.engine_old_logprobs(),
             poison_loss=faults.poison_loss(
                 self.state.step + 1, self.dist.rank, self.dist.world_size
             ),
@@ -563,7 +563,7 @@ class Trainer:
     def sampling_line(self) -> str:
         """What the rollouts really use (the checkpoint's generation defaults never apply)."""
         return (
-            f"rollout sampling ({self.cfg.rollout.backend}): {self.sampling().describe()}, "
+            f"rollout sampling ({self.cfg.rollout.backend.name}): {self.sampling().describe()}, "
             f"stop ids {self.rollout.eos_ids}; evaluation greedy"
         )
 
