@@ -544,12 +544,14 @@ def migrate_backend_keys(raw: dict[str, Any], final: bool) -> None:
                     f"rollout.{key}={value} needs rollout.backend={owner}, got {name}"
                 )
     rollout["backend"] = spec
+    warn_old_spelling(f"rollout.{old[0]}", "rollout.backend", spec)
+
+
+def warn_old_spelling(old: str, new: str, spec: dict[str, Any]) -> None:
+    """A FutureWarning showing the new spelling of an old key (`new: {name: ..., ...}`)."""
     spelled = ", ".join(f"{key}: {value}" for key, value in spec.items())
-    warnings.warn(
-        f"rollout.{old[0]} is the old spelling; write rollout.backend: {{{spelled}}}",
-        FutureWarning,
-        stacklevel=4,
-    )
+    message = f"{old} is the old spelling; write {new}: {{{spelled}}}"
+    warnings.warn(message, FutureWarning, stacklevel=5)
 
 
 def migrate_credit_kwargs(raw: dict[str, Any]) -> None:
@@ -567,12 +569,7 @@ def migrate_credit_kwargs(raw: dict[str, Any]) -> None:
         name = credit if isinstance(credit, str) else credit.get("name", "auto")
         credit = {"name": name, **({} if isinstance(credit, str) else credit), **options}
         algo["credit"] = credit
-        spelled = ", ".join(f"{key}: {value}" for key, value in credit.items())
-        warnings.warn(
-            f"algo.credit_kwargs is the old spelling; write algo.credit: {{{spelled}}}",
-            FutureWarning,
-            stacklevel=3,
-        )
+        warn_old_spelling("algo.credit_kwargs", "algo.credit", credit)
     if isinstance(credit, dict) and "gamma" in credit:
         raise ConfigError(
             "algo.credit.gamma: the discount is one setting for every scheme: use algo.gamma"
