@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 LAYERS: list[tuple[str, ...]] = [
     ("rl.core",),  # errors, registry, schema, types: no project imports but each other
-    ("rl.algos", "rl.tasks"),  # pure maths; the built-in task
+    # pure maths; the built-in task; the rollout backends' typed options
+    ("rl.algos", "rl.tasks", "rl.rollout.backend_specs"),
     ("rl.config",),  # the typed run config
     # DeepSpeed and models, data, generation; a PRM's convention, module and step-label data
     ("rl.engine", "rl.data", "rl.rollout", "rl.prm.convention", "rl.prm.model", "rl.prm.data"),
