@@ -567,6 +567,13 @@ def migrate_credit_kwargs(raw: dict[str, Any]) -> None:
         if not isinstance(options, dict):
             raise ConfigError(f"algo.credit_kwargs: expected a mapping, got {options!r}")
         name = credit if isinstance(credit, str) else credit.get("name", "auto")
+        if name == "auto" and options:
+            spelled = ", ".join(f"{key}: {value}" for key, value in options.items())
+            raise ConfigError(
+                "algo.credit_kwargs: options of algo.credit=auto are options of no scheme yet; "
+                f"name the scheme they are for: algo.credit: {{name: pav, {spelled}}} (or "
+                "sum, min_form, prime)"
+            )
         credit = {"name": name, **({} if isinstance(credit, str) else credit), **options}
         algo["credit"] = credit
         warn_old_spelling("algo.credit_kwargs", "algo.credit", credit)

@@ -106,7 +106,9 @@ def test_gold_steps_head_two_ranks(tmp_path: Path, model_cache: Path):
     out = tmp_path / "run"
     heads = "reward.heads=[{head: gold_steps, kwargs: {penalty: 1.0}}]"
     diag = ("logging.credit_diagnostics=true", "logging.credit_grad_share=true")
-    check_ok(launch(overrides(out, model_cache, heads, "algo.credit_kwargs={alpha: 1.0}", *diag)))
+    check_ok(
+        launch(overrides(out, model_cache, heads, "algo.credit={name: pav, alpha: 1.0}", *diag))
+    )
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for row in rows[1:]:  # diagnostics from the exact labels, over both ranks

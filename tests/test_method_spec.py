@@ -124,6 +124,10 @@ def test_the_old_spelling_loads_with_a_warning_naming_the_new_one() -> None:
     with pytest.warns(FutureWarning):  # an override in the old spelling wins over the file
         cfg = load_config(REPO / "configs" / "quickstart_pav.yaml", ["algo.credit_kwargs.alpha=4"])
     assert cfg.algo.credit == PAVCredit(alpha=4.0)
+    with pytest.raises(
+        ConfigError, match=r"name the scheme they are for: algo.credit: \{name: pav"
+    ):
+        load_config(None, ["algo.credit_kwargs={alpha: 1.0}"])  # auto: which scheme's alpha?
 
 
 def test_every_scheme_declares_what_it_needs() -> None:
